@@ -1,0 +1,48 @@
+"""Target assignment: which ground truth (if any) each prior must predict. Runs under ``no_grad``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .batch import DetectionBatch
+from .boxes import batched_box_iou
+from .priors import Priors
+
+IGNORE = -1  # label of priors that get no loss at all
+
+
+class MaxIoUAssigner:
+    """Max-IoU matching over the whole batch at once (RetinaNet §4, SSD §2.2).
+
+    A prior is positive when its best IoU with a ground truth is ≥ ``pos_iou``, background when < ``neg_iou``
+    and ignored in between. With ``low_quality_matches`` every ground truth also claims the prior(s) it
+    overlaps most, so no object is left without a positive (the prior keeps its own best ground truth, as in
+    torchvision/detectron2). Crowd boxes never make positives.
+
+    Returns ``labels`` (B, N): class for positives, ``num_classes`` for background, ``IGNORE`` (−1) for
+    ignored; and ``boxes`` (B, N, 4): the matched ground-truth box of every prior (meaningful for positives).
+    """
+
+    def __init__(self, pos_iou: float = 0.5, neg_iou: float = 0.4, low_quality_matches: bool = True) -> None:
+        if neg_iou > pos_iou:
+            raise ValueError(f"assigner.neg_iou={neg_iou} must not exceed assigner.pos_iou={pos_iou}")
+        self.pos_iou, self.neg_iou, self.low_quality_matches = pos_iou, neg_iou, low_quality_matches
+
+    @torch.no_grad()
+    def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int) -> dict[str, Tensor]:
+        gt_ok = targets.valid & ~targets.crowd  # (B, M)
+        iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
+        iou.masked_fill_(~gt_ok[..., None], -1.0)  # padding and crowd never win a match
+        best_iou, best_gt = iou.max(dim=1)  # (B, N)
+
+        labels = torch.gather(targets.labels, 1, best_gt)
+        labels = torch.where(best_iou >= self.pos_iou, labels, IGNORE)
+        labels = torch.where(best_iou < self.neg_iou, num_classes, labels)
+        if self.low_quality_matches:
+            best_per_gt = iou.max(dim=2, keepdim=True).values  # (B, M, 1)
+            is_best = (iou == best_per_gt) & (best_per_gt > 0) & gt_ok[..., None]
+            low_quality = is_best.any(dim=1)
+            labels = torch.where(low_quality, torch.gather(targets.labels, 1, best_gt), labels)
+        boxes = torch.gather(targets.boxes, 1, best_gt[..., None].expand(-1, -1, 4))
+        return {"labels": labels, "boxes": boxes}

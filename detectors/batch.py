@@ -1,0 +1,85 @@
+"""The batch every detector consumes (DESIGN.md §2): uint8 images and padded per-image targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DetectionBatch:
+    """Images and targets of B images, targets padded to M objects with ``valid`` marking real ones.
+
+    images: (B, 3, H, W) uint8, zero-padded bottom/right; image_sizes: (B, 2) (h, w) of each image in it.
+    boxes: (B, M, 4) xyxy pixels in the network-input frame; labels: (B, M) long in 0..K-1.
+    difficult / crowd: (B, M) bool flags (VOC ``difficult``, COCO ``iscrowd``).
+    scales: (B, 2) input size ÷ original size as (sy, sx), to map boxes back to the original image.
+    image_ids: (B,) long.
+    """
+
+    images: Tensor
+    image_sizes: Tensor
+    boxes: Tensor
+    labels: Tensor
+    valid: Tensor
+    difficult: Tensor
+    crowd: Tensor
+    scales: Tensor
+    image_ids: Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return int(self.images.shape[-2]), int(self.images.shape[-1])
+
+    def boxes_in_original_frame(self, boxes: Tensor, index: int) -> Tensor:
+        sy, sx = self.scales[index].tolist()
+        return boxes / boxes.new_tensor([sx, sy, sx, sy])
+
+    def targets_in_original_frame(self) -> list[dict[str, Tensor]]:
+        """Per-image targets for metrics: boxes in original pixels, labels, and crowd/difficult flags."""
+        out = []
+        for i in range(len(self)):
+            keep = self.valid[i]
+            out.append({"boxes": self.boxes_in_original_frame(self.boxes[i][keep], i),
+                        "labels": self.labels[i][keep], "iscrowd": self.crowd[i][keep].long(),
+                        "difficult": self.difficult[i][keep]})
+        return out
+
+
+def collate_detection(samples: list[tuple[Tensor, dict[str, Tensor]]]) -> DetectionBatch:
+    """Stack (image uint8 (3,h,w), target dict) pairs: pad images to the largest h, w and targets to M."""
+    images = [img for img, _ in samples]
+    targets = [t for _, t in samples]
+    b = len(samples)
+    h = max(img.shape[-2] for img in images)
+    w = max(img.shape[-1] for img in images)
+    batch_images = torch.zeros((b, 3, h, w), dtype=torch.uint8)
+    for i, img in enumerate(images):
+        batch_images[i, :, : img.shape[-2], : img.shape[-1]] = img
+    m = max(1, max(len(t["labels"]) for t in targets))
+    boxes = torch.zeros((b, m, 4))
+    labels = torch.zeros((b, m), dtype=torch.long)
+    valid = torch.zeros((b, m), dtype=torch.bool)
+    difficult = torch.zeros((b, m), dtype=torch.bool)
+    crowd = torch.zeros((b, m), dtype=torch.bool)
+    for i, t in enumerate(targets):
+        n = len(t["labels"])
+        boxes[i, :n] = t["boxes"]
+        labels[i, :n] = t["labels"]
+        valid[i, :n] = True
+        if "difficult" in t:
+            difficult[i, :n] = t["difficult"]
+        if "iscrowd" in t:
+            crowd[i, :n] = t["iscrowd"].bool()
+    return DetectionBatch(
+        images=batch_images,
+        image_sizes=torch.tensor([img.shape[-2:] for img in images], dtype=torch.long),
+        boxes=boxes, labels=labels, valid=valid, difficult=difficult, crowd=crowd,
+        scales=torch.stack([t.get("scale", torch.ones(2)) for t in targets]).float(),
+        image_ids=torch.tensor([int(t["image_id"]) for t in targets], dtype=torch.long),
+    )

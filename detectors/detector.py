@@ -1,0 +1,125 @@
+"""The one LightningModule for every paper: it wires the parts and runs the steps; the math is in them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .batch import DetectionBatch
+from .metrics import DetectionMetrics
+
+
+def warmup_multistep(warmup_steps: int, warmup_factor: float, milestones: Sequence[int],
+                     gamma: float) -> Callable[[int], float]:
+    """LR multiplier per step: linear ramp from ``warmup_factor`` over ``warmup_steps``, then ×``gamma``
+    at each milestone (the Detectron schedule used by the RetinaNet paper)."""
+    milestones = sorted(int(m) for m in milestones)
+
+    def factor(step: int) -> float:
+        ramp = 1.0
+        if step < warmup_steps:
+            ramp = warmup_factor + (1 - warmup_factor) * step / warmup_steps
+        return ramp * gamma ** sum(step >= m for m in milestones)
+
+    return factor
+
+
+class Detector(L.LightningModule):
+    """A dense one-stage detector as a composition of parts (DESIGN.md §2).
+
+    backbone(images) → features; head(features) → {cls_logits (B,N,K), box_deltas (B,N,4)};
+    priors(image size, feature sizes) → Priors; assigner(priors, batch, K) → per-prior targets;
+    loss(outputs, targets, priors) → named terms; postprocess(outputs, priors, image sizes) → detections.
+    ``head`` is a factory completed here with ``num_anchors`` from the priors, so the anchor settings are
+    given once. Images arrive as uint8 and are normalised here, on the device.
+    """
+
+    def __init__(self, backbone: nn.Module, head: Callable[..., nn.Module], priors: Any, assigner: Any,
+                 loss: Any, postprocess: Any, class_names: Sequence[str],
+                 pixel_mean: Sequence[float] = (0.485, 0.456, 0.406), pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 scheduler: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.backbone = backbone
+        self.priors = priors
+        self.head = head(num_anchors=priors.num_anchors_per_location) if not isinstance(head, nn.Module) else head
+        self.assigner, self.loss, self.postprocess = assigner, loss, postprocess
+        # mean/std are given for [0, 1] images (torchvision's convention); stored ×255 for uint8 input
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.optimizer_factory = optimizer
+        self.scheduler_cfg = dict(scheduler or {})
+        self.val_metrics = DetectionMetrics(self.class_names)
+        self.model_config: dict | None = None  # the Hydra config that built this module, saved in checkpoints
+
+    # --- the model -------------------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> tuple[dict[str, Tensor], Any]:
+        """uint8 (B,3,H,W) → raw head outputs and the priors they are relative to."""
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        features = self.backbone(x)
+        outputs = self.head(features)
+        priors = self.priors(tuple(images.shape[-2:]), [tuple(f.shape[-2:]) for f in features], images.device)
+        return outputs, priors
+
+    def compute_losses(self, batch: DetectionBatch) -> dict[str, Tensor]:
+        outputs, priors = self(batch.images)
+        with torch.no_grad():
+            assigned = self.assigner(priors, batch, self.num_classes)
+        return self.loss(outputs, assigned, priors)
+
+    @torch.no_grad()
+    def detect(self, batch: DetectionBatch) -> list[dict[str, Tensor]]:
+        """Detections per image, boxes in the original image's pixels."""
+        outputs, priors = self(batch.images)
+        detections = self.postprocess(outputs, priors, batch.image_sizes)
+        for i, det in enumerate(detections):
+            det["boxes"] = batch.boxes_in_original_frame(det["boxes"], i)
+        return detections
+
+    # --- steps -------------------------------------------------------------------------------------------
+    def training_step(self, batch: DetectionBatch, batch_idx: int) -> Tensor:
+        losses = self.compute_losses(batch)
+        total = sum(losses.values())
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch))
+        self.log("train/loss", total, prog_bar=True, batch_size=len(batch))
+        return total
+
+    def validation_step(self, batch: DetectionBatch, batch_idx: int) -> None:
+        self.val_metrics.to(self.device).update(self.detect(batch), batch.targets_in_original_frame())
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute("val")
+        self.val_metrics.reset()
+        shown = {"val/map", "val/map_50"}
+        self.log_dict({k: v for k, v in metrics.items() if k not in shown})
+        self.log_dict({k: metrics[k] for k in shown}, prog_bar=True)
+
+    def test_step(self, batch: DetectionBatch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def predict_step(self, batch: DetectionBatch, batch_idx: int) -> list[dict[str, Tensor]]:
+        return self.detect(batch)
+
+    # --- optimisation ------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("model.optimizer is not set: give e.g. {_target_: torch.optim.SGD, _partial_: true, lr: 0.01}")
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if not self.scheduler_cfg:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_multistep(**self.scheduler_cfg))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["model_config"] = self.model_config
+        checkpoint["class_names"] = self.class_names

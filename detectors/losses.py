@@ -1,0 +1,124 @@
+"""Losses: the α-balanced sigmoid focal loss (plain and fused), box regression, RetinaNet's total."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import sigmoid_focal_loss
+
+from .boxes import BoxCoder
+from .priors import Priors
+
+
+def focal_loss_dense(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
+    """Reference formulation: one-hot targets + ``torchvision.ops.sigmoid_focal_loss``, summed.
+
+    logits (B, N, K); labels (B, N): class, K for background, −1 ignored (no loss).
+    """
+    num_classes = logits.shape[-1]
+    keep = labels >= 0
+    targets = F.one_hot(labels[keep], num_classes + 1)[:, :num_classes].to(logits.dtype)
+    return sigmoid_focal_loss(logits[keep], targets, alpha=alpha, gamma=gamma, reduction="sum")
+
+
+class _SparseFocalLoss(torch.autograd.Function):
+    """Σ focal loss with the one-hot target treated analytically: every (prior, class) entry is a negative,
+    FL⁻(x) = (1−α)·p^γ·softplus(x), except the single target class of each positive prior, where
+    FL⁺(x) = α·(1−p)^γ·softplus(−x). So the dense pass needs no target tensor, and the positives are
+    corrected by a gather. The backward pass writes d/dx in closed form:
+      dFL⁻/dx = (1−α)·p^γ·(γ(1−p)·softplus(x) + p),   dFL⁺/dx = −α·(1−p)^γ·(γ·p·softplus(−x) + 1 − p).
+    It works through the logits in chunks small enough to stay in cache (memory traffic is the cost here).
+    """
+
+    CHUNK = 1 << 16  # elements per chunk: ~256 KiB of float32, a few temporaries fit in L2
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
+        num_classes = logits.shape[-1]
+        x = logits.reshape(-1, num_classes)
+        lab = labels.reshape(-1)
+        w_neg, w_pos = (1.0 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
+        valid = (lab >= 0).to(x.dtype)
+        rows = max(1, _SparseFocalLoss.CHUNK // num_classes)
+        total = x.new_zeros((), dtype=torch.float32)
+        for start in range(0, x.shape[0], rows):
+            xc = x[start:start + rows].float()
+            p = torch.sigmoid(xc)
+            loss = F.softplus(xc).mul_(p.pow_(gamma) if gamma != 1 else p)
+            total += (loss.sum(dim=1) * valid[start:start + rows]).sum()
+        pos_rows = torch.nonzero((lab >= 0) & (lab < num_classes)).squeeze(1)
+        pos_cols = lab[pos_rows]
+        xp = x[pos_rows, pos_cols].float()
+        pp = torch.sigmoid(xp)
+        correction = (w_pos * (1 - pp).pow(gamma) * F.softplus(-xp) - w_neg * pp.pow(gamma) * F.softplus(xp)).sum()
+        ctx.save_for_backward(logits, labels)
+        ctx.gamma, ctx.alpha = gamma, alpha
+        return (w_neg * total + correction).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, labels = ctx.saved_tensors
+        gamma, alpha = ctx.gamma, ctx.alpha
+        num_classes = logits.shape[-1]
+        x = logits.reshape(-1, num_classes)
+        lab = labels.reshape(-1)
+        w_neg, w_pos = (1.0 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
+        scale = (grad_out.float() * w_neg) * (lab >= 0).float()
+        grad = torch.empty_like(x)
+        rows = max(1, _SparseFocalLoss.CHUNK // num_classes)
+        for start in range(0, x.shape[0], rows):
+            xc = x[start:start + rows].float()
+            p = torch.sigmoid(xc)
+            q = 1 - p
+            g = F.softplus(xc).mul_(q).mul_(gamma).add_(p)
+            g.mul_(p.pow(gamma)).mul_(scale[start:start + rows, None])
+            grad[start:start + rows] = g
+        pos_rows = torch.nonzero((lab >= 0) & (lab < num_classes)).squeeze(1)
+        pos_cols = lab[pos_rows]
+        xp = x[pos_rows, pos_cols].float()
+        pp = torch.sigmoid(xp)
+        qp = 1 - pp
+        grad_pos = -w_pos * qp.pow(gamma) * (gamma * pp * F.softplus(-xp) + qp) * grad_out.float()
+        grad[pos_rows, pos_cols] = grad_pos.to(grad.dtype)
+        return grad.view_as(logits), None, None, None
+
+
+def focal_loss_sparse(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
+    """Same value and gradient as ``focal_loss_dense``, without materialising targets (see _SparseFocalLoss)."""
+    return _SparseFocalLoss.apply(logits, labels, float(gamma), float(alpha))
+
+
+def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
+    """Summed smooth-L1 (``beta`` is the L2→L1 switch point) or plain L1 (beta 0)."""
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
+    if kind == "l1":
+        return F.l1_loss(pred, target, reduction="sum")
+    raise ValueError(f"loss.box_loss={kind!r}: choose 'smooth_l1' or 'l1'")
+
+
+class RetinaNetLoss:
+    """Focal loss over all non-ignored anchors + box loss over positives, both ÷ #positive anchors in the
+    batch (paper §3.3/§4: "normalized by the number of anchors assigned to a ground-truth box")."""
+
+    def __init__(self, gamma: float = 2.0, alpha: float = 0.25, box_loss: str = "smooth_l1",
+                 smooth_l1_beta: float = 0.11, box_coder: BoxCoder | None = None, fused: bool = True) -> None:
+        self.gamma, self.alpha = gamma, alpha
+        self.box_loss, self.smooth_l1_beta = box_loss, smooth_l1_beta
+        self.box_coder = box_coder or BoxCoder()
+        self.fused = fused
+        box_regression_loss(torch.zeros(1), torch.zeros(1), box_loss, smooth_l1_beta)  # validate early
+
+    def __call__(self, outputs: dict[str, Tensor], assigned: dict[str, Tensor], priors: Priors) -> dict[str, Tensor]:
+        logits, deltas = outputs["cls_logits"], outputs["box_deltas"]
+        labels = assigned["labels"]
+        positive = (labels >= 0) & (labels < logits.shape[-1])
+        num_pos = positive.sum().clamp(min=1).to(logits.dtype)
+        focal = focal_loss_sparse if self.fused else focal_loss_dense
+        loss_cls = focal(logits, labels, self.gamma, self.alpha) / num_pos
+        anchors = priors.boxes.expand(labels.shape[0], -1, -1)[positive]
+        box_targets = self.box_coder.encode(assigned["boxes"][positive], anchors)
+        loss_box = box_regression_loss(deltas[positive].float(), box_targets, self.box_loss,
+                                       self.smooth_l1_beta) / num_pos
+        return {"loss_cls": loss_cls, "loss_box": loss_box}
