@@ -1,0 +1,67 @@
+import torch
+from torchvision.models.detection._utils import Matcher
+from torchvision.ops import box_iou
+
+from detectors.assigners import IGNORE, MaxIoUAssigner
+from detectors.batch import collate_detection
+from detectors.priors import Priors
+
+K = 4
+
+
+def batch_of(*per_image):
+    samples = [(torch.zeros(3, 64, 64, dtype=torch.uint8),
+                {"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(l, dtype=torch.long),
+                 "image_id": torch.tensor(i), **extra})
+               for i, (b, l, extra) in enumerate(per_image)]
+    return collate_detection(samples)
+
+
+def grid_priors():
+    xs = torch.arange(0, 64, 4.0)
+    yy, xx = torch.meshgrid(xs, xs, indexing="ij")
+    small = torch.stack([xx, yy, xx + 8, yy + 8], -1).reshape(-1, 4)
+    big = torch.stack([xx, yy, xx + 16, yy + 12], -1).reshape(-1, 4)
+    boxes = torch.cat([small, big])
+    return Priors(boxes, [len(boxes)])
+
+
+def test_matches_torchvision_matcher_per_image():
+    priors = grid_priors()
+    batch = batch_of(([[3, 5, 15, 13], [30, 30, 50, 44], [31, 29, 49, 45]], [1, 2, 3], {}),
+                     ([[0, 0, 63, 63]], [0], {}))
+    out = MaxIoUAssigner(0.5, 0.4, True)(priors, batch, K)
+    matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)
+    for i in range(2):
+        gt = batch.boxes[i][batch.valid[i]]
+        idx = matcher(box_iou(gt, priors.boxes))
+        expected = torch.where(idx >= 0, batch.labels[i][idx.clamp(min=0)], idx)
+        expected = torch.where(idx == Matcher.BELOW_LOW_THRESHOLD, K, expected)
+        expected = torch.where(idx == Matcher.BETWEEN_THRESHOLDS, IGNORE, expected)
+        assert torch.equal(out["labels"][i], expected)
+        pos = idx >= 0
+        torch.testing.assert_close(out["boxes"][i][pos], gt[idx[pos]])
+
+
+def test_thresholds_split_positive_ignored_background():
+    priors = Priors(torch.tensor([[0, 0, 10, 10], [0, 0, 10, 16], [0, 0, 10, 30], [40, 40, 50, 50.0]]), [4])
+    batch = batch_of(([[0, 0, 10, 10]], [2], {}))
+    labels = MaxIoUAssigner(0.5, 0.4, low_quality_matches=False)(priors, batch, K)["labels"][0]
+    # IoUs: 1.0, 10/16=0.625, 1/3, 0
+    assert labels.tolist() == [2, 2, K, K]
+    priors = Priors(torch.tensor([[0, 0, 10, 22.0]]), [1])  # IoU 10/22 = 0.45: ignored
+    assert MaxIoUAssigner(0.5, 0.4, False)(priors, batch, K)["labels"].tolist() == [[IGNORE]]
+
+
+def test_low_quality_match_rescues_an_object_no_anchor_fits():
+    priors = Priors(torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30.0]]), [2])
+    batch = batch_of(([[0, 0, 4, 4]], [1], {}))  # IoU 0.16 with its best anchor
+    assert MaxIoUAssigner(0.5, 0.4, True)(priors, batch, K)["labels"].tolist() == [[1, K]]
+    assert MaxIoUAssigner(0.5, 0.4, False)(priors, batch, K)["labels"].tolist() == [[K, K]]
+
+
+def test_empty_image_and_crowd_give_no_positives():
+    priors = grid_priors()
+    batch = batch_of(([], [], {}), ([[0, 0, 16, 12]], [1], {"iscrowd": torch.tensor([1])}))
+    labels = MaxIoUAssigner()(priors, batch, K)["labels"]
+    assert (labels == K).all()

@@ -1,0 +1,44 @@
+import torch
+import torchvision
+from torchvision.models.detection.retinanet import RetinaNet
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from detectors.postprocess import DensePostprocess
+from detectors.retinanet import AnchorGenerator
+
+
+def test_matches_torchvision_postprocess_detections():
+    k, b = 6, 3
+    image_size = (128, 160)
+    feature_sizes = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]
+    priors = AnchorGenerator(size_factor=0.25)(image_size, feature_sizes)
+    n = priors.boxes.shape[0]
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(b, n, k, generator=g) * 2 - 4
+    deltas = torch.randn(b, n, 4, generator=g) * 0.3
+    ours = DensePostprocess(0.05, 300, 0.5, 50)({"cls_logits": logits, "box_deltas": deltas}, priors,
+                                                torch.tensor([image_size] * b))
+
+    model = RetinaNet(resnet_fpn_backbone(backbone_name="resnet18", weights=None), num_classes=k,
+                      score_thresh=0.05, nms_thresh=0.5, detections_per_img=50, topk_candidates=300)
+    split = lambda x: list(x.split(priors.level_sizes, 1))  # noqa: E731
+    anchors = [list(priors.boxes.split(priors.level_sizes))] * b
+    theirs = model.postprocess_detections({"cls_logits": split(logits), "bbox_regression": split(deltas)},
+                                          anchors, [image_size] * b)
+    for o, t in zip(ours, theirs):
+        assert len(o["scores"]) == len(t["scores"]) > 0
+        torch.testing.assert_close(o["scores"], t["scores"])
+        torch.testing.assert_close(o["boxes"], t["boxes"], atol=1e-3, rtol=0)
+        assert torch.equal(o["labels"], t["labels"])
+
+
+def test_caps_detections_per_image_and_handles_nothing_above_threshold():
+    priors = AnchorGenerator(sizes=[8], scales_per_octave=1, aspect_ratios=[1.0])((32, 32), [(8, 8)])
+    n = priors.boxes.shape[0]
+    logits = torch.full((2, n, 3), -10.0)
+    logits[0] = torch.randn(n, 3) + 3  # image 0: everything confident
+    out = DensePostprocess(0.05, 1000, 0.5, 7)({"cls_logits": logits, "box_deltas": torch.zeros(2, n, 4)},
+                                               priors, torch.tensor([[32, 32], [32, 32]]))
+    assert len(out[0]["boxes"]) == 7 and len(out[1]["boxes"]) == 0
+    assert (out[0]["scores"][:-1] >= out[0]["scores"][1:]).all()
+    assert (out[0]["boxes"] >= 0).all() and (out[0]["boxes"] <= 32).all()

@@ -1,0 +1,39 @@
+"""Same weights, same images, same settings → our RetinaNet gives torchvision's detections."""
+
+import torch
+from hydra.utils import instantiate
+from torchvision.models.detection import retinanet_resnet50_fpn
+
+from detectors.batch import collate_detection
+from detectors.retinanet import torchvision_retinanet_state_dict
+
+from .conftest import compose
+
+
+def test_imported_torchvision_weights_give_torchvision_detections():
+    size = 192
+    cfg = compose("model=retinanet_torchvision", f"data.image_size={size}")
+    ours = instantiate(cfg.model).eval()
+    k = ours.num_classes
+    theirs = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=k, min_size=size,
+                                    max_size=size).eval()
+    with torch.no_grad():  # random init scores all sit at π=0.01; spread them so detections pass 0.05
+        theirs.head.classification_head.cls_logits.weight.normal_(std=0.05)
+        theirs.head.classification_head.cls_logits.bias.uniform_(-6, -1)
+        theirs.head.regression_head.bbox_reg.weight.normal_(std=0.05)
+    missing, unexpected = ours.load_state_dict(torchvision_retinanet_state_dict(theirs.state_dict()), strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+
+    g = torch.Generator().manual_seed(3)
+    images = [torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8) for _ in range(2)]
+    batch = collate_detection([(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                                     "image_id": torch.tensor(i)}) for i, im in enumerate(images)])
+    with torch.no_grad():
+        expected = theirs([im.float() / 255 for im in images])
+        got = ours.detect(batch)
+    for o, t in zip(got, expected):
+        assert len(t["scores"]) > 10
+        assert len(o["scores"]) == len(t["scores"])
+        torch.testing.assert_close(o["scores"], t["scores"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(o["boxes"], t["boxes"], atol=1e-3, rtol=0)
+        assert torch.equal(o["labels"], t["labels"])
