@@ -63,7 +63,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    # the checkpoint callback that monitors a metric (conf/callbacks: best_checkpoint) holds best.ckpt
+    best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
     if cfg.get("validate_best") and best:
         trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

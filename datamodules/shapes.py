@@ -32,7 +32,7 @@ def _shape_mask(kind: str, u: Tensor, v: Tensor) -> Tensor:
         return (u.abs() <= 1 / 3) | (v.abs() <= 1 / 3)
     if kind == "diamond":
         return u.abs() + v.abs() <= 1
-    raise ValueError(f"unknown shape {kind!r}; known: {SHAPE_CLASSES}")
+    raise ValueError(f"data.classes: unknown shape {kind!r}; the shapes data set draws {list(SHAPE_CLASSES)}")
 
 
 def _background(size: int, g: torch.Generator) -> Tensor:
@@ -112,7 +112,6 @@ class ShapesDataset(Dataset):
         self.min_objects, self.max_objects = min_objects, max_objects
         self.min_object_size, self.max_object_fraction = min_object_size, max_object_fraction
         self.flip = flip
-        self.epoch_rng = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return self.size

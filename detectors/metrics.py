@@ -55,7 +55,7 @@ class VOCAveragePrecision(Metric):
             difficult = target.get("difficult", torch.zeros_like(target["labels"], dtype=torch.bool)).bool()
             self.num_gt += torch.bincount(target["labels"][~difficult], minlength=self.num_classes)
             order = torch.argsort(pred["scores"], descending=True, stable=True)
-            boxes, labels = pred["boxes"][order], pred["labels"][order]
+            boxes, labels = pred["boxes"][order].float(), pred["labels"][order]
             tp = torch.zeros(len(order), dtype=torch.bool, device=boxes.device)
             fp = torch.zeros_like(tp)
             if len(order) and len(target["labels"]):

@@ -77,12 +77,16 @@ class RetinaNetHead(nn.Module):
     Each subnet: ``num_convs`` × (3×3 conv, C filters, ReLU) then a 3×3 conv to K·A (cls) or 4·A (box).
     Init: N(0, σ=0.01), bias 0; the final cls bias is −log((1−π)/π) so every anchor starts at
     foreground probability π, which keeps the loss of the ~100k easy negatives from swamping the start.
+    ``norm="gn"`` puts GroupNorm(32) after each subnet conv (detectron2's ``norm`` option, torchvision's
+    RetinaNet v2): not in the paper, but it trains much faster from scratch.
     Returns logits (B, N, K) and box deltas (B, N, 4), anchors ordered (level, y, x, a) as the priors.
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_anchors: int | Sequence[int],
-                 num_convs: int = 4, prior_probability: float = 0.01) -> None:
+                 num_convs: int = 4, prior_probability: float = 0.01, norm: str = "none") -> None:
         super().__init__()
+        if norm not in ("none", "gn"):
+            raise ValueError(f"head.norm={norm!r}: choose 'none' (paper) or 'gn' (GroupNorm)")
         if not isinstance(num_anchors, int):
             if len(set(num_anchors)) != 1:
                 raise ValueError(f"RetinaNet's head is shared across levels: needs one anchor count, "
@@ -93,7 +97,10 @@ class RetinaNetHead(nn.Module):
         def subnet() -> nn.Sequential:
             layers: list[nn.Module] = []
             for _ in range(num_convs):
-                layers += [nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.ReLU(inplace=True)]
+                layers.append(nn.Conv2d(in_channels, in_channels, 3, padding=1))
+                if norm == "gn":
+                    layers.append(nn.GroupNorm(min(32, in_channels), in_channels))
+                layers.append(nn.ReLU(inplace=True))
             return nn.Sequential(*layers)
 
         self.cls_subnet, self.box_subnet = subnet(), subnet()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from bench.training_curve import plot_run, read_metrics
 from detectors.batch import collate_detection
 
 from .conftest import ROOT, TINY, compose
@@ -20,19 +21,18 @@ def tiny_model_and_data(*overrides):
 
 
 def test_loss_falls_on_a_fixed_batch():
-    model, data = tiny_model_and_data("model.optimizer._target_=torch.optim.AdamW", "model.optimizer.lr=0.003",
-                                      "~model.optimizer.momentum")
+    model, data = tiny_model_and_data()
     batch = collate_detection([data.train_set[i] for i in range(8)])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = model.optimizer_factory(model.parameters())  # the shapes recipe's AdamW, without warm-up
     model.train()
     history = []
-    for _ in range(40):
+    for _ in range(60):
         losses = model.compute_losses(batch)
         total = sum(losses.values())
         opt.zero_grad()
         total.backward()
         opt.step()
-        history.append({k: float(v) for k, v in losses.items()})
+        history.append({k: v.item() for k, v in losses.items()})
     assert history[-1]["loss_cls"] < 0.5 * history[0]["loss_cls"]
     assert history[-1]["loss_box"] < 0.5 * history[0]["loss_box"]
 
@@ -75,6 +75,9 @@ def test_train_py_writes_checkpoints_metrics_and_resumes(tmp_path):
     for key in ("val/map", "val/map_50", "val/map_75", "val/map_small", "val/mar_100", "val/voc07_map_50",
                 "val/voc_map_50", "val/ap/ellipse"):
         assert key in metrics and -1 <= metrics[key] <= 1
+    timed = [r["time/train_min"] for r in read_metrics(run) if "time/train_min" in r]
+    assert len(timed) == 2 and 0 < timed[0] < timed[1]  # one per validation, growing
+    assert plot_run(run, tmp_path / "curve.png").stat().st_size > 10_000
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 16 and ckpt["model_config"]["backbone"]["depth"] == 18
     assert ckpt["class_names"] == ["ellipse", "rectangle", "triangle", "cross", "diamond"]

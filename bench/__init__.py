@@ -1,0 +1,1 @@
+"""Side-by-side speed measurements against torchvision's detectors: ``python -m bench``."""

@@ -1,0 +1,64 @@
+"""``python -m bench``: every comparison against torchvision in one run, printed as one table.
+
+Ratios are torchvision's time ÷ ours (higher is better for us). Options: ``--device cuda``, ``--repeats N``,
+``--json PATH`` to keep the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from . import retinanet
+from .timing import describe_machine, median_time, memory_bandwidth
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here as json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    print(f"machine: {describe_machine(device)}", flush=True)
+    bandwidth = memory_bandwidth(device)
+    print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    rows = []
+
+    def record(what: str, peer: float, ours: float, floor: float | None = None) -> None:
+        row = {"what": what, "torchvision_s": peer, "ours_s": ours, "ratio": peer / ours,
+               "ours_over_floor": ours / floor if floor else None}
+        rows.append(row)
+        print(f"  {what}: torchvision {peer * 1e3:.0f} ms, ours {ours * 1e3:.0f} ms, {peer / ours:.1f}×", flush=True)
+
+    fx = retinanet.make_fixture(device)
+    n = fx.priors.boxes.shape[0]
+    print(f"RetinaNet fixture: {fx.image_size}×{fx.image_size} → {n:,} anchors, batch {len(fx.batch)}, "
+          f"{fx.num_classes} classes, {fx.batch.boxes.shape[1]} objects/image", flush=True)
+    tv_loss, our_loss, floor_bytes = retinanet.loss_cases(fx, device)
+    record("RetinaNet match + focal/box loss + backward", median_time(tv_loss, device, args.repeats),
+           median_time(our_loss, device, args.repeats), floor_bytes / bandwidth)
+    tv_post, our_post = retinanet.postprocess_cases(fx, device)
+    record("RetinaNet postprocess (0.05, top-1k/level, NMS 0.5, 100/image)",
+           median_time(tv_post, device, args.repeats), median_time(our_post, device, args.repeats))
+
+    print()
+    print("| what | torchvision | ours | speed-up | ours ÷ memory floor |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        floor = f"{r['ours_over_floor']:.1f}×" if r["ours_over_floor"] else "–"
+        print(f"| {r['what']} | {r['torchvision_s'] * 1e3:.0f} ms | {r['ours_s'] * 1e3:.0f} ms | "
+              f"**{r['ratio']:.1f}×** | {floor} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": describe_machine(device), "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

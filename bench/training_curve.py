@@ -1,0 +1,80 @@
+"""Plot a run's learning curve from its CSV log: ``python -m bench.training_curve RUN_DIR [OUT.png]``.
+
+Left: training loss (and its focal/box parts) by step; right: validation mAP@0.5 and mAP@[.5:.95] against
+wall minutes of training (``time/train_min``, logged by ``detectors.callbacks.TrainingTime``), or by
+epoch for runs without it. This is how the README's "mAP@0.5 ≥ 0.7 within 10 minutes" figure is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no CSV log in this run folder (was it trained with logger=csv or many?)")
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_run(run_dir: Path, out: Path, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if "train/loss" in r]
+    val = [r for r in rows if "val/map_50" in r]
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in train]
+    for key, label in (("train/loss", "total"), ("train/loss_cls", "focal (cls)"), ("train/loss_box", "box")):
+        values = [r[key] for r in train if key in r]
+        if len(values) == len(steps) and values:
+            ax_loss.plot(steps, smooth(values, 10), label=label)
+    ax_loss.set(xlabel="step", ylabel="training loss (moving average of 10 logs)", title="loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+
+    timed = all("time/train_min" in r for r in val)
+    xs = [r["time/train_min"] if timed else r["epoch"] + 1 for r in val]
+    for key, label in (("val/map_50", "mAP@0.5"), ("val/map", "mAP@[.5:.95]")):
+        ys = [r.get(key, math.nan) for r in val]
+        ax_map.plot(xs, ys, marker="o", label=label)
+        if ys:
+            ax_map.annotate(f"{ys[-1]:.3f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(-10, 6))
+    ax_map.set(xlabel="training wall time (min)" if timed else "epoch", ylabel="validation", ylim=(0, 1),
+               title="validation mAP")
+    ax_map.legend(loc="lower right")
+    ax_map.grid(alpha=0.3)
+    fig.suptitle(title or run_dir.name)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.training_curve", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/retinanet_shapes/2026-11-24_10-00-00")
+    parser.add_argument("out", type=Path, nargs="?", help="PNG to write (default: <run_dir>/training_curve.png)")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+    print(plot_run(args.run_dir, args.out or args.run_dir / "training_curve.png", args.title))
+
+
+if __name__ == "__main__":
+    main()
