@@ -48,7 +48,10 @@ def plot_run(run_dir: Path, out: Path, title: str | None = None) -> Path:
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
 
-    timed = all("time/train_min" in r for r in val)
+    # validations during fitting carry the clock; the re-validation of best.ckpt after fitting does not
+    timed = any("time/train_min" in r for r in val)
+    if timed:
+        val = [r for r in val if "time/train_min" in r]
     xs = [r["time/train_min"] if timed else r["epoch"] + 1 for r in val]
     for key, label in (("val/map_50", "mAP@0.5"), ("val/map", "mAP@[.5:.95]")):
         ys = [r.get(key, math.nan) for r in val]
