@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import retinanet
+from . import retinanet, ssd
 from .timing import describe_machine, median_time, memory_bandwidth
 
 
@@ -44,8 +44,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     record("RetinaNet match + focal/box loss + backward", median_time(tv_loss, device, args.repeats),
            median_time(our_loss, device, args.repeats), floor_bytes / bandwidth)
     tv_post, our_post = retinanet.postprocess_cases(fx, device)
+    # the floor: read every logit once
     record("RetinaNet postprocess (0.05, top-1k/level, NMS 0.5, 100/image)",
-           median_time(tv_post, device, args.repeats), median_time(our_post, device, args.repeats))
+           median_time(tv_post, device, args.repeats), median_time(our_post, device, args.repeats),
+           fx.logits.numel() * fx.logits.element_size() / bandwidth)
+
+    sx = ssd.make_fixture(device)
+    print(f"SSD300 fixture: 300×300 → {sx.priors.boxes.shape[0]:,} default boxes, batch {len(sx.batch)}, "
+          f"{sx.num_classes + 1} classes, {sx.batch.boxes.shape[1]} objects/image", flush=True)
+    tv_loss, our_loss, floor_bytes = ssd.loss_cases(sx, device)
+    record("SSD300 match + MultiBox loss (3:1 hard negatives) + backward", median_time(tv_loss, device, args.repeats),
+           median_time(our_loss, device, args.repeats), floor_bytes / bandwidth)
+    tv_post, our_post = ssd.postprocess_cases(sx, device)
+    record("SSD300 postprocess (softmax, 0.01, top-200/class, NMS 0.45, 200/image)",
+           median_time(tv_post, device, args.repeats), median_time(our_post, device, args.repeats),
+           sx.logits.numel() * sx.logits.element_size() / bandwidth)
 
     print()
     print("| what | torchvision | ours | speed-up | ours ÷ memory floor |")

@@ -44,5 +44,45 @@ class MaxIoUAssigner:
             is_best = (iou == best_per_gt) & (best_per_gt > 0) & gt_ok[..., None]
             low_quality = is_best.any(dim=1)
             labels = torch.where(low_quality, torch.gather(targets.labels, 1, best_gt), labels)
+        if priors.ignored is not None:
+            labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
+        boxes = torch.gather(targets.boxes, 1, best_gt[..., None].expand(-1, -1, 4))
+        return {"labels": labels, "boxes": boxes}
+
+
+class BestMatchIoUAssigner:
+    """SSD's matching (§2.2 "Matching strategy"): each ground truth first takes the prior it overlaps most
+    (as in MultiBox), then every prior whose best IoU with any ground truth is > ``pos_iou`` (0.5) is a
+    positive of that ground truth; all others are background. No ignored band.
+
+    When two objects claim the same best prior, the one overlapping it more keeps it (the other still gets
+    every prior above the threshold). A claim needs IoU > 0. Crowd boxes never make positives; priors marked
+    ``ignored`` (boundary boxes, when dropped) get ``IGNORE``. Same outputs as ``MaxIoUAssigner``.
+    """
+
+    def __init__(self, pos_iou: float = 0.5) -> None:
+        self.pos_iou = pos_iou
+
+    @torch.no_grad()
+    def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int) -> dict[str, Tensor]:
+        gt_ok = targets.valid & ~targets.crowd  # (B, M)
+        iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
+        if priors.ignored is not None:
+            iou.masked_fill_(priors.ignored[None, None, :], -1.0)  # ignored priors are nobody's best match
+        iou.masked_fill_(~gt_ok[..., None], -1.0)
+        best_iou, best_gt = iou.max(dim=1)  # (B, N)
+
+        # each object's best prior: a (B, M, N) claim; among several claimants the higher IoU wins
+        best_prior = iou.argmax(dim=2, keepdim=True)  # (B, M, 1)
+        claims = torch.zeros_like(iou, dtype=torch.bool).scatter_(2, best_prior, True)
+        claims &= (iou > 0) & gt_ok[..., None]
+        claim_iou, claim_gt = iou.masked_fill(~claims, -1.0).max(dim=1)  # (B, N)
+        claimed = claim_iou > 0
+        best_gt = torch.where(claimed, claim_gt, best_gt)
+
+        positive = claimed | (best_iou > self.pos_iou)
+        labels = torch.where(positive, torch.gather(targets.labels, 1, best_gt), num_classes)
+        if priors.ignored is not None:
+            labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
         boxes = torch.gather(targets.boxes, 1, best_gt[..., None].expand(-1, -1, 4))
         return {"labels": labels, "boxes": boxes}

@@ -34,21 +34,25 @@ class Detector(L.LightningModule):
     backbone(images) → features; head(features) → {cls_logits (B,N,K), box_deltas (B,N,4)};
     priors(image size, feature sizes) → Priors; assigner(priors, batch, K) → per-prior targets;
     loss(outputs, targets, priors) → named terms; postprocess(outputs, priors, image sizes) → detections.
-    ``head`` is a factory completed here with ``num_anchors`` from the priors, so the anchor settings are
-    given once. Images arrive as uint8 and are normalised here, on the device.
+    ``head`` is a factory completed here with ``in_channels`` from the backbone and ``num_anchors`` from the
+    priors, so those settings are given once. Images arrive as uint8 and are normalised here, on the device.
     """
 
     def __init__(self, backbone: nn.Module, head: Callable[..., nn.Module], priors: Any, assigner: Any,
                  loss: Any, postprocess: Any, class_names: Sequence[str],
                  pixel_mean: Sequence[float] = (0.485, 0.456, 0.406), pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 scheduler: dict[str, Any] | None = None) -> None:
+                 scheduler: dict[str, Any] | None = None, num_prediction_layers: int | None = None) -> None:
         super().__init__()
+        # SSD's Table 3 sweep key: its backbone and priors read it from the config; kept for the record
+        self.num_prediction_layers = num_prediction_layers
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.backbone = backbone
         self.priors = priors
-        self.head = head(num_anchors=priors.num_anchors_per_location) if not isinstance(head, nn.Module) else head
+        if not isinstance(head, nn.Module):  # a factory: the head's widths come from the parts it joins
+            head = head(in_channels=backbone.out_channels, num_anchors=priors.num_anchors_per_location)
+        self.head = head
         self.assigner, self.loss, self.postprocess = assigner, loss, postprocess
         # mean/std are given for [0, 1] images (torchvision's convention); stored ×255 for uint8 input
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1) * 255, persistent=False)

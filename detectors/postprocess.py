@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from .boxes import BoxCoder
 from .priors import Priors
@@ -15,8 +17,9 @@ class DensePostprocess:
     clip, class-wise NMS at ``nms_thresh``, keep the ``max_detections`` best per image
     (RetinaNet §4 "Inference": 0.05, 1k, 0.5, and 100 detections as in Detectron).
 
-    One top-k per level for the whole batch and a single NMS call over all images (each (image, class)
-    pair is its own NMS group), so there is no per-image Python loop until the final split.
+    Batched over images with no per-image loop: the threshold comes first (in a trained detector almost no
+    (prior, class) pair passes 0.05), found by one max over classes per prior, so the B·N·K logits are read
+    once; the per-(image, level) top-k is a segmented rank over the few survivors; one NMS call covers all.
     """
 
     def __init__(self, score_thresh: float = 0.05, topk_per_level: int = 1000, nms_thresh: float = 0.5,
@@ -28,42 +31,85 @@ class DensePostprocess:
     @torch.no_grad()
     def __call__(self, outputs: dict[str, Tensor], priors: Priors, image_sizes: Tensor) -> list[dict[str, Tensor]]:
         logits, deltas = outputs["cls_logits"], outputs["box_deltas"]
-        b, _, num_classes = logits.shape
-        boxes, scores, labels = [], [], []
-        for level_logits, level_deltas, level_priors in zip(
-                logits.split(priors.level_sizes, 1), deltas.split(priors.level_sizes, 1),
-                priors.boxes.split(priors.level_sizes, 0)):
-            flat = level_logits.reshape(b, -1)
-            # top-k on logits (sigmoid is monotone), then sigmoid on the k survivors only
-            top_logits, top_idx = flat.topk(min(self.topk_per_level, flat.shape[1]), dim=1)
-            anchor_idx = top_idx // num_classes
-            d = torch.gather(level_deltas, 1, anchor_idx[..., None].expand(-1, -1, 4))
-            boxes.append(self.box_coder.decode(d.float(), level_priors[anchor_idx]))
-            scores.append(torch.sigmoid(top_logits.float()))
-            labels.append(top_idx % num_classes)
-        boxes, scores, labels = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(labels, 1)
-        return select_detections(boxes, scores, labels, image_sizes, self.score_thresh, self.nms_thresh,
-                                 self.max_detections)
+        b, n, num_classes = logits.shape
+        # sigmoid(x) > t ⇔ x > logit(t); a hair lower here, the exact test on the survivors' sigmoid below
+        t = min(max(self.score_thresh, 1e-12), 1 - 1e-12)
+        cut = math.log(t / (1 - t)) - 1e-3
+        img, anchor = torch.nonzero(logits.amax(dim=2) > cut, as_tuple=True)
+        rows = logits[img, anchor].float()  # (S, K): the priors with any class above the cut
+        r, label = torch.nonzero(rows > cut, as_tuple=True)
+        scores = torch.sigmoid(rows[r, label])
+        ok = scores > self.score_thresh
+        img, anchor, label, scores = img[r][ok], anchor[r][ok], label[ok], scores[ok]
+        # the top-k of each (image, level)
+        starts = torch.tensor(priors.level_sizes, device=logits.device).cumsum(0)
+        group = img * len(priors.level_sizes) + torch.bucketize(anchor, starts, right=True)
+        keep = topk_per_group(scores, group, self.topk_per_level)
+        img, anchor, label, scores = img[keep], anchor[keep], label[keep], scores[keep]
+        boxes = self.box_coder.decode(deltas[img, anchor].float(), priors.boxes[anchor])
+        return nms_per_image(boxes, scores, label, img, image_sizes, self.nms_thresh, self.max_detections)
+
+
+def topk_per_group(scores: Tensor, group: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` highest scores within each group (a segmented top-k, no loop over groups):
+    order by score, then stably by group, and rank within each group's run."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    counts = torch.bincount(group)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(order), device=scores.device) - first.repeat_interleave(counts)
+    return order[rank < k]
 
 
 def select_detections(boxes: Tensor, scores: Tensor, labels: Tensor, image_sizes: Tensor, score_thresh: float,
                       nms_thresh: float, max_detections: int) -> list[dict[str, Tensor]]:
     """Threshold, clip, class-wise NMS per image and cap, for candidates (B, C, 4), (B, C), (B, C)."""
     b, c = scores.shape
-    hw = image_sizes.to(boxes)
-    limits = torch.stack((hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]), dim=1)[:, None, :]  # (B, 1, 4): w h w h
-    boxes = torch.minimum(boxes.clamp(min=0), limits)
     image_idx = torch.arange(b, device=scores.device)[:, None].expand(b, c)
     keep = scores > score_thresh
-    boxes, scores, labels, image_idx = boxes[keep], scores[keep], labels[keep], image_idx[keep]
+    return nms_per_image(boxes[keep], scores[keep], labels[keep], image_idx[keep], image_sizes, nms_thresh,
+                         max_detections)
+
+
+def nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tensor, image_sizes: Tensor,
+                  nms_thresh: float, max_detections: int) -> list[dict[str, Tensor]]:
+    """Clip to each image, class-wise NMS, keep the ``max_detections`` best per image (by decreasing
+    score), for flat candidates (S, 4), (S,), (S,) of images ``image_idx``."""
+    hw = image_sizes.to(boxes)[image_idx]
+    limits = torch.stack((hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]), dim=1)  # w h w h of each box's image
+    boxes = torch.minimum(boxes.clamp(min=0), limits)
     num_classes = int(labels.max()) + 1 if labels.numel() else 1
-    kept = batched_nms(boxes, scores, image_idx * num_classes + labels, nms_thresh)  # by decreasing score
-    # the max_detections best per image: stable-sort kept by image, rank within each image's run
-    kept = kept[torch.sort(image_idx[kept], stable=True).indices]
-    counts = torch.bincount(image_idx[kept], minlength=b)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(kept), device=kept.device) - starts.repeat_interleave(counts)
-    kept = kept[rank < max_detections]
-    per_image = torch.bincount(image_idx[kept], minlength=b).tolist()
+    kept = grouped_nms(boxes, scores, image_idx * num_classes + labels, nms_thresh)
+    kept = kept[torch.argsort(scores[kept], descending=True, stable=True)]
+    kept = kept[torch.argsort(image_idx[kept], stable=True)]  # by image, by decreasing score within
+    kept = kept[topk_per_group(scores[kept], image_idx[kept], max_detections).sort().values]
+    per_image = torch.bincount(image_idx[kept], minlength=len(image_sizes)).tolist()
     return [{"boxes": bx, "scores": sc, "labels": lb} for bx, sc, lb in
             zip(boxes[kept].split(per_image), scores[kept].split(per_image), labels[kept].split(per_image))]
+
+
+def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float, chunk_size: int = 128) -> Tensor:
+    """Indices of the boxes NMS keeps when each value of ``groups`` (e.g. image × class) is its own problem.
+
+    Same result as ``torchvision.ops.batched_nms``, faster when there are many small groups: whole groups
+    are packed into chunks of about ``chunk_size`` boxes, kept apart inside a chunk by offsetting their
+    coordinates, one ``nms`` call per chunk. NMS is quadratic in the boxes of a call, so small chunks do
+    little wasted work, while there are far fewer calls than groups (bench: SSD300 and RetinaNet fixtures).
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    order = torch.argsort(groups, stable=True)
+    _, group_sizes = torch.unique_consecutive(groups[order], return_counts=True)
+    group_chunk = (torch.cumsum(group_sizes, 0) - group_sizes) // chunk_size  # a group joins the chunk it starts in
+    _, group_chunk, chunk_groups = torch.unique_consecutive(group_chunk, return_inverse=True, return_counts=True)
+    first_group = torch.cumsum(chunk_groups, 0) - chunk_groups
+    slot = torch.arange(len(group_sizes), device=boxes.device) - first_group.repeat_interleave(chunk_groups)
+    offsets = (slot.repeat_interleave(group_sizes).to(boxes) * (boxes.max() + 1))[:, None]
+    shifted = boxes[order] + offsets
+    chunk_boxes = torch.zeros(len(chunk_groups), dtype=torch.long, device=boxes.device).index_add_(
+        0, group_chunk, group_sizes).tolist()
+    kept, start = [], 0
+    for n in chunk_boxes:
+        kept.append(start + nms(shifted[start:start + n], scores[order[start:start + n]], iou_thresh))
+        start += n
+    return order[torch.cat(kept)]

@@ -1,9 +1,11 @@
+import pytest
 import torch
 import torchvision
+from torchvision.ops import batched_nms
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from detectors.postprocess import DensePostprocess
+from detectors.postprocess import DensePostprocess, grouped_nms
 from detectors.retinanet import AnchorGenerator
 
 
@@ -42,3 +44,17 @@ def test_caps_detections_per_image_and_handles_nothing_above_threshold():
     assert len(out[0]["boxes"]) == 7 and len(out[1]["boxes"]) == 0
     assert (out[0]["scores"][:-1] >= out[0]["scores"][1:]).all()
     assert (out[0]["boxes"] >= 0).all() and (out[0]["boxes"] <= 32).all()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 128, 100_000])
+def test_grouped_nms_equals_torchvision_batched_nms(chunk_size):
+    g = torch.Generator().manual_seed(1)
+    n = 3000
+    xy = torch.rand(n, 2, generator=g) * 200
+    boxes = torch.cat((xy, xy + 5 + torch.rand(n, 2, generator=g) * 60), 1)
+    scores = torch.rand(n, generator=g)
+    groups = torch.randint(0, 150, (n,), generator=g) ** 2 % 97  # uneven group sizes, missing ids
+    ours = grouped_nms(boxes, scores, groups, 0.5, chunk_size=chunk_size)
+    theirs = batched_nms(boxes, scores, groups, 0.5)
+    assert torch.equal(ours.sort().values, theirs.sort().values)
+    assert len(grouped_nms(boxes[:0], scores[:0], groups[:0], 0.5)) == 0

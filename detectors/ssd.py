@@ -1,0 +1,403 @@
+"""SSD's own parts (Liu et al., SSD: Single Shot MultiBox Detector, 2016): the atrous VGG16 base with its
+extra layers, the default boxes, the 3×3 predictors, the matching rule, the MultiBox loss with hard
+negative mining, and the per-class inference. ``conf/model/ssd.yaml`` / ``ssd512.yaml`` compose them.
+
+Class index 0 of SSD's softmax is background (as in the paper and torchvision); object labels 0..K−1 of
+the rest of the code are logits 1..K here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision import models
+
+from .assigners import IGNORE
+from .boxes import BoxCoder
+from .postprocess import nms_per_image, topk_per_group
+from .priors import Priors
+
+# Source layers in the order the paper lists them (Fig. 2); SSD512 adds conv12_2.
+SSD300_LAYERS = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
+SSD512_LAYERS = SSD300_LAYERS + ("conv12_2",)
+# The paper's Table 3 keeps the first n layers, except that its one-layer row predicts from conv7 alone.
+_ONE_LAYER = "conv7"
+# VGG16 ("D") conv widths up to conv5_3; "M" is a 2×2 max-pool
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+
+
+def source_layers(num_layers: int, all_layers: Sequence[str]) -> tuple[str, ...]:
+    """The layers SSD predicts from when only ``num_layers`` of them are used (paper Table 3)."""
+    if not 1 <= num_layers <= len(all_layers):
+        raise ValueError(f"model.num_prediction_layers={num_layers}: must be in 1..{len(all_layers)} "
+                         f"({', '.join(all_layers)})")
+    return (_ONE_LAYER,) if num_layers == 1 else tuple(all_layers[:num_layers])
+
+
+class L2Norm(nn.Module):
+    """Channel-wise L2 normalisation with a learned per-channel scale (ParseNet; SSD §3.1: conv4_3 has a
+    different feature scale from the later layers, initialised to 20)."""
+
+    def __init__(self, channels: int, scale: float = 20.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((channels,), float(scale)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight.view(1, -1, 1, 1) * F.normalize(x, dim=1)
+
+
+def _conv(cin: int, cout: int, **kw) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, **kw), nn.ReLU(inplace=True)]
+
+
+class VGG16Atrous(nn.Module):
+    """SSD's base network (§3, Fig. 2): VGG16 through conv5_3 with pool3 in ceil mode, pool5 as 3×3 stride 1,
+    fc6/fc7 as convolutions (conv6: 3×3 with dilation 6 and 1024 filters; conv7: 1×1), L2Norm on conv4_3,
+    then the extra layers conv8_2 … conv11_2 (SSD300: maps 38, 19, 10, 5, 3, 1) or … conv12_2 (SSD512:
+    64, 32, 16, 8, 4, 2, 1).
+
+    Module layout follows torchvision's ``SSDFeatureExtractorVGG`` (``features`` = VGG16 up to conv4_3,
+    ``extra.0`` = pool4 … conv7, ``extra.1…`` the extra layers), so its SSD300 state dict loads directly.
+    ``width`` scales every channel count (a CPU-sized variant; 1.0 is the paper). Only the layers up to
+    the last source layer are built, so fewer prediction layers also cost less.
+    """
+
+    def __init__(self, variant: str = "ssd300", num_prediction_layers: int | None = None, width: float = 1.0,
+                 weights: str | None = None, l2norm_scale: float = 20.0) -> None:
+        super().__init__()
+        if variant not in ("ssd300", "ssd512"):
+            raise ValueError(f"backbone.variant={variant!r}: choose 'ssd300' or 'ssd512'")
+        all_layers = SSD300_LAYERS if variant == "ssd300" else SSD512_LAYERS
+        self.layers = source_layers(num_prediction_layers or len(all_layers), all_layers)
+        if weights and width != 1.0:
+            raise ValueError(f"backbone.weights={weights!r} needs backbone.width=1.0 (got {width}): "
+                             f"pretrained VGG16 weights have the paper's channel counts")
+        c = lambda n: max(8, int(round(n * width)))  # noqa: E731
+
+        layers: list[nn.Module] = []
+        cin = 3
+        for v in _VGG16:
+            if v == "M":
+                # pool3 rounds up so that 300 px gives a 38×38 conv4_3 (the paper's Caffe model)
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=sum(isinstance(m, nn.MaxPool2d) for m in layers) == 2))
+            else:
+                layers += _conv(cin, c(v), kernel_size=3, padding=1)
+                cin = c(v)
+        cut = 23  # torchvision's vgg16().features index of pool4: features[:23] ends with conv4_3's ReLU
+        self.features = nn.Sequential(*layers[:cut])
+        self.l2norm = L2Norm(c(512), l2norm_scale)
+        fc = nn.Sequential(nn.MaxPool2d(3, 1, padding=1),  # pool5: 3×3 stride 1 keeps the 19×19 map
+                           *_conv(c(512), c(1024), kernel_size=3, padding=6, dilation=6),  # conv6 (atrous fc6)
+                           *_conv(c(1024), c(1024), kernel_size=1))  # conv7 (fc7)
+        extra = [nn.Sequential(*layers[cut:], fc)]
+        # conv8_2 … : (1×1 channels, 3×3 channels, stride, padding) per the paper's Fig. 2 / released model
+        specs = [(256, 512, 2, 1), (128, 256, 2, 1), (128, 256, 1, 0), (128, 256, 1, 0)]
+        if variant == "ssd512":
+            specs = [(256, 512, 2, 1), (128, 256, 2, 1), (128, 256, 2, 1), (128, 256, 2, 1), (128, 256, 1, 1)]
+        cin = c(1024)
+        for i, (mid, out, stride, pad) in enumerate(specs):
+            k = 4 if variant == "ssd512" and i == len(specs) - 1 else 3  # conv12_2 is 4×4 (1×1 map at 512 px)
+            extra.append(nn.Sequential(*_conv(cin, c(mid), kernel_size=1),
+                                       *_conv(c(mid), c(out), kernel_size=k, stride=stride, padding=pad)))
+            cin = c(out)
+        last = all_layers.index(self.layers[-1])  # build nothing beyond the last source layer
+        self.extra = nn.ModuleList(extra[:last])
+        self._all_layers = all_layers
+        channels = [c(512), c(1024)] + [c(out) for _, out, _, _ in specs]
+        self.out_channels = [channels[all_layers.index(name)] for name in self.layers]
+        self._init(weights)
+
+    def _init(self, weights: str | None) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # as the released model and torchvision: xavier, zero bias
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        if weights:
+            load_vgg16_weights(self, weights)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = self.features(images)
+        maps = {"conv4_3": self.l2norm(x)}
+        for name, block in zip(self._all_layers[1:], self.extra):
+            x = block(x)
+            maps[name] = x
+        return [maps[name] for name in self.layers]
+
+
+def load_vgg16_weights(backbone: VGG16Atrous, weights: str) -> None:
+    """ImageNet VGG16 into conv1_1 … conv5_3, and fc6/fc7 subsampled into conv6/conv7 as the paper does
+    ("we convert fc6 and fc7 to convolutional layers, subsample parameters from fc6 and fc7", §3):
+    every 4th filter, and fc6's 7×7 taps at stride 3 (hence the dilation 6 after pool5's change)."""
+    if Path(str(weights)).suffix in {".pth", ".pt", ".bin"} or Path(str(weights)).exists():
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"backbone.weights={weights}: no such file; give a torchvision vgg16 "
+                                    f"state-dict file, a weights name such as IMAGENET1K_V1, or null")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    else:
+        available = [w.name for w in models.VGG16_Weights]
+        if weights not in available:
+            raise ValueError(f"backbone.weights={weights!r}: choose one of {available}, a local file, or null")
+        state = models.vgg16(weights=models.VGG16_Weights[weights]).state_dict()
+    mapped = {}
+    for key, value in state.items():
+        if key.startswith("features."):
+            index = int(key.split(".")[1])
+            param = key.split(".")[2]
+            mapped[f"features.{index}.{param}" if index < 23 else f"extra.0.{index - 23}.{param}"] = value
+    if "classifier.0.weight" in state:  # IMAGENET1K_V1 carries fc6/fc7; IMAGENET1K_FEATURES does not
+        mapped["extra.0.7.1.weight"] = state["classifier.0.weight"].view(4096, 512, 7, 7)[::4, :, ::3, ::3]
+        mapped["extra.0.7.1.bias"] = state["classifier.0.bias"][::4]
+        mapped["extra.0.7.3.weight"] = state["classifier.3.weight"][::4, ::4, None, None]
+        mapped["extra.0.7.3.bias"] = state["classifier.3.bias"][::4]
+    own = backbone.state_dict()
+    unknown = [k for k in mapped if k not in own]
+    if unknown or not any(k.startswith("features.") for k in mapped):
+        raise ValueError(f"backbone.weights={weights}: not a VGG16 state dict (unexpected keys {unknown[:5]})")
+    backbone.load_state_dict(mapped, strict=False)
+
+
+def default_box_scales(num_layers: int, s_min: float = 0.2, s_max: float = 0.9,
+                       first_scale: float | None = None) -> list[float]:
+    """Paper eq. (4): s_k = s_min + (s_max − s_min)(k − 1)/(m − 1), k = 1..m, plus s_{m+1} (one step further)
+    for the last layer's extra square box √(s_m·s_{m+1}). With ``first_scale`` (the released code's
+    variant, 0.1), the first layer takes it and the formula spans the other m − 1 layers."""
+    m = num_layers if first_scale is None else num_layers - 1
+    if m < 1:
+        raise ValueError(f"default boxes need at least {1 if first_scale is None else 2} layers")
+    step = (s_max - s_min) / (m - 1) if m > 1 else s_max - s_min
+    scales = [s_min + step * k for k in range(m + 1)]
+    return scales if first_scale is None else [float(first_scale)] + scales
+
+
+class DefaultBoxGenerator:
+    """SSD's default boxes (§2.2 "Choosing scales and aspect ratios for default boxes").
+
+    Layer k has scale s_k (``default_box_scales``) and boxes of aspect ratio 1, an extra square of scale
+    √(s_k·s_{k+1}), and each ratio r of its list as (s_k√r, s_k/√r) and its transpose: 4 boxes for ratios
+    [2], 6 for [2, 3] (SSD300: 38²·4 + 19²·6 + 10²·6 + 5²·6 + 3²·4 + 1·4 = 8,732). Centres at
+    ((i + 0.5)/|f_k|) of the image (paper), or at (i + 0.5)·step px when ``steps`` are given (released
+    model, torchvision). Order at a location: s_k, s′_k, r, 1/r, … (torchvision's).
+
+    Fewer prediction layers (``num_prediction_layers``, Table 3): the box groups of the dropped layers are
+    stacked on the nearest kept layer, and stacked groups shed ratio pairs, then the extra square, until the
+    total is within ``tolerance`` of the full model's count (the paper keeps it "similar to 8732").
+    ``boundary_boxes='ignore'`` marks boxes crossing the image border as ignored in training and inference
+    (the Faster R-CNN strategy of Table 3's "use boundary boxes? no" column).
+    """
+
+    def __init__(self, variant: str = "ssd300", num_prediction_layers: int | None = None, s_min: float = 0.2,
+                 s_max: float = 0.9, first_scale: float | None = None, scales: Sequence[float] | None = None,
+                 aspect_ratios: Sequence[Sequence[float]] | None = None, steps: Sequence[float] | None = None,
+                 clip: bool = False, boundary_boxes: str = "keep", tolerance: float = 0.05) -> None:
+        all_layers = SSD300_LAYERS if variant == "ssd300" else SSD512_LAYERS
+        m = len(all_layers)
+        self.layers = source_layers(num_prediction_layers or m, all_layers)
+        if boundary_boxes not in ("keep", "ignore"):
+            raise ValueError(f"priors.boundary_boxes={boundary_boxes!r}: choose 'keep' or 'ignore'")
+        scales = list(scales) if scales is not None else default_box_scales(m, s_min, s_max, first_scale)
+        if len(scales) != m + 1:
+            raise ValueError(f"priors.scales: {variant} needs {m + 1} scales (one per layer and one beyond the "
+                             f"last for its extra square box), got {len(scales)}")
+        ratios = [list(r) for r in (aspect_ratios or [[2]] + [[2, 3]] * (m - 3) + [[2], [2]])]
+        if len(ratios) != m or (steps is not None and len(steps) != m):
+            raise ValueError(f"priors.aspect_ratios and priors.steps need one entry per layer of {variant} ({m})")
+        self.scales, self.clip, self.boundary_boxes = scales, clip, boundary_boxes
+        # one group per original layer: its (w, h) pairs relative to the image, in torchvision's order
+        groups = []
+        for k in range(m):
+            s, s_extra = scales[k], math.sqrt(scales[k] * scales[k + 1])
+            wh = [(s, s), (s_extra, s_extra)]
+            for r in ratios[k]:
+                wh += [(s * math.sqrt(r), s / math.sqrt(r)), (s / math.sqrt(r), s * math.sqrt(r))]
+            groups.append(wh)
+        self._steps = None if steps is None else [float(steps[all_layers.index(n)]) for n in self.layers]
+        self.wh = self._stack_groups(groups, all_layers, variant, tolerance)
+        self._cache: dict[tuple, Priors] = {}
+
+    def _stack_groups(self, groups: list[list[tuple[float, float]]], all_layers: Sequence[str], variant: str,
+                      tolerance: float) -> list[list[tuple[float, float]]]:
+        kept = [all_layers.index(n) for n in self.layers]
+        # the feature-map side of each layer at the paper's input size (for the box budget only)
+        sides = {"ssd300": (38, 19, 10, 5, 3, 1), "ssd512": (64, 32, 16, 8, 4, 2, 1)}[variant]
+        own = {k: list(groups[k]) for k in kept}
+        stacked: dict[int, list[list[tuple[float, float]]]] = {k: [] for k in kept}
+        for k in range(len(groups)):
+            if k not in own:
+                nearest = min(kept, key=lambda j: (abs(j - k), -j))
+                stacked[nearest].append(list(groups[k]))
+        budget = (1 + tolerance) * sum(side * side * len(g) for side, g in zip(sides, groups))
+
+        def total() -> int:
+            return sum(sides[k] ** 2 * (len(own[k]) + sum(len(g) for g in stacked[k])) for k in kept)
+
+        while total() > budget:
+            candidates = [(len(g), sides[k], k, i) for k in kept for i, g in enumerate(stacked[k]) if len(g) > 1]
+            if not candidates:
+                break
+            _, _, k, i = max(candidates)
+            g = stacked[k][i]
+            del g[-2 if len(g) > 2 else -1:]  # a ratio pair (r, 1/r) together, then the extra square
+        return [own[k] + [wh for g in stacked[k] for wh in g] for k in kept]
+
+    @property
+    def num_anchors_per_location(self) -> list[int]:
+        return [len(wh) for wh in self.wh]
+
+    def __call__(self, image_size: tuple[int, int], feature_sizes: Sequence[tuple[int, int]],
+                 device: torch.device | str = "cpu") -> Priors:
+        key = (tuple(image_size), tuple(map(tuple, feature_sizes)), str(device))
+        if key not in self._cache:
+            self._cache[key] = self._generate(image_size, feature_sizes, device)
+        return self._cache[key]
+
+    def _generate(self, image_size, feature_sizes, device) -> Priors:
+        if len(feature_sizes) != len(self.wh):
+            raise ValueError(f"{len(feature_sizes)} feature maps for {len(self.wh)} default-box layers")
+        h, w = image_size
+        boxes = []
+        for k, ((fh, fw), wh) in enumerate(zip(feature_sizes, self.wh)):
+            # centres as fractions of the image: (i + 0.5)/|f_k| (paper) or (i + 0.5)·step/size
+            sy, sx = (1 / fh, 1 / fw) if self._steps is None else (self._steps[k] / h, self._steps[k] / w)
+            cy = (torch.arange(fh, dtype=torch.float64) + 0.5) * sy
+            cx = (torch.arange(fw, dtype=torch.float64) + 0.5) * sx
+            cy, cx = torch.meshgrid(cy, cx, indexing="ij")
+            centres = torch.stack((cx.reshape(-1), cy.reshape(-1)), -1)[:, None, :]  # (HW, 1, 2)
+            size = torch.tensor(wh, dtype=torch.float64)
+            size = size.clamp(0, 1) if self.clip else size  # torchvision clips (w, h), not the boxes
+            box = torch.cat((centres - size / 2, centres + size / 2), -1).reshape(-1, 4)
+            boxes.append(box * torch.tensor([w, h, w, h], dtype=torch.float64))
+        boxes = torch.cat(boxes).to(device=device, dtype=torch.float32)
+        ignored = None
+        if self.boundary_boxes == "ignore":
+            eps = 1e-3
+            ignored = (boxes[:, 0] < -eps) | (boxes[:, 1] < -eps) | (boxes[:, 2] > w + eps) | (boxes[:, 3] > h + eps)
+        level_sizes = [fh * fw * len(wh) for (fh, fw), wh in zip(feature_sizes, self.wh)]
+        return Priors(boxes, level_sizes, ignored)
+
+
+class SSDHead(nn.Module):
+    """One 3×3 convolution per source layer for the K+1 class scores and one for the 4 offsets of each of
+    its default boxes (§2.1 "Convolutional predictors"); background is class 0."""
+
+    def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes + 1
+        self.cls = nn.ModuleList(nn.Conv2d(c, a * self.num_classes, 3, padding=1)
+                                 for c, a in zip(in_channels, num_anchors))
+        self.box = nn.ModuleList(nn.Conv2d(c, a * 4, 3, padding=1) for c, a in zip(in_channels, num_anchors))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _flatten(x: Tensor, channels: int) -> Tensor:
+        b, _, h, w = x.shape  # (B, A·C, H, W) → (B, H·W·A, C)
+        return x.view(b, -1, channels, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, channels)
+
+    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
+        cls = [self._flatten(conv(f), self.num_classes) for conv, f in zip(self.cls, features)]
+        box = [self._flatten(conv(f), 4) for conv, f in zip(self.box, features)]
+        return {"cls_logits": torch.cat(cls, 1), "box_deltas": torch.cat(box, 1)}
+
+
+class MultiBoxLoss:
+    """SSD's objective (eq. 1–3): L = (L_conf + α·L_loc) / N over the N matched default boxes of the batch.
+
+    L_loc: smooth L1 on the encoded offsets of positives (variances 0.1, 0.1, 0.2, 0.2). L_conf: softmax
+    cross-entropy over positives and hard negatives: per image, the background boxes with the highest
+    confidence loss, at most ``neg_pos_ratio``:1 to its positives (§2.2 "Hard negative mining": 3:1). Two
+    details the paper leaves open: an image without positives still contributes ``min_negatives`` hard
+    negatives (else background-only images teach nothing), and a box is a negative only if it is not a
+    positive or ignored, so none is counted twice. Vectorised over the batch with one top-k.
+    """
+
+    def __init__(self, neg_pos_ratio: float = 3.0, min_negatives: int = 3, alpha: float = 1.0,
+                 smooth_l1_beta: float = 1.0, variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2)) -> None:
+        self.neg_pos_ratio, self.min_negatives, self.alpha = neg_pos_ratio, int(min_negatives), alpha
+        self.smooth_l1_beta = smooth_l1_beta
+        self.box_coder = BoxCoder(tuple(1.0 / v for v in variances))
+
+    def __call__(self, outputs: dict[str, Tensor], assigned: dict[str, Tensor], priors: Priors) -> dict[str, Tensor]:
+        logits, deltas = outputs["cls_logits"], outputs["box_deltas"]
+        labels = assigned["labels"]
+        num_classes = logits.shape[-1] - 1
+        positive = (labels >= 0) & (labels < num_classes)
+        background = labels == num_classes
+        target = torch.where(positive, labels + 1, 0)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(labels)
+
+        num_pos = positive.sum(1)
+        wanted = torch.clamp((num_pos * self.neg_pos_ratio).long(), min=self.min_negatives)
+        num_neg = torch.minimum(wanted, background.sum(1))  # (B,)
+        k = int(num_neg.max()) if num_neg.numel() else 0
+        neg_loss = ce.new_zeros(())
+        if k > 0:
+            with torch.no_grad():
+                mined = ce.masked_fill(~background, -math.inf)
+                top_idx = mined.topk(k, dim=1).indices  # the hardest background boxes, per image
+                keep = torch.arange(k, device=ce.device)[None, :] < num_neg[:, None]
+            neg_loss = torch.gather(ce, 1, top_idx)[keep].sum()
+        n = num_pos.sum().clamp(min=1).to(ce.dtype)
+        loss_cls = (ce[positive].sum() + neg_loss) / n
+        anchors = priors.boxes.expand(labels.shape[0], -1, -1)[positive]
+        box_targets = self.box_coder.encode(assigned["boxes"][positive], anchors)
+        loss_box = F.smooth_l1_loss(deltas[positive].float(), box_targets, beta=self.smooth_l1_beta,
+                                    reduction="sum") / n
+        return {"loss_cls": loss_cls, "loss_box": self.alpha * loss_box}
+
+
+class SSDPostprocess:
+    """SSD inference (§3 "Inference"; released model): softmax scores per class, score > ``score_thresh``
+    (0.01), the ``topk_per_class`` (200) best boxes of each class, class-wise NMS at ``nms_thresh`` (0.45),
+    ``max_detections`` (200) per image. One top-k over (image, class) rows and one batched NMS."""
+
+    def __init__(self, score_thresh: float = 0.01, topk_per_class: int = 200, nms_thresh: float = 0.45,
+                 max_detections: int = 200, variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2)) -> None:
+        self.score_thresh, self.topk_per_class = score_thresh, topk_per_class
+        self.nms_thresh, self.max_detections = nms_thresh, max_detections
+        self.box_coder = BoxCoder(tuple(1.0 / v for v in variances))
+
+    @torch.no_grad()
+    def __call__(self, outputs: dict[str, Tensor], priors: Priors, image_sizes: Tensor) -> list[dict[str, Tensor]]:
+        logits, deltas = outputs["cls_logits"].float(), outputs["box_deltas"]
+        # softmax(x)_c > t ⇔ x_c > log t + logsumexp(x): threshold the logits, exponentiate the survivors only
+        log_norm = torch.logsumexp(logits, dim=-1)  # (B, N)
+        if priors.ignored is not None:
+            log_norm = log_norm.masked_fill(priors.ignored[None, :], math.inf)  # no score passes
+        cut = (log_norm + math.log(max(self.score_thresh, 1e-30)) - 1e-4)[..., None]
+        img, prior, label = torch.nonzero(logits[..., 1:] > cut, as_tuple=True)  # labels without background
+        score = torch.exp(logits[img, prior, label + 1] - log_norm[img, prior])
+        ok = score > self.score_thresh  # the exact test (the cut above is a hair lower)
+        img, prior, label, score = img[ok], prior[ok], label[ok], score[ok]
+        # the top-k of each (image, class) among the survivors
+        keep = topk_per_group(score, img * (logits.shape[-1] - 1) + label, self.topk_per_class)
+        img, prior, label, score = img[keep], prior[keep], label[keep], score[keep]
+        boxes = self.box_coder.decode(deltas[img, prior].float(), priors.boxes[prior])
+        return nms_per_image(boxes, score, label, img, image_sizes, self.nms_thresh, self.max_detections)
+
+
+def torchvision_ssd_state_dict(tv_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Map a ``torchvision.models.detection.ssd300_vgg16`` state dict onto our SSD300 ``Detector``::
+
+        tv = torchvision.models.detection.ssd300_vgg16(weights="COCO_V1")
+        detector.load_state_dict(torchvision_ssd_state_dict(tv.state_dict()))
+
+    with our model configured as torchvision's priors and inference (``conf/model/ssd_torchvision.yaml``).
+    """
+    out = {}
+    for key, value in tv_state.items():
+        if key == "backbone.scale_weight":
+            out["backbone.l2norm.weight"] = value
+        elif key.startswith("backbone."):
+            out[key] = value
+        elif key.startswith("head.classification_head.module_list."):
+            out["head.cls." + key.split("module_list.")[1]] = value
+        elif key.startswith("head.regression_head.module_list."):
+            out["head.box." + key.split("module_list.")[1]] = value
+    return out

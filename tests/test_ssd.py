@@ -1,0 +1,273 @@
+"""SSD's parts against the paper's formulas and torchvision's SSD300."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torchvision.models.detection import ssd300_vgg16
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator as TVDefaultBoxGenerator
+from torchvision.models.detection.image_list import ImageList
+
+from detectors.assigners import IGNORE, BestMatchIoUAssigner
+from detectors.batch import collate_detection
+from detectors.boxes import BoxCoder
+from detectors.priors import Priors
+from detectors.ssd import (SSD300_LAYERS, DefaultBoxGenerator, MultiBoxLoss, VGG16Atrous, default_box_scales,
+                           load_vgg16_weights, torchvision_ssd_state_dict)
+
+from .conftest import compose
+
+SSD300_MAPS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
+
+
+def make_batch(boxes_per_image, labels_per_image, crowd_per_image=None):
+    samples = []
+    for i, (boxes, labels) in enumerate(zip(boxes_per_image, labels_per_image)):
+        t = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+             "labels": torch.tensor(labels, dtype=torch.long), "image_id": torch.tensor(i)}
+        if crowd_per_image is not None:
+            t["iscrowd"] = torch.tensor(crowd_per_image[i], dtype=torch.long)
+        samples.append((torch.zeros(3, 300, 300, dtype=torch.uint8), t))
+    return collate_detection(samples)
+
+
+def test_ssd300_has_8732_default_boxes_on_the_papers_maps():
+    backbone = VGG16Atrous("ssd300", width=0.125)
+    maps = [tuple(f.shape[-2:]) for f in backbone(torch.zeros(1, 3, 300, 300))]
+    assert maps == SSD300_MAPS
+    priors = DefaultBoxGenerator("ssd300")((300, 300), maps)
+    assert priors.boxes.shape == (8732, 4)
+    assert priors.level_sizes == [38 * 38 * 4, 19 * 19 * 6, 10 * 10 * 6, 5 * 5 * 6, 3 * 3 * 4, 4]
+
+
+def test_ssd512_adds_conv12_2():
+    backbone = VGG16Atrous("ssd512", width=0.125)
+    maps = [tuple(f.shape[-2:]) for f in backbone(torch.zeros(1, 3, 512, 512))]
+    assert maps == [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    assert DefaultBoxGenerator("ssd512", scales=[0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05],
+                               aspect_ratios=[[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]])(
+        (512, 512), maps).boxes.shape == (24564, 4)
+
+
+def test_default_box_scales_follow_equation_4():
+    m, s_min, s_max = 6, 0.2, 0.9
+    expected = [s_min + (s_max - s_min) * (k - 1) / (m - 1) for k in range(1, m + 2)]
+    assert default_box_scales(m, s_min, s_max) == pytest.approx(expected)
+    # the released code's variant: conv4_3 at 0.1, the formula over the other five layers
+    assert default_box_scales(m, 0.2, 0.9, first_scale=0.1) == pytest.approx(
+        [0.1] + [0.2 + 0.7 * (k - 1) / 4 for k in range(1, 7)])
+
+
+def test_paper_default_boxes_shapes_and_centres():
+    priors = DefaultBoxGenerator("ssd300")((300, 300), SSD300_MAPS)
+    boxes = priors.boxes.double()
+    wh = boxes[:, 2:] - boxes[:, :2]
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    s = default_box_scales(6)
+    # the first location of conv7 (6 boxes): s, √(s·s'), then ratios 2, 1/2, 3, 1/3 (w = s√a, h = s/√a)
+    first = wh[38 * 38 * 4: 38 * 38 * 4 + 6] / 300
+    a = torch.tensor([1, 1, 2, 0.5, 3, 1 / 3], dtype=torch.float64)
+    scale = torch.tensor([s[1], math.sqrt(s[1] * s[2])] + [s[1]] * 4, dtype=torch.float64)
+    torch.testing.assert_close(first, torch.stack((scale * a.sqrt(), scale / a.sqrt()), 1), atol=1e-5, rtol=0)
+    # centres at ((i + 0.5)/|f_k|) of the image
+    torch.testing.assert_close(centre[38 * 38 * 4], torch.tensor([0.5 / 19 * 300] * 2, dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+
+
+def test_torchvision_preset_equals_torchvision_default_boxes():
+    cfg = compose("model=ssd_torchvision")
+    ours = instantiate(cfg.model.priors)((300, 300), SSD300_MAPS)
+    tv = TVDefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+                               scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], steps=[8, 16, 32, 64, 100, 300])
+    images = ImageList(torch.zeros(1, 3, 300, 300), [(300, 300)])
+    theirs = tv(images, [torch.zeros(1, 1, h, w) for h, w in SSD300_MAPS])[0]
+    torch.testing.assert_close(ours.boxes, theirs, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+def test_fewer_prediction_layers_keep_every_scale_and_about_8732_boxes(n):
+    gen = DefaultBoxGenerator("ssd300", num_prediction_layers=n)
+    assert len(gen.wh) == n
+    assert gen.layers == (("conv7",) if n == 1 else SSD300_LAYERS[:n])  # paper Table 3's rows
+    sides = dict(zip(SSD300_LAYERS, (38, 19, 10, 5, 3, 1)))
+    total = sum(sides[name] ** 2 * len(wh) for name, wh in zip(gen.layers, gen.wh))
+    if n == 6:
+        assert total == 8732
+    if n == 5:
+        assert total == 8764  # the paper's Table 3 count: conv11_2's 4 boxes stacked on conv10_2
+    assert 0.95 * 8732 <= total <= 1.1 * 8732  # "similar to the original (8732)"
+    # every original layer's base scale s_k still has its square box somewhere
+    squares = {round(w, 6) for wh in gen.wh for w, h in wh if abs(w - h) < 1e-9}
+    assert all(round(s, 6) in squares for s in default_box_scales(6)[:6])
+    backbone = VGG16Atrous("ssd300", num_prediction_layers=n, width=0.125)
+    feats = backbone(torch.zeros(1, 3, 300, 300))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(sides[l], sides[l]) for l in gen.layers]
+    assert [f.shape[1] for f in feats] == backbone.out_channels
+
+
+def test_boundary_boxes_ignored_by_setting():
+    keep = DefaultBoxGenerator("ssd300")((300, 300), SSD300_MAPS)
+    drop = DefaultBoxGenerator("ssd300", boundary_boxes="ignore")((300, 300), SSD300_MAPS)
+    crosses = (keep.boxes[:, :2] < -1e-3).any(1) | (keep.boxes[:, 2:] > 300 + 1e-3).any(1)
+    assert keep.ignored is None and torch.equal(drop.ignored, crosses) and 0 < crosses.sum() < 8732
+    batch = make_batch([[[0, 0, 150, 150]]], [[1]])
+    labels = BestMatchIoUAssigner()(drop, batch, 3)["labels"][0]
+    assert (labels[crosses] == IGNORE).all() and (labels[~crosses] != IGNORE).all()
+
+
+def test_best_match_then_iou_assignment():
+    priors = Priors(torch.tensor([[0, 0, 10, 10], [0, 0, 12, 10], [40, 40, 60, 60], [100, 100, 120, 120],
+                                  [200, 200, 230, 230]], dtype=torch.float32), [5])
+    # object 0 overlaps priors 0 (IoU 1) and 1 (IoU 10/12 > 0.5); object 1 has no prior above 0.5, keeps its
+    # best (prior 2, IoU 0.25); the crowd box covers prior 3 exactly but never makes a positive
+    batch = make_batch([[[0, 0, 10, 10], [40, 40, 80, 80], [100, 100, 120, 120]]], [[3, 1, 2]], [[0, 0, 1]])
+    out = BestMatchIoUAssigner(0.5)(priors, batch, num_classes=4)
+    assert out["labels"][0].tolist() == [3, 3, 1, 4, 4]
+    torch.testing.assert_close(out["boxes"][0, 2], torch.tensor([40.0, 40, 80, 80]))
+
+
+def test_two_objects_claiming_one_prior_the_closer_keeps_it():
+    priors = Priors(torch.tensor([[0, 0, 20, 20], [300, 300, 310, 310]], dtype=torch.float32), [2])
+    batch = make_batch([[[0, 0, 18, 20], [0, 0, 40, 40]]], [[0, 1]])  # IoU 0.9 and 0.25 with prior 0
+    out = BestMatchIoUAssigner(0.5)(priors, batch, num_classes=2)
+    assert out["labels"][0].tolist() == [0, 2]
+
+
+def reference_multibox_loss(logits, deltas, labels, gt_boxes, priors, ratio, min_neg, variances):
+    """Paper eq. 1–3 written out with loops: per image, positives + the top (ratio × #pos) background boxes by
+    confidence loss, summed, over the batch's N positives."""
+    coder = BoxCoder(tuple(1 / v for v in variances))
+    num_classes = logits.shape[-1] - 1
+    conf, loc, n = 0.0, 0.0, 0
+    for b in range(logits.shape[0]):
+        pos = [i for i in range(logits.shape[1]) if 0 <= labels[b, i] < num_classes]
+        bg = [i for i in range(logits.shape[1]) if labels[b, i] == num_classes]
+        n += len(pos)
+        for i in pos:
+            conf = conf - F.log_softmax(logits[b, i], -1)[labels[b, i] + 1]
+            target = coder.encode(gt_boxes[b, i], priors[i])
+            for d in range(4):
+                diff = (deltas[b, i, d] - target[d]).abs()
+                loc = loc + (0.5 * diff ** 2 if diff < 1 else diff - 0.5)
+        bg_losses = sorted(((-F.log_softmax(logits[b, i], -1)[0], i) for i in bg), key=lambda t: -t[0].item())
+        k = min(max(int(ratio * len(pos)), min_neg), len(bg))
+        for value, _ in bg_losses[:k]:
+            conf = conf + value
+    n = max(n, 1)
+    return conf / n, loc / n
+
+
+@pytest.mark.parametrize("min_negatives", [0, 3])
+def test_multibox_loss_equals_the_papers_formula(min_negatives):
+    g = torch.Generator().manual_seed(0)
+    b, n, k = 3, 40, 4
+    priors = torch.rand(n, 2, generator=g) * 100
+    priors = torch.cat((priors, priors + 10 + torch.rand(n, 2, generator=g) * 30), 1)
+    labels = torch.full((b, n), k)
+    labels[0, :5] = torch.randint(0, k, (5,), generator=g)
+    labels[1, 10:12] = torch.randint(0, k, (2,), generator=g)
+    labels[1, 30:33] = IGNORE
+    # image 2 has no positives: only min_negatives hard negatives
+    gt = priors[None].expand(b, -1, -1) + torch.randn(b, n, 4, generator=g).clamp(-2, 2)
+    logits = torch.randn(b, n, k + 1, generator=g, requires_grad=True)
+    deltas = torch.randn(b, n, 4, generator=g, requires_grad=True)
+    loss = MultiBoxLoss(neg_pos_ratio=3, min_negatives=min_negatives)
+    ours = loss({"cls_logits": logits, "box_deltas": deltas}, {"labels": labels, "boxes": gt}, Priors(priors, [n]))
+    ref_cls, ref_box = reference_multibox_loss(logits, deltas, labels, gt, priors, 3, min_negatives,
+                                               (0.1, 0.1, 0.2, 0.2))
+    torch.testing.assert_close(ours["loss_cls"], ref_cls, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["loss_box"], ref_box, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(ours["loss_cls"] + ours["loss_box"], (logits, deltas))
+    want = torch.autograd.grad(ref_cls + ref_box, (logits, deltas))
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+    # image 2 (no positives) gets gradient on exactly min_negatives boxes
+    assert (got[0][2].abs().sum(-1) > 0).sum() == min_negatives
+
+
+def test_hard_negatives_never_exceed_the_background_boxes():
+    # 3 positives want 9 negatives but only 2 background boxes exist: each counts once, ignored ones never
+    labels = torch.tensor([[0, 1, 0, 2, 2, IGNORE]])
+    logits = torch.randn(1, 6, 3, requires_grad=True)
+    priors = Priors(torch.tensor([[0, 0, 10, 10]] * 6, dtype=torch.float32), [6])
+    out = MultiBoxLoss()({"cls_logits": logits, "box_deltas": torch.zeros(1, 6, 4)},
+                         {"labels": labels, "boxes": priors.boxes[None]}, priors)
+    target = torch.tensor([1, 2, 1, 0, 0])
+    expected = F.cross_entropy(logits[0, :5], target, reduction="sum") / 3
+    torch.testing.assert_close(out["loss_cls"], expected)
+
+
+def test_vgg16_imagenet_weights_load_with_fc_subsampling(tmp_path):
+    from torchvision.models import vgg16
+
+    state = vgg16().state_dict()
+    path = tmp_path / "vgg16.pth"
+    torch.save(state, path)
+    backbone = VGG16Atrous("ssd300")
+    load_vgg16_weights(backbone, str(path))
+    torch.testing.assert_close(backbone.features[21].weight, state["features.21.weight"])  # conv4_3
+    torch.testing.assert_close(backbone.extra[0][5].weight, state["features.28.weight"])  # conv5_3
+    conv6 = backbone.extra[0][7][1]
+    torch.testing.assert_close(conv6.weight, state["classifier.0.weight"].view(4096, 512, 7, 7)[::4, :, ::3, ::3])
+    assert conv6.dilation == (6, 6)
+    with pytest.raises(ValueError, match="backbone.width=1.0"):
+        VGG16Atrous("ssd300", width=0.5, weights=str(path))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        VGG16Atrous("ssd300", weights=str(tmp_path / "missing.pth"))
+
+
+def test_imported_torchvision_weights_give_torchvision_detections():
+    cfg = compose("model=ssd_torchvision")
+    ours = instantiate(cfg.model).eval()
+    theirs = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=ours.num_classes + 1).eval()
+    with torch.no_grad():  # xavier init saturates the softmax at 1.0 (ties); soften it so the order is defined
+        for conv in theirs.head.classification_head.module_list:
+            conv.weight.mul_(0.3)
+    missing, unexpected = ours.load_state_dict(torchvision_ssd_state_dict(theirs.state_dict()), strict=True)
+    g = torch.Generator().manual_seed(5)
+    images = [torch.randint(0, 256, (3, 300, 300), generator=g, dtype=torch.uint8) for _ in range(2)]
+    batch = collate_detection([(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                                     "image_id": torch.tensor(i)}) for i, im in enumerate(images)])
+    with torch.no_grad():
+        expected = theirs([im.float() / 255 for im in images])
+        got = ours.detect(batch)
+    for o, t in zip(got, expected):
+        assert len(t["scores"]) > 20
+        assert len(o["scores"]) == len(t["scores"])
+        torch.testing.assert_close(o["scores"], t["scores"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(o["boxes"], t["boxes"], atol=1e-3, rtol=0)
+        assert torch.equal(o["labels"] + 1, t["labels"])  # torchvision counts background as class 0
+
+
+def test_ssd_config_errors_name_the_setting():
+    with pytest.raises(ValueError, match="num_prediction_layers=7"):
+        DefaultBoxGenerator("ssd300", num_prediction_layers=7)
+    with pytest.raises(ValueError, match="priors.scales"):
+        DefaultBoxGenerator("ssd300", scales=[0.1, 0.2])
+    with pytest.raises(ValueError, match="boundary_boxes"):
+        DefaultBoxGenerator("ssd300", boundary_boxes="drop")
+    with pytest.raises(ValueError, match="backbone.variant"):
+        VGG16Atrous("ssd1024")
+
+
+
+def test_tiny_ssd_learns_a_fixed_batch():
+    cfg = compose("model=ssd", "model/optimizer=adamw", "model.optimizer.lr=0.001", "model.backbone.width=0.125",
+                  "model.num_prediction_layers=4", "data.image_size=128", "data.num_train=16")
+    model, data = instantiate(cfg.model), instantiate(cfg.data)
+    batch = collate_detection([data.train_set[i] for i in range(8)])
+    opt = model.optimizer_factory(model.parameters())
+    history = []
+    for _ in range(60):
+        losses = model.compute_losses(batch)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        history.append({k: v.item() for k, v in losses.items()})
+    assert history[-1]["loss_cls"] < 0.5 * history[0]["loss_cls"]
+    assert history[-1]["loss_box"] < 0.5 * history[0]["loss_box"]
+    model.eval()
+    detections = model.detect(batch)
+    assert len(detections) == 8 and all(d["boxes"].shape[1] == 4 for d in detections)
