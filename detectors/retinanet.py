@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .priors import Priors
+from .priors import PriorGenerator, Priors, flatten_predictions
 
 
-class AnchorGenerator:
+class AnchorGenerator(PriorGenerator):
     """Anchors on P3..P7: per level one base size × ``scales`` × ``aspect_ratios`` (h/w), at every cell.
 
     Paper §4: areas 32²..512² on P3..P7, scales {2^0, 2^(1/3), 2^(2/3)}, ratios {1:2, 1:1, 2:1} → A=9.
@@ -27,12 +27,12 @@ class AnchorGenerator:
     def __init__(self, sizes: Sequence[float] = (32, 64, 128, 256, 512), scales_per_octave: int = 3,
                  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), size_factor: float = 1.0,
                  integer_sizes: bool = False, offset: float = 0.0) -> None:
+        super().__init__()
         self.sizes = [float(s) * size_factor for s in sizes]
         self.scales = [2.0 ** (i / scales_per_octave) for i in range(scales_per_octave)]
         self.aspect_ratios = [float(r) for r in aspect_ratios]
         self.integer_sizes = integer_sizes
         self.offset = offset
-        self._cache: dict[tuple, Priors] = {}
 
     @property
     def num_anchors_per_location(self) -> int:
@@ -48,13 +48,6 @@ class AnchorGenerator:
         hs = (sizes[None, :] * h_ratios[:, None]).reshape(-1)
         base = torch.stack((-ws, -hs, ws, hs), dim=1) / 2
         return base.round() if self.integer_sizes else base
-
-    def __call__(self, image_size: tuple[int, int], feature_sizes: Sequence[tuple[int, int]],
-                 device: torch.device | str = "cpu") -> Priors:
-        key = (tuple(image_size), tuple(map(tuple, feature_sizes)), str(device))
-        if key not in self._cache:
-            self._cache[key] = self._generate(image_size, feature_sizes, device)
-        return self._cache[key]
 
     def _generate(self, image_size, feature_sizes, device) -> Priors:
         if len(feature_sizes) != len(self.sizes):
@@ -112,14 +105,9 @@ class RetinaNetHead(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_probability) / prior_probability))
 
-    @staticmethod
-    def _flatten(x: Tensor, channels: int) -> Tensor:
-        b, _, h, w = x.shape  # (B, A·C, H, W) → (B, H·W·A, C)
-        return x.view(b, -1, channels, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, channels)
-
     def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
-        cls = [self._flatten(self.cls_score(self.cls_subnet(f)), self.num_classes) for f in features]
-        box = [self._flatten(self.box_pred(self.box_subnet(f)), 4) for f in features]
+        cls = [flatten_predictions(self.cls_score(self.cls_subnet(f)), self.num_classes) for f in features]
+        box = [flatten_predictions(self.box_pred(self.box_subnet(f)), 4) for f in features]
         return {"cls_logits": torch.cat(cls, dim=1), "box_deltas": torch.cat(box, dim=1)}
 
 

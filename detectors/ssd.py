@@ -20,7 +20,7 @@ from torchvision import models
 from .assigners import IGNORE
 from .boxes import BoxCoder
 from .postprocess import nms_per_image, topk_per_group
-from .priors import Priors
+from .priors import PriorGenerator, Priors, flatten_predictions
 
 # Source layers in the order the paper lists them (Fig. 2); SSD512 adds conv12_2.
 SSD300_LAYERS = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
@@ -174,7 +174,7 @@ def default_box_scales(num_layers: int, s_min: float = 0.2, s_max: float = 0.9,
     return scales if first_scale is None else [float(first_scale)] + scales
 
 
-class DefaultBoxGenerator:
+class DefaultBoxGenerator(PriorGenerator):
     """SSD's default boxes (§2.2 "Choosing scales and aspect ratios for default boxes").
 
     Layer k has scale s_k (``default_box_scales``) and boxes of aspect ratio 1, an extra square of scale
@@ -194,6 +194,7 @@ class DefaultBoxGenerator:
                  s_max: float = 0.9, first_scale: float | None = None, scales: Sequence[float] | None = None,
                  aspect_ratios: Sequence[Sequence[float]] | None = None, steps: Sequence[float] | None = None,
                  clip: bool = False, boundary_boxes: str = "keep", tolerance: float = 0.05) -> None:
+        super().__init__()
         all_layers = SSD300_LAYERS if variant == "ssd300" else SSD512_LAYERS
         m = len(all_layers)
         self.layers = source_layers(num_prediction_layers or m, all_layers)
@@ -217,7 +218,6 @@ class DefaultBoxGenerator:
             groups.append(wh)
         self._steps = None if steps is None else [float(steps[all_layers.index(n)]) for n in self.layers]
         self.wh = self._stack_groups(groups, all_layers, variant, tolerance)
-        self._cache: dict[tuple, Priors] = {}
 
     def _stack_groups(self, groups: list[list[tuple[float, float]]], all_layers: Sequence[str], variant: str,
                       tolerance: float) -> list[list[tuple[float, float]]]:
@@ -247,13 +247,6 @@ class DefaultBoxGenerator:
     @property
     def num_anchors_per_location(self) -> list[int]:
         return [len(wh) for wh in self.wh]
-
-    def __call__(self, image_size: tuple[int, int], feature_sizes: Sequence[tuple[int, int]],
-                 device: torch.device | str = "cpu") -> Priors:
-        key = (tuple(image_size), tuple(map(tuple, feature_sizes)), str(device))
-        if key not in self._cache:
-            self._cache[key] = self._generate(image_size, feature_sizes, device)
-        return self._cache[key]
 
     def _generate(self, image_size, feature_sizes, device) -> Priors:
         if len(feature_sizes) != len(self.wh):
@@ -295,14 +288,9 @@ class SSDHead(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    @staticmethod
-    def _flatten(x: Tensor, channels: int) -> Tensor:
-        b, _, h, w = x.shape  # (B, A·C, H, W) → (B, H·W·A, C)
-        return x.view(b, -1, channels, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, channels)
-
     def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
-        cls = [self._flatten(conv(f), self.num_classes) for conv, f in zip(self.cls, features)]
-        box = [self._flatten(conv(f), 4) for conv, f in zip(self.box, features)]
+        cls = [flatten_predictions(conv(f), self.num_classes) for conv, f in zip(self.cls, features)]
+        box = [flatten_predictions(conv(f), 4) for conv, f in zip(self.box, features)]
         return {"cls_logits": torch.cat(cls, 1), "box_deltas": torch.cat(box, 1)}
 
 

@@ -7,7 +7,7 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 from detectors.batch import collate_detection
 from detectors.retinanet import torchvision_retinanet_state_dict
 
-from .conftest import compose
+from .conftest import assert_same_detections, compose
 
 
 def test_imported_torchvision_weights_give_torchvision_detections():
@@ -31,9 +31,4 @@ def test_imported_torchvision_weights_give_torchvision_detections():
     with torch.no_grad():
         expected = theirs([im.float() / 255 for im in images])
         got = ours.detect(batch)
-    for o, t in zip(got, expected):
-        assert len(t["scores"]) > 10
-        assert len(o["scores"]) == len(t["scores"])
-        torch.testing.assert_close(o["scores"], t["scores"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(o["boxes"], t["boxes"], atol=1e-3, rtol=0)
-        assert torch.equal(o["labels"], t["labels"])
+    assert_same_detections(got, expected)
