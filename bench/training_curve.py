@@ -40,7 +40,7 @@ def plot_run(run_dir: Path, out: Path, title: str | None = None) -> Path:
     val = [r for r in rows if "val/map_50" in r]
     fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in train]
-    for key, label in (("train/loss", "total"), ("train/loss_cls", "focal (cls)"), ("train/loss_box", "box")):
+    for key, label in (("train/loss", "total"), ("train/loss_cls", "classification"), ("train/loss_box", "box regression")):
         values = [r[key] for r in train if key in r]
         if len(values) == len(steps) and values:
             ax_loss.plot(steps, smooth(values, 10), label=label)

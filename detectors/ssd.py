@@ -51,8 +51,9 @@ class L2Norm(nn.Module):
         return self.weight.view(1, -1, 1, 1) * F.normalize(x, dim=1)
 
 
-def _conv(cin: int, cout: int, **kw) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, **kw), nn.ReLU(inplace=True)]
+def _conv(cin: int, cout: int, norm: bool = False, **kw) -> list[nn.Module]:
+    """conv → ReLU, or conv → BatchNorm → ReLU (as torchvision's vgg16_bn)."""
+    return [nn.Conv2d(cin, cout, **kw), *([nn.BatchNorm2d(cout)] if norm else []), nn.ReLU(inplace=True)]
 
 
 class VGG16Atrous(nn.Module):
@@ -63,20 +64,24 @@ class VGG16Atrous(nn.Module):
 
     Module layout follows torchvision's ``SSDFeatureExtractorVGG`` (``features`` = VGG16 up to conv4_3,
     ``extra.0`` = pool4 … conv7, ``extra.1…`` the extra layers), so its SSD300 state dict loads directly.
-    ``width`` scales every channel count (a CPU-sized variant; 1.0 is the paper). Only the layers up to
-    the last source layer are built, so fewer prediction layers also cost less.
+    ``width`` scales every channel count and ``norm='bn'`` puts BatchNorm after every convolution (both for
+    CPU-sized training from scratch; the paper is 1.0 and none). Only the layers up to the last source
+    layer are built, so fewer prediction layers also cost less.
     """
 
     def __init__(self, variant: str = "ssd300", num_prediction_layers: int | None = None, width: float = 1.0,
-                 weights: str | None = None, l2norm_scale: float = 20.0) -> None:
+                 weights: str | None = None, l2norm_scale: float = 20.0, norm: str = "none") -> None:
         super().__init__()
         if variant not in ("ssd300", "ssd512"):
             raise ValueError(f"backbone.variant={variant!r}: choose 'ssd300' or 'ssd512'")
         all_layers = SSD300_LAYERS if variant == "ssd300" else SSD512_LAYERS
         self.layers = source_layers(num_prediction_layers or len(all_layers), all_layers)
-        if weights and width != 1.0:
-            raise ValueError(f"backbone.weights={weights!r} needs backbone.width=1.0 (got {width}): "
-                             f"pretrained VGG16 weights have the paper's channel counts")
+        if norm not in ("none", "bn"):
+            raise ValueError(f"backbone.norm={norm!r}: choose 'none' (paper) or 'bn' (BatchNorm after each conv)")
+        if weights and (width != 1.0 or norm != "none"):
+            raise ValueError(f"backbone.weights={weights!r} needs backbone.width=1.0 and backbone.norm=none "
+                             f"(got {width}, {norm}): pretrained VGG16 weights have the paper's layers")
+        bn = norm == "bn"
         c = lambda n: max(8, int(round(n * width)))  # noqa: E731
 
         layers: list[nn.Module] = []
@@ -86,14 +91,15 @@ class VGG16Atrous(nn.Module):
                 # pool3 rounds up so that 300 px gives a 38×38 conv4_3 (the paper's Caffe model)
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=sum(isinstance(m, nn.MaxPool2d) for m in layers) == 2))
             else:
-                layers += _conv(cin, c(v), kernel_size=3, padding=1)
+                layers += _conv(cin, c(v), bn, kernel_size=3, padding=1)
                 cin = c(v)
-        cut = 23  # torchvision's vgg16().features index of pool4: features[:23] ends with conv4_3's ReLU
+        # features end with conv4_3's ReLU, before pool4 (index 23 without BatchNorm, as torchvision's vgg16)
+        cut = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)][3]
         self.features = nn.Sequential(*layers[:cut])
         self.l2norm = L2Norm(c(512), l2norm_scale)
         fc = nn.Sequential(nn.MaxPool2d(3, 1, padding=1),  # pool5: 3×3 stride 1 keeps the 19×19 map
-                           *_conv(c(512), c(1024), kernel_size=3, padding=6, dilation=6),  # conv6 (atrous fc6)
-                           *_conv(c(1024), c(1024), kernel_size=1))  # conv7 (fc7)
+                           *_conv(c(512), c(1024), bn, kernel_size=3, padding=6, dilation=6),  # conv6 (atrous fc6)
+                           *_conv(c(1024), c(1024), bn, kernel_size=1))  # conv7 (fc7)
         extra = [nn.Sequential(*layers[cut:], fc)]
         # conv8_2 … : (1×1 channels, 3×3 channels, stride, padding) per the paper's Fig. 2 / released model
         specs = [(256, 512, 2, 1), (128, 256, 2, 1), (128, 256, 1, 0), (128, 256, 1, 0)]
@@ -102,8 +108,8 @@ class VGG16Atrous(nn.Module):
         cin = c(1024)
         for i, (mid, out, stride, pad) in enumerate(specs):
             k = 4 if variant == "ssd512" and i == len(specs) - 1 else 3  # conv12_2 is 4×4 (1×1 map at 512 px)
-            extra.append(nn.Sequential(*_conv(cin, c(mid), kernel_size=1),
-                                       *_conv(c(mid), c(out), kernel_size=k, stride=stride, padding=pad)))
+            extra.append(nn.Sequential(*_conv(cin, c(mid), bn, kernel_size=1),
+                                       *_conv(c(mid), c(out), bn, kernel_size=k, stride=stride, padding=pad)))
             cin = c(out)
         last = all_layers.index(self.layers[-1])  # build nothing beyond the last source layer
         self.extra = nn.ModuleList(extra[:last])
@@ -317,22 +323,22 @@ class MultiBoxLoss:
         num_classes = logits.shape[-1] - 1
         positive = (labels >= 0) & (labels < num_classes)
         background = labels == num_classes
-        target = torch.where(positive, labels + 1, 0)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(labels)
-
         num_pos = positive.sum(1)
         wanted = torch.clamp((num_pos * self.neg_pos_ratio).long(), min=self.min_negatives)
         num_neg = torch.minimum(wanted, background.sum(1))  # (B,)
-        k = int(num_neg.max()) if num_neg.numel() else 0
-        neg_loss = ce.new_zeros(())
-        if k > 0:
-            with torch.no_grad():
-                mined = ce.masked_fill(~background, -math.inf)
-                top_idx = mined.topk(k, dim=1).indices  # the hardest background boxes, per image
-                keep = torch.arange(k, device=ce.device)[None, :] < num_neg[:, None]
-            neg_loss = torch.gather(ce, 1, top_idx)[keep].sum()
-        n = num_pos.sum().clamp(min=1).to(ce.dtype)
-        loss_cls = (ce[positive].sum() + neg_loss) / n
+        with torch.no_grad():  # mining: the background confidence loss −log softmax(x)₀ of every box
+            background_loss = torch.logsumexp(logits.float(), -1) - logits[..., 0].float()
+            k = int(num_neg.max()) if num_neg.numel() else 0
+            top = background_loss.masked_fill(~background, -math.inf).topk(k, dim=1).indices  # hardest first
+            chosen = torch.arange(k, device=logits.device)[None, :] < num_neg[:, None]
+            neg_img = torch.arange(len(labels), device=logits.device)[:, None].expand(-1, k)[chosen]
+            pos_img, pos_box = torch.nonzero(positive, as_tuple=True)
+        # the cross-entropy (and its gradient) only on the boxes that count: positives and hard negatives
+        rows = logits[torch.cat((pos_img, neg_img)), torch.cat((pos_box, top[chosen]))].float()
+        target = torch.cat((labels[pos_img, pos_box] + 1, torch.zeros_like(neg_img)))
+        ce_sum = F.cross_entropy(rows, target, reduction="sum")
+        n = num_pos.sum().clamp(min=1).to(ce_sum.dtype)
+        loss_cls = ce_sum / n
         anchors = priors.boxes.expand(labels.shape[0], -1, -1)[positive]
         box_targets = self.box_coder.encode(assigned["boxes"][positive], anchors)
         loss_box = F.smooth_l1_loss(deltas[positive].float(), box_targets, beta=self.smooth_l1_beta,

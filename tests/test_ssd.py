@@ -33,9 +33,10 @@ def make_batch(boxes_per_image, labels_per_image, crowd_per_image=None):
     return collate_detection(samples)
 
 
-def test_ssd300_has_8732_default_boxes_on_the_papers_maps():
-    backbone = VGG16Atrous("ssd300", width=0.125)
-    maps = [tuple(f.shape[-2:]) for f in backbone(torch.zeros(1, 3, 300, 300))]
+@pytest.mark.parametrize("norm", ["none", "bn"])
+def test_ssd300_has_8732_default_boxes_on_the_papers_maps(norm):
+    backbone = VGG16Atrous("ssd300", width=0.125, norm=norm)
+    maps = [tuple(f.shape[-2:]) for f in backbone(torch.zeros(2, 3, 300, 300))]
     assert maps == SSD300_MAPS
     priors = DefaultBoxGenerator("ssd300")((300, 300), maps)
     assert priors.boxes.shape == (8732, 4)
@@ -212,7 +213,7 @@ def test_vgg16_imagenet_weights_load_with_fc_subsampling(tmp_path):
     conv6 = backbone.extra[0][7][1]
     torch.testing.assert_close(conv6.weight, state["classifier.0.weight"].view(4096, 512, 7, 7)[::4, :, ::3, ::3])
     assert conv6.dilation == (6, 6)
-    with pytest.raises(ValueError, match="backbone.width=1.0"):
+    with pytest.raises(ValueError, match="backbone.width=1.0 and backbone.norm=none"):
         VGG16Atrous("ssd300", width=0.5, weights=str(path))
     with pytest.raises(FileNotFoundError, match="no such file"):
         VGG16Atrous("ssd300", weights=str(tmp_path / "missing.pth"))
@@ -245,6 +246,8 @@ def test_ssd_config_errors_name_the_setting():
         DefaultBoxGenerator("ssd300", boundary_boxes="drop")
     with pytest.raises(ValueError, match="backbone.variant"):
         VGG16Atrous("ssd1024")
+    with pytest.raises(ValueError, match="backbone.norm"):
+        VGG16Atrous("ssd300", norm="gn")
 
 
 
