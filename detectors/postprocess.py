@@ -105,11 +105,11 @@ def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float
     first_group = torch.cumsum(chunk_groups, 0) - chunk_groups
     slot = torch.arange(len(group_sizes), device=boxes.device) - first_group.repeat_interleave(chunk_groups)
     offsets = (slot.repeat_interleave(group_sizes).to(boxes) * (boxes.max() + 1))[:, None]
-    shifted = boxes[order] + offsets
+    shifted, ordered_scores = boxes[order] + offsets, scores[order]
     chunk_boxes = torch.zeros(len(chunk_groups), dtype=torch.long, device=boxes.device).index_add_(
-        0, group_chunk, group_sizes).tolist()
-    kept, start = [], 0
-    for n in chunk_boxes:
-        kept.append(start + nms(shifted[start:start + n], scores[order[start:start + n]], iou_thresh))
-        start += n
-    return order[torch.cat(kept)]
+        0, group_chunk, group_sizes)
+    kept = [torch.ops.torchvision.nms(b, sc, iou_thresh)  # views of the sorted arrays: no copies per chunk
+            for b, sc in zip(shifted.split(chunk_boxes.tolist()), ordered_scores.split(chunk_boxes.tolist()))]
+    chunk_start = torch.cumsum(chunk_boxes, 0) - chunk_boxes
+    counts = torch.tensor([len(k) for k in kept], device=boxes.device)
+    return order[torch.cat(kept) + chunk_start.repeat_interleave(counts)]
