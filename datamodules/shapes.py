@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import DetectionDataModule
+from .base import DetectionDataModule, SampleTransform
 
 SHAPE_CLASSES = ("ellipse", "rectangle", "triangle", "cross", "diamond")
 
@@ -104,14 +104,15 @@ def _paint(img: Tensor, box: list[float], kind: str, g: torch.Generator) -> None
 
 class ShapesDataset(Dataset):
     def __init__(self, size: int, seed: int, image_size: int, classes: Sequence[str], min_objects: int,
-                 max_objects: int, min_object_size: float, max_object_fraction: float, flip: bool = False) -> None:
+                 max_objects: int, min_object_size: float, max_object_fraction: float,
+                 transform: SampleTransform | None = None) -> None:
         self.size, self.seed, self.image_size = size, seed, image_size
         self.classes = list(classes)
         for c in self.classes:
             _shape_mask(c, torch.zeros(1), torch.zeros(1))  # unknown names fail here, not mid-epoch
         self.min_objects, self.max_objects = min_objects, max_objects
         self.min_object_size, self.max_object_fraction = min_object_size, max_object_fraction
-        self.flip = flip
+        self.transform = transform
 
     def __len__(self) -> int:
         return self.size
@@ -122,26 +123,24 @@ class ShapesDataset(Dataset):
         image, boxes, labels = render_shapes_image(self.seed * 1_000_003 + index, self.image_size, self.classes,
                                                    self.min_objects, self.max_objects, self.min_object_size,
                                                    self.max_object_fraction)
-        if self.flip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-            boxes = torch.stack((self.image_size - boxes[:, 2], boxes[:, 1],
-                                 self.image_size - boxes[:, 0], boxes[:, 3]), dim=1)
-        return image, {"boxes": boxes, "labels": labels, "image_id": torch.tensor(index)}
+        target = {"boxes": boxes, "labels": labels, "image_id": torch.tensor(index)}
+        return (image, target) if self.transform is None else self.transform(image, target)
 
 
 class ShapesDataModule(DetectionDataModule):
-    """Train and val splits of ``shapes`` (disjoint seeds), generated on the fly."""
+    """Train and val splits of ``shapes`` (disjoint seeds), generated on the fly, then transformed
+    (conf/data/shapes.yaml: horizontal flip for training, ``data/transform=ssd`` for the SSD paper's augmentation)."""
 
     def __init__(self, classes: Sequence[str] = SHAPE_CLASSES, image_size: int = 128, num_train: int = 4096,
                  num_val: int = 256, seed: int = 0, min_objects: int = 1, max_objects: int = 6,
-                 min_object_size: float = 10.0, max_object_fraction: float = 0.8, flip: bool = True,
-                 batch_size: int = 16, val_batch_size: int | None = None, num_workers: int = 0,
-                 pin_memory: bool = False) -> None:
-        super().__init__(classes, batch_size, val_batch_size, num_workers, pin_memory)
+                 min_object_size: float = 10.0, max_object_fraction: float = 0.8, batch_size: int = 16,
+                 val_batch_size: int | None = None, num_workers: int = 0, pin_memory: bool = False,
+                 train_transform: SampleTransform | None = None, val_transform: SampleTransform | None = None) -> None:
+        super().__init__(classes, batch_size, val_batch_size, num_workers, pin_memory, train_transform, val_transform)
         if min_object_size >= max_object_fraction * image_size:
             raise ValueError(f"data.min_object_size={min_object_size} must be below "
                              f"data.max_object_fraction × data.image_size = {max_object_fraction * image_size}")
         common = dict(image_size=image_size, classes=self.classes, min_objects=min_objects, max_objects=max_objects,
                       min_object_size=min_object_size, max_object_fraction=max_object_fraction)
-        self.train_set = ShapesDataset(num_train, seed=2 * seed, flip=flip, **common)
-        self.val_set = ShapesDataset(num_val, seed=2 * seed + 1, flip=False, **common)
+        self.train_set = ShapesDataset(num_train, seed=2 * seed, transform=train_transform, **common)
+        self.val_set = ShapesDataset(num_val, seed=2 * seed + 1, transform=val_transform, **common)

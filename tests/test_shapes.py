@@ -4,15 +4,16 @@ import pytest
 import torch
 
 from datamodules.shapes import SHAPE_CLASSES, ShapesDataModule, _overlap_of_smaller
+from datamodules.transforms import SSDAugmentation
 
 
 def test_deterministic_and_val_differs_from_train():
-    a, b = ShapesDataModule(num_train=8, num_val=8, flip=False), ShapesDataModule(num_train=8, num_val=8, flip=False)
+    a, b = ShapesDataModule(num_train=8, num_val=8), ShapesDataModule(num_train=8, num_val=8)
     img_a, t_a = a.train_set[3]
     img_b, t_b = b.train_set[3]
     assert torch.equal(img_a, img_b) and torch.equal(t_a["boxes"], t_b["boxes"])
     assert not torch.equal(a.val_set[3][0], img_a)
-    assert not torch.equal(ShapesDataModule(seed=1, num_train=8, flip=False).train_set[3][0], img_a)
+    assert not torch.equal(ShapesDataModule(seed=1, num_train=8).train_set[3][0], img_a)
 
 
 def test_objects_respect_size_bounds_overlap_and_image():
@@ -35,9 +36,12 @@ def test_objects_respect_size_bounds_overlap_and_image():
     assert min(counts) >= 1 and max(counts) >= 4
 
 
-def test_flip_mirrors_boxes_with_the_image():
-    plain = ShapesDataModule(num_train=4, flip=False).train_set
-    flipped = ShapesDataModule(num_train=4, flip=True).train_set
+def test_train_transform_flips_after_rendering_and_val_stays_plain():
+    flip_only = SSDAugmentation(size=None, photometric=False, expand=False, crop=False)  # as data/transform=flip
+    plain = ShapesDataModule(num_train=4).train_set
+    data = ShapesDataModule(num_train=4, num_val=4, train_transform=flip_only)
+    flipped = data.train_set
+    assert torch.equal(data.val_set[0][0], ShapesDataModule(num_val=4).val_set[0][0])
     torch.manual_seed(0)
     for i in range(4):
         img, t = flipped[i]

@@ -1,0 +1,225 @@
+"""Sample transforms shared by every data set: the SSD paper's training augmentation and the eval resize.
+
+A transform is a callable ``(image uint8 (3, h, w), target) -> (image uint8 (3, H, W), target)``; the target
+dict holds ``boxes`` (n, 4) float xyxy in absolute pixels, ``labels`` (n,) long, ``image_id`` and optionally
+``difficult`` (n,) bool / ``iscrowd`` (n,) long, which are filtered together with the boxes (PER_OBJECT_FIELDS).
+Images stay uint8: the detector normalises on the device (DESIGN.md §2).
+
+``SSDAugmentation`` is Liu et al. 2016, §2.2 "Data augmentation" and §3.6, in the order of the original Caffe
+pipeline: photometric distortion → zoom out (expansion) → sampled patch (``MinIoURandomCrop``) → horizontal
+flip → resize to the network input → drop boxes under 1 px (``drop_small_boxes``). Each step has a switch, for
+the paper's Table 2 ablation. It is built from ``torchvision.transforms.v2`` on ``tv_tensors`` except the patch
+sampler: torchvision's ``RandomIoUCrop`` never crops an image without objects (each trial needs a box centre
+inside) and, when its trials fail, redraws another IoU option instead of keeping the image, which skews the
+options' frequencies. ``ResizeTo`` is the matching validation transform.
+
+Randomness comes from torch's global generator, as in torchvision's own transforms: ``seed_everything(seed,
+workers=True)`` (train.py) makes a run reproducible, with each loader worker on its own seeded stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.ops import box_iou
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+# target fields with one entry per object: kept or dropped together with their box
+PER_OBJECT_FIELDS = ("labels", "difficult", "iscrowd")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # in [0, 1], like model.pixel_mean
+EXPAND_PROBABILITY = 0.5  # §3.6 / Caffe's ssd_pascal.py expand_param prob
+FLIP_PROBABILITY = 0.5  # §2.2: "horizontally flipped with probability of 0.5"
+MIN_BOX_SIZE = 1.0  # px in the network input: narrower or lower boxes are dropped after augmentation
+
+
+def input_size(size: int | Sequence[int], key: str) -> tuple[int, int]:
+    """``300`` or ``[h, w]`` as (h, w); a clear error for anything else."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or not all(isinstance(s, int) and s > 0 for s in hw):
+        raise ValueError(f"{key}={size}: give one positive int (square input) or [height, width]")
+    return int(hw[0]), int(hw[1])
+
+
+def drop_small_boxes(target: dict[str, Tensor], canvas_size: tuple[int, int],
+                     min_size: float = MIN_BOX_SIZE) -> dict[str, Tensor]:
+    """Clamp ``boxes`` to the (h, w) canvas in place and drop those under ``min_size`` px wide or high, with their
+    per-object fields: ``v2.ClampBoundingBoxes`` + ``v2.SanitizeBoundingBoxes`` at a tenth of their cost
+    (0.01 vs 0.1 ms an image, which the flip-only shapes recipe would pay for nothing)."""
+    boxes = target["boxes"]
+    for k in PER_OBJECT_FIELDS:
+        if k in target and len(target[k]) != len(boxes):
+            raise ValueError(f"target[{k!r}] has {len(target[k])} entries for {len(boxes)} boxes")
+    h, w = canvas_size
+    boxes[:, 0::2].clamp_(0, w)  # a box on the right edge may sit a float ulp outside after resizing
+    boxes[:, 1::2].clamp_(0, h)
+    keep = ((boxes[:, 2:] - boxes[:, :2]) >= min_size).all(dim=1)
+    if keep.all():
+        return target
+    return {k: v[keep] if k == "boxes" or k in PER_OBJECT_FIELDS else v for k, v in target.items()}
+
+
+def centres_inside(boxes: Tensor, patches: Tensor) -> Tensor:
+    """(T, n): whether the centre of box j lies strictly inside patch t (the paper's rule for keeping a box)."""
+    c = (boxes[:, :2] + boxes[:, 2:]) / 2
+    return ((c[None, :, 0] > patches[:, None, 0]) & (c[None, :, 0] < patches[:, None, 2])
+            & (c[None, :, 1] > patches[:, None, 1]) & (c[None, :, 1] < patches[:, None, 3]))
+
+
+class MinIoURandomCrop(v2.Transform):
+    """The paper's sampled patch (§2.2) as a ``v2.Transform``.
+
+    Each call picks, with equal probability, one of: the whole image; a patch whose IoU with some object is at
+    least one of ``min_ious``; any patch. A patch has side ``scale`` ∈ [min_scale, 1] of the image's and aspect
+    ratio ``a`` ∈ ``aspect_ratio_range`` relative to the image's (width ``scale·√a·W``, height ``scale/√a·H``,
+    ``a`` clamped so the patch fits: Caffe's SampleBBox), rounded to whole pixels. ``max_trials`` candidates are
+    drawn at once; the first that meets the constraint wins, and if none does the image is kept whole. The object
+    that meets the constraint must also have its centre in the patch (stricter than Caffe, which could accept a
+    patch and then drop that very object). Boxes whose centres fall outside are zeroed, so the
+    ``drop_small_boxes`` (or ``v2.SanitizeBoundingBoxes``) that must follow drops them with their labels.
+    Without objects, every option but the whole image samples any patch.
+    """
+
+    def __init__(self, min_ious: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), min_scale: float = 0.1,
+                 aspect_ratio_range: Sequence[float] = (0.5, 2.0), max_trials: int = 50) -> None:
+        super().__init__()
+        self.min_ious = tuple(float(m) for m in min_ious)
+        if not all(0 <= m <= 1 for m in self.min_ious):
+            raise ValueError(f"data.train_transform.min_ious={list(min_ious)}: each must be in [0, 1]")
+        if not 0 < min_scale <= 1:
+            raise ValueError(f"data.train_transform.min_scale={min_scale}: must be in (0, 1] "
+                             f"(patch side ÷ image side)")
+        lo, hi = (float(a) for a in aspect_ratio_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"data.train_transform.aspect_ratio_range={list(aspect_ratio_range)}: "
+                             f"need 0 < low ≤ high, e.g. [0.5, 2.0]")
+        if max_trials < 1:
+            raise ValueError(f"data.train_transform.max_trials={max_trials}: must be ≥ 1")
+        self.min_scale, self.aspect_ratio_range, self.max_trials = float(min_scale), (lo, hi), int(max_trials)
+
+    def sample_patch(self, boxes: Tensor, height: int, width: int, min_iou: float | None) -> Tensor | None:
+        """A patch (4,) xyxy in whole pixels inside the (height, width) image with IoU ≥ ``min_iou`` with a box
+        whose centre it contains (``None``: any patch), or ``None`` when no trial qualifies."""
+        t = self.max_trials
+        scale = self.min_scale + (1 - self.min_scale) * torch.rand(t)
+        lo, hi = self.aspect_ratio_range
+        aspect = torch.minimum(torch.maximum(lo + (hi - lo) * torch.rand(t), scale**2), 1 / scale**2)
+        pw = (width * scale * aspect.sqrt()).round().clamp(1, width)
+        ph = (height * scale / aspect.sqrt()).round().clamp(1, height)
+        x0 = (torch.rand(t) * (width - pw + 1)).floor()  # rand < 1: x0 ≤ width − pw, the patch stays inside
+        y0 = (torch.rand(t) * (height - ph + 1)).floor()
+        patches = torch.stack((x0, y0, x0 + pw, y0 + ph), dim=1)
+        if min_iou is None or len(boxes) == 0:
+            return patches[0]
+        ok = ((box_iou(patches, boxes.float()) >= min_iou) & centres_inside(boxes.float(), patches)).any(dim=1)
+        first = ok.nonzero()
+        return patches[first[0, 0]] if len(first) else None
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        boxes = v2.get_bounding_boxes(flat_inputs)
+        boxes = F.convert_bounding_box_format(boxes.as_subclass(Tensor), old_format=boxes.format,
+                                              new_format=tv_tensors.BoundingBoxFormat.XYXY)
+        option = int(torch.randint(len(self.min_ious) + 2, ()))  # 0: whole image, last: any patch
+        if option == 0:
+            return {}
+        min_iou = self.min_ious[option - 1] if option <= len(self.min_ious) else None
+        patch = self.sample_patch(boxes, height, width, min_iou)
+        if patch is None:
+            return {}
+        return {"patch": [int(v) for v in patch.tolist()], "keep": centres_inside(boxes, patch[None])[0]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not params:
+            return inpt
+        x0, y0, x1, y1 = params["patch"]
+        out = self._call_kernel(F.crop, inpt, top=y0, left=x0, height=y1 - y0, width=x1 - x0)
+        if isinstance(out, tv_tensors.BoundingBoxes):
+            out[~params["keep"]] = 0  # degenerate: dropped later with their per-object fields
+        return out
+
+
+class SSDAugmentation:
+    """SSD's training augmentation (§2.2, §3.6); each step can be switched off (the paper's Table 2).
+
+    photometric: ``v2.RandomPhotometricDistort`` (brightness, contrast, saturation, hue, channel order, each
+    p=0.5). expand: with p=0.5, the image on a canvas up to ``max_expand_ratio``× its side filled with ``mean``
+    (in [0, 1], like model.pixel_mean, so the canvas is zero after normalisation). crop: ``MinIoURandomCrop``.
+    flip: horizontal, p=0.5. size: the network input (int or (h, w)); ``None`` keeps the size. Last, boxes under
+    1 px in width or height are dropped with their per-object fields.
+    """
+
+    def __init__(self, size: int | Sequence[int] | None = 300, photometric: bool = True, expand: bool = True,
+                 crop: bool = True, flip: bool = True, max_expand_ratio: float = 4.0,
+                 mean: Sequence[float] = IMAGENET_MEAN, min_ious: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+                 min_scale: float = 0.1, aspect_ratio_range: Sequence[float] = (0.5, 2.0),
+                 max_trials: int = 50) -> None:
+        self.size = None if size is None else input_size(size, "data.train_transform.size")
+        if max_expand_ratio < 1:
+            raise ValueError(f"data.train_transform.max_expand_ratio={max_expand_ratio}: must be ≥ 1 "
+                             f"(the canvas side is up to this many times the image side)")
+        mean = tuple(float(m) for m in mean)
+        if len(mean) != 3 or not all(0 <= m <= 1 for m in mean):
+            raise ValueError(f"data.train_transform.mean={list(mean)}: give 3 channel means in [0, 1], "
+                             f"like model.pixel_mean")
+        self.fill = tuple(round(m * 255) for m in mean)  # uint8 canvas colour
+        self.photometric, self.expand, self.crop, self.flip = photometric, expand, crop, flip
+        self.max_expand_ratio = float(max_expand_ratio)
+        self.cropper = MinIoURandomCrop(min_ious, min_scale, aspect_ratio_range, max_trials)  # validates its settings
+        steps: list[v2.Transform] = []
+        if photometric:
+            steps.append(v2.RandomPhotometricDistort(p=0.5))
+        if expand:
+            steps.append(v2.RandomZoomOut(fill=self.fill, side_range=(1.0, self.max_expand_ratio),
+                                          p=EXPAND_PROBABILITY))
+        if crop:
+            steps.append(self.cropper)
+        if flip:
+            steps.append(v2.RandomHorizontalFlip(p=FLIP_PROBABILITY))
+        if self.size is not None:
+            steps.append(v2.Resize(self.size, antialias=True))
+        self.pipeline = v2.Compose(steps) if steps else None
+
+    def __call__(self, image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        if image.dtype != torch.uint8:
+            raise TypeError(f"SSDAugmentation expects uint8 images (the model normalises), got {image.dtype}")
+        # a copy: some v2 kernels and the clamp below write in place, and a data set may cache its targets
+        boxes = target["boxes"].to(torch.float32, copy=True)
+        if self.pipeline is not None:
+            boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
+            image, target = self.pipeline(tv_tensors.Image(image), {**target, "boxes": boxes})
+            image, boxes = image.as_subclass(Tensor), target["boxes"].as_subclass(Tensor)
+        return image, drop_small_boxes({**target, "boxes": boxes}, tuple(image.shape[-2:]))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, photometric={self.photometric}, expand={self.expand}, "
+                f"crop={self.crop}, flip={self.flip}, max_expand_ratio={self.max_expand_ratio}, fill={self.fill}, "
+                f"min_ious={self.cropper.min_ious}, min_scale={self.cropper.min_scale})")
+
+
+class ResizeTo:
+    """Validation/test: resize to the network input (int or (h, w)), boxes with it; no box is dropped.
+
+    Sets ``target["scale"] = (sy, sx)`` = input size ÷ original size, times any scale already there, which
+    ``DetectionBatch.boxes_in_original_frame`` divides out to report detections in original pixels.
+    """
+
+    def __init__(self, size: int | Sequence[int]) -> None:
+        self.size = input_size(size, "data.val_transform.size")
+
+    def __call__(self, image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        (h, w), (new_h, new_w) = image.shape[-2:], self.size
+        if (h, w) != (new_h, new_w):
+            image = F.resize(image, [new_h, new_w], antialias=True)
+        sy, sx = new_h / h, new_w / w
+        boxes = target["boxes"].to(torch.float32)
+        out = {**target, "boxes": boxes * boxes.new_tensor([sx, sy, sx, sy]),
+               "scale": target.get("scale", torch.ones(2)).float() * torch.tensor([sy, sx])}
+        return image, out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"

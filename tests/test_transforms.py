@@ -1,0 +1,315 @@
+"""The SSD paper's augmentation (datamodules/transforms.py), its config wiring and the browse command.
+
+Every check recomputes what a step should do independently (IoU in float64 from the box corners, the expected
+pixels under a box, the flip/resize formulas), since a silently unapplied IoU constraint (ssd.pytorch's
+RandomSampleCrop) or a box that drifts off its object trains without any error.
+"""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torchvision.transforms.v2 import functional as F
+
+from datamodules.browse import main as browse_main
+from datamodules.transforms import MinIoURandomCrop, ResizeTo, SSDAugmentation
+from detectors.batch import collate_detection
+
+from .conftest import compose
+
+ALL_OFF = dict(photometric=False, expand=False, crop=False, flip=False)
+
+
+def random_sample(g: torch.Generator, h: int, w: int, n: int) -> tuple[torch.Tensor, dict]:
+    """A noise image and n boxes from tiny (under 1 px, some exactly 0 wide) to the whole image, with per-object
+    fields that encode the object's index, so misalignment shows."""
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+    side = torch.exp(torch.empty(n, 2).uniform_(-2, 0, generator=g)) * torch.tensor([w, h])  # 0.14..1 of the side
+    side[: n // 4] *= 0.01  # some well under a pixel
+    x0 = torch.rand(n, generator=g) * (w - side[:, 0])
+    y0 = torch.rand(n, generator=g) * (h - side[:, 1])
+    boxes = torch.stack((x0, y0, x0 + side[:, 0], y0 + side[:, 1]), 1)
+    boxes[n // 4: n // 4 + 1, 2] = boxes[n // 4: n // 4 + 1, 0]  # one zero-width box
+    labels = torch.arange(n)
+    return image, {"boxes": boxes, "labels": labels, "difficult": labels % 2 == 0, "iscrowd": (labels % 3 == 0).long(),
+                   "image_id": torch.tensor(7)}
+
+
+def empty_target() -> dict:
+    return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+            "difficult": torch.zeros(0, dtype=torch.bool), "iscrowd": torch.zeros(0, dtype=torch.long),
+            "image_id": torch.tensor(3)}
+
+
+def iou64(a: list[float], b: list[float]) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - iw * ih
+    return iw * ih / union if union > 0 else 0.0
+
+
+def centre_in(box: list[float], patch: list[float]) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return patch[0] < cx < patch[2] and patch[1] < cy < patch[3]
+
+
+@pytest.mark.parametrize(("min_iou", "min_found"), [(0.3, 400), (0.7, 100), (0.9, 10)])
+def test_sampled_patch_meets_its_min_iou_with_an_object_it_keeps(min_iou, min_found):
+    crop = MinIoURandomCrop()
+    g = torch.Generator().manual_seed(1)
+    found = 0
+    for trial in range(1000):
+        h, w = int(torch.randint(40, 200, (1,), generator=g)), int(torch.randint(40, 200, (1,), generator=g))
+        _, target = random_sample(g, h, w, n=int(torch.randint(1, 5, (1,), generator=g)))
+        torch.manual_seed(trial)
+        patch = crop.sample_patch(target["boxes"], h, w, min_iou)
+        if patch is None:
+            continue
+        found += 1
+        p = patch.tolist()
+        assert all(v == int(v) for v in p) and 0 <= p[0] < p[2] <= w and 0 <= p[1] < p[3] <= h
+        # side ≥ 0.1 of the image's and aspect within [1/2, 2] relative to the image's, up to the pixel rounding
+        sx, sy = (p[2] - p[0]) / w, (p[3] - p[1]) / h
+        assert (sx * sy) ** 0.5 >= 0.1 - 1 / min(h, w)
+        assert 0.5 * (1 - 2 / min(h, w)) <= sx / sy <= 2 * (1 + 2 / min(h, w))
+        assert any(iou64(b, p) >= min_iou - 1e-6 and centre_in(b, p) for b in target["boxes"].tolist())
+    assert found >= min_found  # the constraint is met often enough to have been tested
+
+
+def test_patch_options_without_objects_sample_any_patch():
+    crop = MinIoURandomCrop()
+    sizes = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        patch = crop.sample_patch(torch.zeros(0, 4), 100, 80, min_iou=0.9)
+        assert patch is not None and 0 <= patch[0] < patch[2] <= 80 and 0 <= patch[1] < patch[3] <= 100
+        sizes.add(tuple(patch.tolist()))
+    assert len(sizes) > 10
+
+
+def test_crop_keeps_boxes_whose_centres_lie_in_the_patch_clipped_to_it():
+    augment = SSDAugmentation(size=None, **{**ALL_OFF, "crop": True})
+    patches = []
+    sample_patch = augment.cropper.sample_patch
+    augment.cropper.sample_patch = lambda *a: patches.append(sample_patch(*a)) or patches[-1]
+    g = torch.Generator().manual_seed(2)
+    cropped = 0
+    for seed in range(60):
+        image, target = random_sample(g, 90, 120, n=8)
+        torch.manual_seed(seed)
+        patches.clear()
+        out_image, out = augment(image, target)
+        if not patches or patches[-1] is None:  # the whole image: nothing moves
+            assert torch.equal(out_image, image)
+            continue
+        cropped += 1
+        x0, y0, x1, y1 = (int(v) for v in patches[-1])
+        assert torch.equal(out_image, image[:, y0:y1, x0:x1])
+        expected = []
+        for i, b in enumerate(target["boxes"].tolist()):
+            if centre_in(b, [x0, y0, x1, y1]):
+                c = [min(max(b[0], x0), x1) - x0, min(max(b[1], y0), y1) - y0,
+                     min(max(b[2], x0), x1) - x0, min(max(b[3], y0), y1) - y0]
+                if c[2] - c[0] >= 1 and c[3] - c[1] >= 1:
+                    expected.append((i, c))
+        assert out["labels"].tolist() == [i for i, _ in expected]
+        torch.testing.assert_close(out["boxes"], torch.tensor([c for _, c in expected]).reshape(-1, 4))
+    assert cropped >= 20
+
+
+def test_no_degenerate_box_survives_and_fields_stay_aligned():
+    augment = SSDAugmentation(size=(64, 96))
+    g = torch.Generator().manual_seed(3)
+    dropped = 0
+    for seed in range(150):
+        image, target = random_sample(g, int(torch.randint(30, 150, (1,), generator=g)), 100, n=12)
+        before = target["boxes"].clone()
+        torch.manual_seed(seed)
+        out_image, out = augment(image, target)
+        assert torch.equal(target["boxes"], before)  # the data set's own target is not written to
+        assert out_image.dtype == torch.uint8 and out_image.shape == (3, 64, 96)
+        b = out["boxes"]
+        assert b.dtype == torch.float32 and b.shape == (len(out["labels"]), 4)
+        assert ((b[:, 2:] - b[:, :2]) >= 1).all()
+        assert (b >= 0).all() and (b[:, 0::2] <= 96).all() and (b[:, 1::2] <= 64).all()
+        labels = out["labels"]
+        assert torch.equal(out["difficult"], labels % 2 == 0) and torch.equal(out["iscrowd"], (labels % 3 == 0).long())
+        assert len(set(labels.tolist())) == len(labels) and out["image_id"] == 7
+        dropped += 12 - len(labels)
+    assert dropped > 150  # the tiny boxes (3 per image) and cropped-away objects were there to drop
+
+
+@pytest.mark.parametrize("switches", [{}, ALL_OFF, {"crop": False}, {"expand": False}, {"photometric": False},
+                                      {**ALL_OFF, "expand": True}, {**ALL_OFF, "crop": True}])
+def test_images_without_objects_pass_every_step(switches):
+    augment = SSDAugmentation(size=(48, 40), **switches)
+    for seed in range(40):
+        torch.manual_seed(seed)
+        image, out = augment(torch.full((3, 30, 50), 90, dtype=torch.uint8), empty_target())
+        assert image.shape == (3, 48, 40) and image.dtype == torch.uint8
+        assert out["boxes"].shape == (0, 4) and len(out["labels"]) == len(out["difficult"]) == 0
+
+
+def square_sample(h: int = 40, w: int = 60) -> tuple[torch.Tensor, dict]:
+    """A green image with one red square at x 10..20, y 5..15 (its box)."""
+    image = torch.zeros(3, h, w, dtype=torch.uint8)
+    image[1] = 200
+    image[:, 5:15, 10:20] = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None]
+    return image, {"boxes": torch.tensor([[10.0, 5.0, 20.0, 15.0]]), "labels": torch.tensor([2]),
+                   "image_id": torch.tensor(0)}
+
+
+def is_red(image: torch.Tensor) -> torch.Tensor:
+    return (image[0] == 255) & (image[1] == 0) & (image[2] == 0)
+
+
+def test_expansion_keeps_boxes_on_their_pixels():
+    augment = SSDAugmentation(size=None, **{**ALL_OFF, "expand": True}, max_expand_ratio=3.0, mean=(0.2, 0.4, 0.6))
+    expanded = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        image, out = augment(*square_sample())
+        h, w = image.shape[-2:]
+        if (h, w) == (40, 60):
+            continue
+        expanded += 1
+        assert 40 <= h <= 120 and 60 <= w <= 180
+        x0, y0, x1, y1 = (int(v) for v in out["boxes"][0])
+        assert out["boxes"][0].tolist() == [x0, y0, x1, y1] and (x1 - x0, y1 - y0) == (10, 10)
+        assert is_red(image[:, y0:y1, x0:x1]).all() and is_red(image).sum() == 100  # the square moved with its box
+        fill = torch.tensor([51, 102, 153], dtype=torch.uint8)
+        assert ((image == fill[:, None, None]).all(0)).sum() == h * w - 40 * 60  # the rest of the canvas: the mean
+    assert expanded >= 8
+
+
+def test_flip_mirrors_boxes_and_pixels():
+    augment = SSDAugmentation(size=None, **{**ALL_OFF, "flip": True})
+    outcomes = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        image, out = augment(*square_sample())
+        flipped = out["boxes"][0].tolist() == [60 - 20, 5, 60 - 10, 15]
+        assert flipped or out["boxes"][0].tolist() == [10, 5, 20, 15]
+        assert is_red(image[:, 5:15, 40:50] if flipped else image[:, 5:15, 10:20]).all() and is_red(image).sum() == 100
+        outcomes.add(flipped)
+    assert outcomes == {True, False}
+
+
+def test_all_steps_off_is_a_pure_resize_and_draws_no_random_numbers():
+    g = torch.Generator().manual_seed(4)
+    image, target = random_sample(g, 50, 70, n=6)
+    target["boxes"] = target["boxes"][2:]  # sub-pixel boxes (the first n//4) and the zero-width one would be dropped
+    for k in ("labels", "difficult", "iscrowd"):
+        target[k] = target[k][2:]
+    augment = SSDAugmentation(size=(100, 35), **ALL_OFF)
+    torch.manual_seed(0)
+    out_image, out = augment(image, target)
+    after = torch.rand(())
+    torch.manual_seed(0)
+    assert after == torch.rand(())  # the global generator was not advanced
+    assert torch.equal(out_image, F.resize(image, [100, 35], antialias=True))
+    torch.testing.assert_close(out["boxes"], target["boxes"] * torch.tensor([0.5, 2.0, 0.5, 2.0]), rtol=0, atol=1e-4)
+    assert torch.equal(out["labels"], target["labels"])
+
+
+def test_each_switch_disables_its_step():
+    g = torch.Generator().manual_seed(5)
+    image, target = random_sample(g, 50, 70, n=5)
+    image = image // 64 * 64 + 10  # 4 grey levels, none the canvas fill: new values can only come from distortion
+    seen = {"pixels_changed": False, "larger": False, "smaller": False, "mirrored": False}
+    for name in ("photometric", "expand", "crop", "flip"):
+        on = SSDAugmentation(size=None, **{**ALL_OFF, name: True})
+        everything_but = SSDAugmentation(size=None, **{name: False})
+        for seed in range(40):
+            torch.manual_seed(seed)
+            out_image, out = on(image, target)
+            torch.manual_seed(seed)
+            other_image, _ = everything_but(image, target)
+            h, w = other_image.shape[-2:]
+            if name == "photometric":  # only distortion changes pixel values; crop/expand/flip only move them
+                seen["pixels_changed"] |= not torch.equal(out_image, image)
+                values = set(image.flatten().tolist()) | set(everything_but.fill)
+                assert set(other_image.unique().tolist()) <= values
+            if name == "expand":
+                seen["larger"] |= out_image.shape[-1] > 70
+                assert h <= 50 and w <= 70
+            if name == "crop":
+                seen["smaller"] |= out_image.shape[-1] < 70
+                assert h >= 50 and w >= 70 and h / 50 == pytest.approx(w / 70, abs=0.05)  # expanded at most
+            if name == "flip":
+                seen["mirrored"] |= torch.equal(out_image, image.flip(-1))
+                assert not torch.equal(other_image, image.flip(-1))
+    assert all(seen.values()), seen
+
+
+def test_same_seed_same_sample():
+    augment = SSDAugmentation(size=64)
+    image, target = random_sample(torch.Generator().manual_seed(6), 80, 80, n=5)
+    torch.manual_seed(11)
+    a = augment(image, target)
+    torch.manual_seed(11)
+    b = augment(image, target)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
+
+
+def test_eval_resize_maps_back_to_the_original_frame():
+    image, target = random_sample(torch.Generator().manual_seed(7), 60, 80, n=4)
+    original = target["boxes"].clone()
+    once = ResizeTo(100)(image, target)  # e.g. a reader that already resized: scales compose
+    image2, out = ResizeTo((96, 128))(*once)
+    assert image2.shape == (3, 96, 128) and image2.dtype == torch.uint8 and len(out["boxes"]) == 4
+    torch.testing.assert_close(out["scale"], torch.tensor([96 / 60, 128 / 80]))
+    batch = collate_detection([(image2, out), ResizeTo((96, 128))(image, target)])
+    for i in range(2):
+        torch.testing.assert_close(batch.boxes_in_original_frame(batch.boxes[i][batch.valid[i]], i), original,
+                                   rtol=0, atol=1e-3)
+    assert torch.equal(target["boxes"], original)  # the input target is untouched
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match=r"max_expand_ratio=0.5: must be ≥ 1"):
+        SSDAugmentation(max_expand_ratio=0.5)
+    with pytest.raises(ValueError, match=r"min_ious=\[1.5\]"):
+        SSDAugmentation(min_ious=[1.5])
+    with pytest.raises(ValueError, match=r"size=0"):
+        SSDAugmentation(size=0)
+    with pytest.raises(ValueError, match=r"size=\[300, 300, 3\]"):
+        ResizeTo([300, 300, 3])
+    with pytest.raises(ValueError, match=r"mean=.*in \[0, 1\]"):
+        SSDAugmentation(mean=[123.7, 116.3, 103.5])
+    with pytest.raises(ValueError, match=r"aspect_ratio_range"):
+        SSDAugmentation(aspect_ratio_range=[2.0, 0.5])
+
+
+def test_config_group_wires_both_splits():
+    cfg = compose("data/transform=ssd", "data.train_transform.size=[48,64]", "data.num_train=4", "data.num_val=4")
+    data = instantiate(cfg.data)
+    assert isinstance(data.train_transform, SSDAugmentation) and data.train_transform.size == (48, 64)
+    assert data.train_transform.fill == tuple(round(255 * m) for m in cfg.model.pixel_mean)
+    image, _ = data.train_set[0]
+    assert image.shape == (3, 48, 64)
+    image, target = data.val_set[0]
+    assert image.shape == (3, 48, 64) and torch.allclose(target["scale"], torch.tensor([48 / 128, 64 / 128]))
+
+
+def test_shapes_recipe_keeps_flip_only_at_its_own_size():
+    cfg = compose("experiment=retinanet_shapes", "data.num_train=4", "data.num_val=4")
+    data = instantiate(cfg.data)
+    t = data.train_transform
+    assert (t.size, t.photometric, t.expand, t.crop, t.flip) == (None, False, False, False, True)
+    assert data.val_transform is None
+    assert data.train_set[0][0].shape == (3, 128, 128) and "scale" not in data.val_set[0][1]
+    plain = compose("data/transform=none", "data.num_train=4")
+    assert instantiate(plain.data).train_transform is None
+
+
+def test_browse_writes_a_png_grid(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "grid" / "browse.png"
+    path = browse_main(["data=shapes", "data/transform=ssd", "data.train_transform.size=48", "data.num_train=8",
+                        "split=train", "n=5", f"out={out}", "zoom=2", "seed=3"])
+    assert path == out and out.is_file() and str(out.resolve()) in capsys.readouterr().out
+    # 5 images of 96 px (48 × zoom 2) in rows of 3: 2 rows, 2 px padding around each
+    assert Image.open(out).size == (3 * 96 + 4 * 2, 2 * 96 + 3 * 2)
+    path = browse_main(["data.image_size=64", "data.num_val=4", "split=val", "n=4", f"out={out}", "zoom=1"])
+    assert Image.open(path).size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
