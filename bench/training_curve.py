@@ -13,6 +13,10 @@ import math
 from pathlib import Path
 
 
+TERM_NAMES = {"train/loss_cls": "classification", "train/loss_box": "box regression",
+              "train/loss_obj": "confidence (objects)", "train/loss_noobj": "confidence (no object)"}
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     path = run_dir / "csv" / "metrics.csv"
     if not path.is_file():
@@ -40,7 +44,10 @@ def plot_run(run_dir: Path, out: Path, title: str | None = None) -> Path:
     val = [r for r in rows if "val/map_50" in r]
     fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in train]
-    for key, label in (("train/loss", "total"), ("train/loss_cls", "classification"), ("train/loss_box", "box regression")):
+    # the total, then every term the detector logs (RetinaNet/SSD: cls, box; YOLO: box, obj, noobj, cls)
+    terms = sorted({k for r in train for k in r if k.startswith("train/loss_")})
+    for key in ["train/loss", *terms]:
+        label = "total" if key == "train/loss" else TERM_NAMES.get(key, key.removeprefix("train/"))
         values = [r[key] for r in train if key in r]
         if len(values) == len(steps) and values:
             ax_loss.plot(steps, smooth(values, 10), label=label)

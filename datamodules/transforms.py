@@ -8,7 +8,8 @@ Images stay uint8: the detector normalises on the device (DESIGN.md §2).
 ``SSDAugmentation`` is Liu et al. 2016, §2.2 "Data augmentation" and §3.6, in the order of the original Caffe
 pipeline: photometric distortion → zoom out (expansion) → sampled patch (``MinIoURandomCrop``) → horizontal
 flip → resize to the network input → drop boxes under 1 px (``drop_small_boxes``). Each step has a switch, for
-the paper's Table 2 ablation. It is built from ``torchvision.transforms.v2`` on ``tv_tensors`` except the patch
+the paper's Table 2 ablation. ``YOLOAugmentation`` is Redmon et al. 2016, §2.2: random scaling and translation
+up to 20 % of the image size, exposure and saturation up to a factor 1.5 in HSV (``RandomHSVScale``). It is built from ``torchvision.transforms.v2`` on ``tv_tensors`` except the patch
 sampler: torchvision's ``RandomIoUCrop`` never crops an image without objects (each trial needs a box centre
 inside) and, when its trials fail, redraws another IoU option instead of keeping the image, which skews the
 options' frequencies. ``ResizeTo`` is the matching validation transform.
@@ -143,7 +144,41 @@ class MinIoURandomCrop(v2.Transform):
         return out
 
 
-class SSDAugmentation:
+class BoxPipeline:
+    """Runs ``self.pipeline`` (a ``v2.Compose`` or None) on a uint8 image and its target's boxes as ``tv_tensors``,
+    then drops boxes under 1 px with their per-object fields. Subclasses build the pipeline from their switches."""
+
+    pipeline: v2.Compose | None = None
+
+    def compose(self, steps: list[v2.Transform], flip: bool, size: tuple[int, int] | None) -> None:
+        """``steps``, then the flip and resize every pipeline ends with, as ``self.pipeline``."""
+        if flip:
+            steps.append(v2.RandomHorizontalFlip(p=FLIP_PROBABILITY))
+        if size is not None:
+            steps.append(v2.Resize(size, antialias=True))
+        self.pipeline = v2.Compose(steps) if steps else None
+
+    def __call__(self, image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        if image.dtype != torch.uint8:
+            raise TypeError(f"{type(self).__name__} expects uint8 images (the model normalises), got {image.dtype}")
+        # a copy: some v2 kernels and the clamp below write in place, and a data set may cache its targets
+        boxes = target["boxes"].to(torch.float32, copy=True)
+        if self.pipeline is not None:
+            boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
+            image, target = self.pipeline(tv_tensors.Image(image), {**target, "boxes": boxes})
+            image, boxes = image.as_subclass(Tensor), target["boxes"].as_subclass(Tensor)
+        return image, drop_small_boxes({**target, "boxes": boxes}, tuple(image.shape[-2:]))
+
+
+def canvas_fill(mean: Sequence[float], key: str) -> tuple[int, ...]:
+    """``mean`` in [0, 1] (like model.pixel_mean) as the uint8 colour of new canvas, 0 once normalised."""
+    mean = tuple(float(m) for m in mean)
+    if len(mean) != 3 or not all(0 <= m <= 1 for m in mean):
+        raise ValueError(f"{key}={list(mean)}: give 3 channel means in [0, 1], like model.pixel_mean")
+    return tuple(round(m * 255) for m in mean)
+
+
+class SSDAugmentation(BoxPipeline):
     """SSD's training augmentation (§2.2, §3.6); each step can be switched off (the paper's Table 2).
 
     photometric: ``v2.RandomPhotometricDistort`` (brightness, contrast, saturation, hue, channel order, each
@@ -162,11 +197,7 @@ class SSDAugmentation:
         if max_expand_ratio < 1:
             raise ValueError(f"data.train_transform.max_expand_ratio={max_expand_ratio}: must be ≥ 1 "
                              f"(the canvas side is up to this many times the image side)")
-        mean = tuple(float(m) for m in mean)
-        if len(mean) != 3 or not all(0 <= m <= 1 for m in mean):
-            raise ValueError(f"data.train_transform.mean={list(mean)}: give 3 channel means in [0, 1], "
-                             f"like model.pixel_mean")
-        self.fill = tuple(round(m * 255) for m in mean)  # uint8 canvas colour
+        self.fill = canvas_fill(mean, "data.train_transform.mean")
         self.photometric, self.expand, self.crop, self.flip = photometric, expand, crop, flip
         self.max_expand_ratio = float(max_expand_ratio)
         self.cropper = MinIoURandomCrop(min_ious, min_scale, aspect_ratio_range, max_trials)  # validates its settings
@@ -178,27 +209,86 @@ class SSDAugmentation:
                                           p=EXPAND_PROBABILITY))
         if crop:
             steps.append(self.cropper)
-        if flip:
-            steps.append(v2.RandomHorizontalFlip(p=FLIP_PROBABILITY))
-        if self.size is not None:
-            steps.append(v2.Resize(self.size, antialias=True))
-        self.pipeline = v2.Compose(steps) if steps else None
-
-    def __call__(self, image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        if image.dtype != torch.uint8:
-            raise TypeError(f"SSDAugmentation expects uint8 images (the model normalises), got {image.dtype}")
-        # a copy: some v2 kernels and the clamp below write in place, and a data set may cache its targets
-        boxes = target["boxes"].to(torch.float32, copy=True)
-        if self.pipeline is not None:
-            boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=tuple(image.shape[-2:]))
-            image, target = self.pipeline(tv_tensors.Image(image), {**target, "boxes": boxes})
-            image, boxes = image.as_subclass(Tensor), target["boxes"].as_subclass(Tensor)
-        return image, drop_small_boxes({**target, "boxes": boxes}, tuple(image.shape[-2:]))
+        self.compose(steps, flip, self.size)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, photometric={self.photometric}, expand={self.expand}, "
                 f"crop={self.crop}, flip={self.flip}, max_expand_ratio={self.max_expand_ratio}, fill={self.fill}, "
                 f"min_ious={self.cropper.min_ious}, min_scale={self.cropper.min_scale})")
+
+
+def scale_saturation_value(image: Tensor, saturation: Tensor, value: Tensor) -> Tensor:
+    """Multiply S and V of HSV by per-image factors (shapes broadcastable to (..., 1, 1, 1)), clamped to [0, 1],
+    hue unchanged; uint8 RGB in and out. In HSV each channel is c = V·(1 − S·f_c) with f_c = (max − c) ÷
+    (max − min) fixed by the hue, so the new channels are V'·(1 − S'·f_c): no round trip through hue."""
+    rgb = image.float()
+    hi, lo = rgb.amax(dim=-3, keepdim=True), rgb.amin(dim=-3, keepdim=True)
+    chroma = hi - lo
+    f = (hi - rgb) / chroma.clamp(min=1e-6)  # 0 for grey pixels, where chroma is 0
+    s = (chroma / hi.clamp(min=1e-6) * saturation).clamp(max=1)
+    v = (hi * value).clamp(max=255)
+    return (v * (1 - s * f)).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class RandomHSVScale(v2.Transform):
+    """YOLOv1 §2.2: "randomly adjust the exposure and saturation of the image by up to a factor of 1.5 in the HSV
+    color space". Each factor is drawn uniformly in [1, max] and inverted with p=0.5, so it lies in [1/max, max]
+    (Darknet's ``random_distort_image``). Images only; boxes pass through."""
+
+    def __init__(self, saturation: float = 1.5, exposure: float = 1.5) -> None:
+        super().__init__()
+        for key, v in (("saturation", saturation), ("exposure", exposure)):
+            if v < 1:
+                raise ValueError(f"data.train_transform.{key}={v}: must be ≥ 1 (the factor lies in [1/{key}, {key}])")
+        self.saturation, self.exposure = float(saturation), float(exposure)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        def factor(limit: float) -> float:
+            f = 1 + (limit - 1) * float(torch.rand(()))
+            return f if torch.rand(()) < 0.5 else 1 / f
+
+        return {"saturation": factor(self.saturation), "value": factor(self.exposure)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Image) and type(inpt) is not Tensor:
+            return inpt
+        out = scale_saturation_value(inpt.as_subclass(Tensor), torch.tensor(params["saturation"]),
+                                     torch.tensor(params["value"]))
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
+
+
+class YOLOAugmentation(BoxPipeline):
+    """YOLOv1's training augmentation (§2.2); each step can be switched off.
+
+    jitter: ``v2.RandomAffine`` scaling by a factor in [1 − scale, 1 + scale] and translating by up to
+    ``translate`` of the image's side, the uncovered canvas filled with ``mean`` (in [0, 1], like
+    model.pixel_mean). hsv: ``RandomHSVScale`` (exposure and saturation up to ×``exposure``/``saturation``).
+    flip: horizontal, p=0.5 (not in the paper's text; Darknet's YOLOv1 loader flips). size: the network input
+    (int or (h, w)); ``None`` keeps the size. Last, boxes under 1 px in width or height are dropped.
+    """
+
+    def __init__(self, size: int | Sequence[int] | None = 448, jitter: bool = True, hsv: bool = True,
+                 flip: bool = True, scale: float = 0.2, translate: float = 0.2, exposure: float = 1.5,
+                 saturation: float = 1.5, mean: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
+        self.size = None if size is None else input_size(size, "data.train_transform.size")
+        if not 0 <= scale < 1:
+            raise ValueError(f"data.train_transform.scale={scale}: must be in [0, 1) (factor 1 ± scale)")
+        if not 0 <= translate <= 1:
+            raise ValueError(f"data.train_transform.translate={translate}: must be in [0, 1] (fraction of the side)")
+        self.fill = canvas_fill(mean, "data.train_transform.mean")
+        self.jitter, self.hsv, self.flip = jitter, hsv, flip
+        self.scale, self.translate = float(scale), float(translate)
+        steps: list[v2.Transform] = []
+        if jitter:
+            steps.append(v2.RandomAffine(degrees=0, translate=(translate, translate), scale=(1 - scale, 1 + scale),
+                                         interpolation=v2.InterpolationMode.BILINEAR, fill=self.fill))
+        if hsv:
+            steps.append(RandomHSVScale(saturation, exposure))
+        self.compose(steps, flip, self.size)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, jitter={self.jitter}, hsv={self.hsv}, flip={self.flip}, "
+                f"scale={self.scale}, translate={self.translate}, fill={self.fill})")
 
 
 class ResizeTo:

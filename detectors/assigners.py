@@ -30,7 +30,8 @@ class MaxIoUAssigner:
         self.pos_iou, self.neg_iou, self.low_quality_matches = pos_iou, neg_iou, low_quality_matches
 
     @torch.no_grad()
-    def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int) -> dict[str, Tensor]:
+    def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
+                 outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         gt_ok = targets.valid & ~targets.crowd  # (B, M)
         iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
         iou.masked_fill_(~gt_ok[..., None], -1.0)  # padding and crowd never win a match
@@ -64,7 +65,8 @@ class BestMatchIoUAssigner:
         self.pos_iou = pos_iou
 
     @torch.no_grad()
-    def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int) -> dict[str, Tensor]:
+    def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
+                 outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         gt_ok = targets.valid & ~targets.crowd  # (B, M)
         iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
         if priors.ignored is not None:

@@ -32,7 +32,7 @@ class Detector(L.LightningModule):
     """A dense one-stage detector as a composition of parts (DESIGN.md §2).
 
     backbone(images) → features; head(features) → {cls_logits (B,N,K), box_deltas (B,N,4)};
-    priors(image size, feature sizes) → Priors; assigner(priors, batch, K) → per-prior targets;
+    priors(image size, feature sizes) → Priors; assigner(priors, batch, K, outputs) → per-prior targets;
     loss(outputs, targets, priors) → named terms; postprocess(outputs, priors, image sizes) → detections.
     ``head`` is a factory completed here with ``in_channels`` from the backbone and ``num_anchors`` from the
     priors, so those settings are given once. Images arrive as uint8 and are normalised here, on the device.
@@ -73,8 +73,8 @@ class Detector(L.LightningModule):
 
     def compute_losses(self, batch: DetectionBatch) -> dict[str, Tensor]:
         outputs, priors = self(batch.images)
-        with torch.no_grad():
-            assigned = self.assigner(priors, batch, self.num_classes)
+        with torch.no_grad():  # YOLO's assignment depends on the current predictions
+            assigned = self.assigner(priors, batch, self.num_classes, outputs)
         return self.loss(outputs, assigned, priors)
 
     @torch.no_grad()

@@ -38,3 +38,17 @@ def assert_same_detections(ours, theirs, label_offset: int = 0, min_detections: 
         torch.testing.assert_close(o["scores"], t["scores"], atol=1e-5, rtol=0)
         torch.testing.assert_close(o["boxes"], t["boxes"], atol=1e-3, rtol=0)
         assert torch.equal(o["labels"] + label_offset, t["labels"])
+
+
+def fit_fixed_batch(model, batch, steps: int) -> list[dict[str, float]]:
+    """Train ``model`` on one batch for ``steps`` steps with its own optimiser; the loss terms at each step."""
+    opt = model.optimizer_factory(model.parameters())
+    model.train()
+    history = []
+    for _ in range(steps):
+        losses = model.compute_losses(batch)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        opt.step()
+        history.append({k: v.item() for k, v in losses.items()})
+    return history

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from bench.training_curve import plot_run, read_metrics
 from detectors.batch import collate_detection
 
-from .conftest import ROOT, TINY, compose
+from .conftest import ROOT, TINY, compose, fit_fixed_batch
 
 
 def tiny_model_and_data(*overrides):
@@ -23,16 +23,7 @@ def tiny_model_and_data(*overrides):
 def test_loss_falls_on_a_fixed_batch():
     model, data = tiny_model_and_data()
     batch = collate_detection([data.train_set[i] for i in range(8)])
-    opt = model.optimizer_factory(model.parameters())  # the shapes recipe's AdamW, without warm-up
-    model.train()
-    history = []
-    for _ in range(60):
-        losses = model.compute_losses(batch)
-        total = sum(losses.values())
-        opt.zero_grad()
-        total.backward()
-        opt.step()
-        history.append({k: v.item() for k, v in losses.items()})
+    history = fit_fixed_batch(model, batch, 60)  # the shapes recipe's AdamW, without warm-up
     assert history[-1]["loss_cls"] < 0.5 * history[0]["loss_cls"]
     assert history[-1]["loss_box"] < 0.5 * history[0]["loss_box"]
 

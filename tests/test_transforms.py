@@ -1,4 +1,4 @@
-"""The SSD paper's augmentation (datamodules/transforms.py), its config wiring and the browse command.
+"""The SSD and YOLO papers' augmentations (datamodules/transforms.py), their config wiring and the browse command.
 
 Every check recomputes what a step should do independently (IoU in float64 from the box corners, the expected
 pixels under a box, the flip/resize formulas), since a silently unapplied IoU constraint (ssd.pytorch's
@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 from torchvision.transforms.v2 import functional as F
 
 from datamodules.browse import main as browse_main
-from datamodules.transforms import MinIoURandomCrop, ResizeTo, SSDAugmentation
+from datamodules.transforms import (MinIoURandomCrop, RandomHSVScale, ResizeTo, SSDAugmentation, YOLOAugmentation,
+                                   scale_saturation_value)
 from detectors.batch import collate_detection
 
 from .conftest import compose
@@ -313,3 +314,108 @@ def test_browse_writes_a_png_grid(tmp_path, capsys):
     assert Image.open(out).size == (3 * 96 + 4 * 2, 2 * 96 + 3 * 2)
     path = browse_main(["data.image_size=64", "data.num_val=4", "split=val", "n=4", f"out={out}", "zoom=1"])
     assert Image.open(path).size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
+
+
+# --- YOLOv1 (§2.2): scaling/translation up to 20 %, exposure and saturation up to ×1.5 in HSV -----------------
+YOLO_OFF = dict(jitter=False, hsv=False, flip=False)
+
+
+def hsv_reference(image: torch.Tensor, saturation: float, value: float) -> torch.Tensor:
+    """matplotlib's RGB → HSV, scale S and V (clamped to 1), back to RGB: the definition, in float64."""
+    from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+
+    hsv = rgb_to_hsv(image.permute(1, 2, 0).double().numpy() / 255)
+    hsv[..., 1] = (hsv[..., 1] * saturation).clip(0, 1)
+    hsv[..., 2] = (hsv[..., 2] * value).clip(0, 1)
+    return torch.from_numpy(hsv_to_rgb(hsv) * 255).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize(("saturation", "value"), [(1.5, 1.5), (1 / 1.5, 1 / 1.5), (1.5, 0.7), (0.8, 1.3), (1, 1)])
+def test_hsv_scaling_equals_the_hsv_round_trip(saturation, value):
+    image = torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
+    image[:, :4] = 90  # grey pixels: no hue, saturation 0
+    image[:, 4:8, :10] = 0  # black
+    ours = scale_saturation_value(image, torch.tensor(saturation), torch.tensor(value))
+    assert ours.dtype == torch.uint8
+    assert (ours.double() - hsv_reference(image, saturation, value)).abs().max() <= 0.5 + 1e-6  # rounding only
+
+
+def test_hsv_factors_lie_within_the_papers_range_and_boxes_pass():
+    from matplotlib.colors import rgb_to_hsv
+
+    image = torch.randint(40, 160, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    v_before = rgb_to_hsv(image.permute(1, 2, 0).numpy() / 255)[..., 2]
+    hsv = RandomHSVScale(saturation=1.5, exposure=1.5)
+    boxes = torch.tensor([[1.0, 2.0, 9.0, 12.0]])
+    ratios = []
+    for seed in range(60):
+        torch.manual_seed(seed)
+        out, out_boxes = hsv(image, boxes)
+        assert torch.equal(out_boxes, boxes)
+        v_after = rgb_to_hsv(out.permute(1, 2, 0).numpy() / 255)[..., 2]
+        ratios.append(float((v_after / v_before).mean()))  # V < 160/255·1.5 < 1: never clipped here
+    assert 1 / 1.5 - 0.02 <= min(ratios) < 0.8 and 1.3 < max(ratios) <= 1.5 + 0.02
+    assert sum(r < 1 for r in ratios) >= 15 and sum(r > 1 for r in ratios) >= 15  # darker and brighter both drawn
+    with pytest.raises(ValueError, match=r"exposure=0.5: must be ≥ 1"):
+        RandomHSVScale(exposure=0.5)
+
+
+def test_yolo_jitter_scales_and_translates_boxes_with_their_pixels():
+    augment = YOLOAugmentation(size=None, **{**YOLO_OFF, "jitter": True}, mean=(0.2, 0.4, 0.6))
+    moved = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        image, target = square_sample(80, 80)
+        target["boxes"] = torch.tensor([[30.0, 25.0, 50.0, 45.0]])
+        image[:] = torch.tensor([0, 200, 0], dtype=torch.uint8)[:, None, None]
+        image[:, 25:45, 30:50] = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None]
+        out_image, out = augment(image, target)
+        assert out_image.shape == (3, 80, 80)
+        x0, y0, x1, y1 = out["boxes"][0].tolist()
+        side = x1 - x0
+        assert 0.8 * 20 - 1e-3 <= side <= 1.2 * 20 + 1e-3 and y1 - y0 == pytest.approx(side, abs=1e-3)
+        # the square's centre moves by the translation plus its scaling about the image centre (40, 40)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        s = side / 20
+        assert abs(cx - (40 + s * (40 - 40))) <= 0.2 * 80 + 1 and abs(cy - (40 + s * (35 - 40))) <= 0.2 * 80 + 1
+        red = (out_image[0] > 127) & (out_image[1] < 100)
+        ys, xs = red.any(1).nonzero(), red.any(0).nonzero()
+        assert abs(xs.min() - x0) <= 1 and abs(xs.max() + 1 - x1) <= 1 and abs(ys.min() - y0) <= 1
+        assert abs(ys.max() + 1 - y1) <= 1
+        fill = (out_image == torch.tensor([51, 102, 153], dtype=torch.uint8)[:, None, None]).all(0)
+        if abs(cx - 40) > 1 or s < 0.99:  # a shift or a shrink uncovers canvas, filled with the mean
+            assert fill.any()
+        moved += abs(cx - 40) > 1
+    assert moved >= 20
+
+
+def test_yolo_augmentation_drops_degenerate_boxes_and_passes_empty_images():
+    augment = YOLOAugmentation(size=(56, 72))
+    g = torch.Generator().manual_seed(10)
+    for seed in range(60):
+        image, target = random_sample(g, 60, 90, n=10)
+        torch.manual_seed(seed)
+        out_image, out = augment(image, target)
+        assert out_image.shape == (3, 56, 72) and out_image.dtype == torch.uint8
+        b = out["boxes"]
+        assert ((b[:, 2:] - b[:, :2]) >= 1).all() and (b >= 0).all() and (b[:, 0::2] <= 72).all()
+        assert torch.equal(out["difficult"], out["labels"] % 2 == 0)
+        empty_image, empty = augment(torch.full((3, 30, 50), 90, dtype=torch.uint8), empty_target())
+        assert empty_image.shape == (3, 56, 72) and empty["boxes"].shape == (0, 4)
+
+
+def test_yolo_steps_off_is_a_pure_resize():
+    image, target = random_sample(torch.Generator().manual_seed(11), 50, 70, n=4)
+    out_image, _ = YOLOAugmentation(size=(100, 35), **YOLO_OFF)(image, target)
+    assert torch.equal(out_image, F.resize(image, [100, 35], antialias=True))
+    with pytest.raises(ValueError, match=r"scale=1.5"):
+        YOLOAugmentation(scale=1.5)
+
+
+def test_yolo_transform_group_wires_both_splits():
+    cfg = compose("model=yolo", "data/transform=yolo", "data.num_train=4", "data.num_val=4")
+    data = instantiate(cfg.data)
+    assert isinstance(data.train_transform, YOLOAugmentation) and data.train_transform.size == (448, 448)
+    t = cfg.data.train_transform
+    assert (t.scale, t.translate, t.exposure, t.saturation) == (0.2, 0.2, 1.5, 1.5)
+    assert data.train_set[0][0].shape == data.val_set[0][0].shape == (3, 448, 448)
