@@ -1,0 +1,181 @@
+"""COCO: the real COCO2017 sample in ../shared/data against its json, our COCO metrics against pycocotools'
+COCOeval on the same files, and fixture sets in tmp_path for the quirks of exported jsons."""
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.coco import COCODataModule, COCODataset, COCOFormatError, write_coco_results
+from detectors.metrics import DetectionMetrics
+
+from .conftest import ROOT, SHARED_DATA, compose
+
+COCO_SAMPLE = SHARED_DATA / "coco2017-sample"
+needs_sample = pytest.mark.skipif(not COCO_SAMPLE.is_dir(), reason="../shared/data/coco2017-sample is absent")
+
+
+def coco_classes():
+    return list(compose("data=coco").data.classes)
+
+
+@needs_sample
+@pytest.mark.parametrize(("split", "num_annotations", "num_crowd"), [("train2017", 705, 6), ("val2017", 815, 11)])
+def test_real_sample_loads_every_image_with_its_boxes_converted(split, num_annotations, num_crowd):
+    data = COCODataset(COCO_SAMPLE, split, coco_classes())
+    raw = json.loads((COCO_SAMPLE / "annotations" / f"instances_{split}.json").read_text())
+    names = {c["id"]: c["name"] for c in raw["categories"]}
+    assert len(data) == 80 and data.image_ids == [im["id"] for im in raw["images"]]
+    total = crowd = 0
+    for i in range(len(data)):
+        image, target = data[i]
+        info = raw["images"][i]
+        anns = [a for a in raw["annotations"] if a["image_id"] == info["id"]]
+        assert image.dtype == torch.uint8 and image.shape == (3, info["height"], info["width"])
+        expected = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)])
+        torch.testing.assert_close(target["boxes"], expected.float().clamp(min=0))  # [x, y, w, h] → xyxy
+        assert [data.classes[k] for k in target["labels"]] == [names[a["category_id"]] for a in anns]
+        assert target["iscrowd"].tolist() == [a["iscrowd"] for a in anns]
+        total += len(anns)
+        crowd += sum(a["iscrowd"] for a in anns)
+    assert (total, crowd) == (num_annotations, num_crowd)  # the sample's README
+    assert data.category_of_label[data.classes.index("toothbrush")] == 90  # COCO's ids have gaps
+
+
+@needs_sample
+def test_our_coco_metrics_equal_pycocotools_on_the_same_files(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    data = COCODataset(COCO_SAMPLE, "val2017", coco_classes())
+    g = torch.Generator().manual_seed(0)
+    metrics = DetectionMetrics(data.classes)
+    detections, indices = [], []
+    for i in range(len(data)):
+        _, target = data[i]
+        boxes = target["boxes"]
+        # noisy copies of most objects (some matching at 0.5 but not 0.75), a few with the wrong class, clutter
+        jitter = boxes + torch.randn(boxes.shape, generator=g) * (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2) * 0.08
+        labels = target["labels"].clone()
+        wrong = torch.rand(len(labels), generator=g) < 0.1
+        labels[wrong] = torch.randint(0, 80, (int(wrong.sum()),), generator=g)
+        clutter = torch.rand(5, 2, generator=g) * 300
+        det_boxes = torch.cat((jitter, torch.cat((clutter, clutter + 40), 1)))
+        det = {"boxes": det_boxes, "scores": torch.rand(len(det_boxes), generator=g),
+               "labels": torch.cat((labels, torch.randint(0, 80, (5,), generator=g)))}
+        keep = torch.rand(len(det_boxes), generator=g) < 0.9
+        det = {k: v[keep][:100] for k, v in det.items()}
+        detections.append(det)
+        indices.append(i)
+        metrics.update([det], [{**target, "difficult": torch.zeros_like(target["labels"], dtype=torch.bool)}])
+    ours = metrics.compute("val")
+    results = write_coco_results(detections, data, indices, tmp_path / "results.json")
+    entries = json.loads(results.read_text())
+    assert sum(len(d["scores"]) for d in detections) == len(entries) and {"image_id", "category_id", "bbox",
+                                                                            "score"} <= set(entries[0])
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(data.annotation_file))
+        evaluator = COCOeval(gt, gt.loadRes(str(results)), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    reference = dict(zip(("map", "map_50", "map_75"), evaluator.stats[:3]))
+    reference["mar_100"] = evaluator.stats[8]
+    assert 0.2 < reference["map_50"] < 0.9  # a test that could tell numbers apart
+    for key, value in reference.items():
+        assert ours[f"val/{key}"] == pytest.approx(value, abs=2e-3), key
+
+
+@needs_sample
+def test_config_trains_a_short_run_on_the_real_sample(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "model=ssd", "model.num_prediction_layers=4",
+           "model.backbone.width=0.25", "model.backbone.norm=bn", "model/optimizer=adamw", "trainer=cpu",
+           "task_name=coco_sample", "data=coco", f"data.root={COCO_SAMPLE}", "data.train_transform.size=128",
+           "data.batch_size=8", "data.num_workers=0", "data.pin_memory=false", "trainer.max_epochs=1",
+           "model.scheduler.warmup_steps=2", "model.scheduler.milestones=[8,9]",
+           "model.postprocess.score_thresh=0.05",  # untrained: 1/81 > 0.01 would send every box to NMS
+           f"paths.log_dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run,) = (tmp_path / "coco_sample").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["val/map_50"] <= 1 and "val/ap/person" in metrics
+
+
+# --- fixture jsons for the quirks of exported files -----------------------------------------------------
+def write_coco(root: Path, images: list[dict], annotations: list[dict], categories: list[dict],
+               split: str = "val", extra_files: tuple[str, ...] = ()) -> Path:
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for im in images:
+        path = root / split / im["file_name"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (im["width"], im["height"]), (90, 120, 30)).save(path)
+    for name in extra_files:
+        Image.new("RGB", (8, 8)).save(root / split / name)
+    (root / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
+def image(i, name=None, w=64, h=48):
+    return {"id": i, "file_name": name or f"{i:06d}.jpg", "width": w, "height": h}
+
+
+def ann(i, image_id, category_id, bbox, iscrowd=0):
+    return {"id": i, "image_id": image_id, "category_id": category_id, "bbox": bbox, "iscrowd": iscrowd,
+            "area": bbox[2] * bbox[3]}
+
+
+CATEGORIES = [{"id": 0, "name": "placeholder"}, {"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]
+
+
+def test_sparse_ids_placeholder_category_sub_folders_and_json_order(tmp_path):
+    images = [image(42, "day1/a.jpg"), image(5, "day2/b.jpg"), image(9)]
+    anns = [ann(1, 42, 7, [10, 5, 20, 10]), ann(2, 5, 3, [0, 0, 64, 48]), ann(3, 5, 7, [30, 30, 10, 10], iscrowd=1)]
+    root = write_coco(tmp_path, images, anns, CATEGORIES, extra_files=("stray.jpg",))
+    data = COCODataset(root, "val", ["dog", "cat"])
+    assert data.image_ids == [42, 5, 9]  # the json's order; the stray file in the folder is not an image of the set
+    _, t = data[0]
+    torch.testing.assert_close(t["boxes"], torch.tensor([[10.0, 5.0, 30.0, 15.0]]))
+    assert t["labels"].tolist() == [1] and t["iscrowd"].tolist() == [0]
+    _, t = data[1]
+    assert t["labels"].tolist() == [0, 1] and t["iscrowd"].tolist() == [0, 1]
+    assert len(data[2][1]["boxes"]) == 0  # no annotations: kept for evaluation
+    assert data.category_of_label == {0: 3, 1: 7}
+    entries = json.loads(write_coco_results(
+        [{"boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0]]), "scores": torch.tensor([0.5]), "labels": torch.tensor([1])}],
+        data, [1], tmp_path / "r.json").read_text())
+    assert entries == [{"image_id": 5, "category_id": 7, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.5}]
+    train = COCODataset(root, "val", ["dog", "cat"], keep_empty=False)
+    assert train.image_ids == [42, 5]
+
+
+@pytest.mark.parametrize(("images", "anns", "message"), [
+    ([image(1), image(1)], [], r"image id 1 appears 2 times"),
+    ([image(1)], [ann(1, 2, 7, [0, 0, 5, 5])], r"annotation id 1 refers to image id 2, which is not in 'images'"),
+    ([image(1)], [ann(1, 1, 99, [0, 0, 5, 5])], r"annotation id 1 has category_id 99, not in 'categories'"),
+    ([image(1)], [{"id": 4, "image_id": 1, "category_id": 7}], r"annotation id 4 has no 'bbox'"),
+    ([image(1)], [ann(1, 1, 0, [0, 0, 5, 5])], r"category 0 'placeholder' has annotations but is not in data.classes"),
+])
+def test_bad_jsons_name_the_file_and_entry(tmp_path, images, anns, message):
+    root = write_coco(tmp_path, images, anns, CATEGORIES)
+    with pytest.raises(COCOFormatError, match=rf"instances_val\.json: .*{message}"):
+        COCODataset(root, "val", ["dog", "cat"])
+
+
+def test_missing_json_and_root_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"instances_val2017.json: no such annotation file"):
+        COCODataset(tmp_path, "val2017", ["cat"])
+    with pytest.raises(Exception, match="data.root"):
+        from hydra.utils import instantiate
+
+        instantiate(compose("data=coco").data)
+    data = COCODataModule(str(tmp_path), ["cat"], val_split="nope")
+    with pytest.raises(FileNotFoundError, match="instances_nope.json"):
+        data.setup("validate")
