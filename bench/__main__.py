@@ -1,7 +1,7 @@
 """``python -m bench``: every comparison against torchvision in one run, printed as one table.
 
 Ratios are torchvision's time ÷ ours (higher is better for us). Options: ``--device cuda``, ``--repeats N``,
-``--json PATH`` to keep the figures.
+``--json PATH`` to keep the figures, ``--only ssd`` (or ``retinanet``) for one detector's rows.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here as json")
+    parser.add_argument("--only", choices=("retinanet", "ssd"), default=None, help="time one detector's rows")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -36,29 +37,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(f"  {what}: torchvision {peer * 1e3:.0f} ms, ours {ours * 1e3:.0f} ms, {peer / ours:.1f}×", flush=True)
 
-    fx = retinanet.make_fixture(device)
-    n = fx.priors.boxes.shape[0]
-    print(f"RetinaNet fixture: {fx.image_size}×{fx.image_size} → {n:,} anchors, batch {len(fx.batch)}, "
-          f"{fx.num_classes} classes, {fx.batch.boxes.shape[1]} objects/image", flush=True)
-    tv_loss, our_loss, floor_bytes = retinanet.loss_cases(fx, device)
-    record("RetinaNet match + focal/box loss + backward", median_time(tv_loss, device, args.repeats),
-           median_time(our_loss, device, args.repeats), floor_bytes / bandwidth)
-    tv_post, our_post = retinanet.postprocess_cases(fx, device)
-    # the floor: read every logit once
-    record("RetinaNet postprocess (0.05, top-1k/level, NMS 0.5, 100/image)",
-           median_time(tv_post, device, args.repeats), median_time(our_post, device, args.repeats),
-           fx.logits.numel() * fx.logits.element_size() / bandwidth)
-
-    sx = ssd.make_fixture(device)
-    print(f"SSD300 fixture: 300×300 → {sx.priors.boxes.shape[0]:,} default boxes, batch {len(sx.batch)}, "
-          f"{sx.num_classes + 1} classes, {sx.batch.boxes.shape[1]} objects/image", flush=True)
-    tv_loss, our_loss, floor_bytes = ssd.loss_cases(sx, device)
-    record("SSD300 match + MultiBox loss (3:1 hard negatives) + backward", median_time(tv_loss, device, args.repeats),
-           median_time(our_loss, device, args.repeats), floor_bytes / bandwidth)
-    tv_post, our_post = ssd.postprocess_cases(sx, device)
-    record("SSD300 postprocess (softmax, 0.01, top-200/class, NMS 0.45, 200/image)",
-           median_time(tv_post, device, args.repeats), median_time(our_post, device, args.repeats),
-           sx.logits.numel() * sx.logits.element_size() / bandwidth)
+    if args.only in (None, "retinanet"):
+        retinanet_rows(device, args.repeats, bandwidth, record)
+    if args.only in (None, "ssd"):
+        ssd_rows(device, args.repeats, bandwidth, record)
 
     print()
     print("| what | torchvision | ours | speed-up | ours ÷ memory floor |")
@@ -71,6 +53,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": describe_machine(device), "rows": rows}, indent=2))
     return rows
+
+
+def retinanet_rows(device: torch.device, repeats: int, bandwidth: float, record) -> None:
+    fx = retinanet.make_fixture(device)
+    n = fx.priors.boxes.shape[0]
+    print(f"RetinaNet fixture: {fx.image_size}×{fx.image_size} → {n:,} anchors, batch {len(fx.batch)}, "
+          f"{fx.num_classes} classes, {fx.batch.boxes.shape[1]} objects/image", flush=True)
+    tv_loss, our_loss, floor_bytes = retinanet.loss_cases(fx, device)
+    record("RetinaNet match + focal/box loss + backward", median_time(tv_loss, device, repeats),
+           median_time(our_loss, device, repeats), floor_bytes / bandwidth)
+    tv_post, our_post = retinanet.postprocess_cases(fx, device)
+    # the floor: read every logit once
+    record("RetinaNet postprocess (0.05, top-1k/level, NMS 0.5, 100/image)",
+           median_time(tv_post, device, repeats), median_time(our_post, device, repeats),
+           fx.logits.numel() * fx.logits.element_size() / bandwidth)
+
+
+def ssd_rows(device: torch.device, repeats: int, bandwidth: float, record) -> None:
+    sx = ssd.make_fixture(device)
+    print(f"SSD300 fixture: 300×300 → {sx.priors.boxes.shape[0]:,} default boxes, batch {len(sx.batch)}, "
+          f"{sx.num_classes + 1} classes, {sx.batch.boxes.shape[1]} objects/image", flush=True)
+    tv_loss, our_loss, floor_bytes = ssd.loss_cases(sx, device)
+    record("SSD300 match + MultiBox loss (3:1 hard negatives) + backward", median_time(tv_loss, device, repeats),
+           median_time(our_loss, device, repeats), floor_bytes / bandwidth)
+    tv_post, our_post = ssd.postprocess_cases(sx, device)
+    record("SSD300 postprocess (softmax, 0.01, top-200/class, NMS 0.45, 200/image)",
+           median_time(tv_post, device, repeats), median_time(our_post, device, repeats),
+           sx.logits.numel() * sx.logits.element_size() / bandwidth)
 
 
 if __name__ == "__main__":

@@ -74,11 +74,16 @@ class BestMatchIoUAssigner:
         iou.masked_fill_(~gt_ok[..., None], -1.0)
         best_iou, best_gt = iou.max(dim=1)  # (B, N)
 
-        # each object's best prior: a (B, M, N) claim; among several claimants the higher IoU wins
-        best_prior = iou.argmax(dim=2, keepdim=True)  # (B, M, 1)
-        claims = torch.zeros_like(iou, dtype=torch.bool).scatter_(2, best_prior, True)
-        claims &= (iou > 0) & gt_ok[..., None]
-        claim_iou, claim_gt = iou.masked_fill(~claims, -1.0).max(dim=1)  # (B, N)
+        # each object's best prior; among several claimants of one prior the higher IoU (then the lower index)
+        # wins. Claims are B·M points, so they are resolved by scatters on (B, N), not a (B, M, N) mask
+        best_prior = iou.argmax(dim=2)  # (B, M)
+        claim = torch.gather(iou, 2, best_prior[..., None])[..., 0]  # (B, M)
+        claim = claim.masked_fill(~((claim > 0) & gt_ok), -1.0)
+        claim_iou = torch.full_like(best_iou, -1.0).scatter_reduce_(1, best_prior, claim, "amax")
+        wins = (claim > 0) & (claim == torch.gather(claim_iou, 1, best_prior))
+        gt_index = torch.arange(iou.shape[1], device=iou.device).expand_as(best_prior)
+        claim_gt = torch.full_like(best_gt, iou.shape[1]).scatter_reduce_(
+            1, best_prior, gt_index.masked_fill(~wins, iou.shape[1]), "amin")
         claimed = claim_iou > 0
         best_gt = torch.where(claimed, claim_gt, best_gt)
 
@@ -86,5 +91,7 @@ class BestMatchIoUAssigner:
         labels = torch.where(positive, torch.gather(targets.labels, 1, best_gt), num_classes)
         if priors.ignored is not None:
             labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
-        boxes = torch.gather(targets.boxes, 1, best_gt[..., None].expand(-1, -1, 4))
+        # rows of the flattened (B·M, 4) boxes: an index_select, much cheaper than gather on an expanded index
+        flat = best_gt + torch.arange(0, best_gt.shape[0] * iou.shape[1], iou.shape[1], device=iou.device)[:, None]
+        boxes = targets.boxes.reshape(-1, 4).index_select(0, flat.reshape(-1)).reshape(*best_gt.shape, 4)
         return {"labels": labels, "boxes": boxes}

@@ -24,14 +24,19 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     ``torchvision.ops.box_iou`` takes 2-D inputs only; this is the same formula over a batch so an
     assigner can match all images at once.
     """
-    area1 = box_area(boxes1)
-    area2 = box_area(boxes2)
-    lt = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    rb = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1[..., :, None] + area2[..., None, :] - inter
-    return inter / union.clamp(min=torch.finfo(inter.dtype).eps)
+    area1, area2 = box_area(boxes1)[..., :, None], box_area(boxes2)[..., None, :]
+    # contiguous coordinates, so the (…, M, N) passes broadcast without strides; in place, as the
+    # (…, M, N) temporaries cost more than the arithmetic
+    x0a, y0a, x1a, y1a = (c[..., :, None] for c in boxes1.unbind(-1))
+    x0b, y0b, x1b, y1b = (c.contiguous()[..., None, :] for c in boxes2.unbind(-1))
+    inter = torch.minimum(x1a, x1b)
+    scratch = torch.maximum(x0a, x0b)
+    inter.sub_(scratch).clamp_(min=0)
+    height = torch.minimum(y1a, y1b)
+    height.sub_(torch.maximum(y0a, y0b, out=scratch)).clamp_(min=0)
+    inter.mul_(height)
+    union = torch.add(area1, area2, out=scratch).sub_(inter)
+    return inter.div_(union.clamp_(min=torch.finfo(inter.dtype).eps))
 
 
 class BoxCoder:

@@ -75,15 +75,73 @@ def nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tens
                   nms_thresh: float, max_detections: int) -> list[dict[str, Tensor]]:
     """Clip to each image, class-wise NMS, keep the ``max_detections`` best per image (by decreasing
     score), for flat candidates (S, 4), (S,), (S,) of images ``image_idx``."""
-    hw = image_sizes.to(boxes)[image_idx]
-    limits = torch.stack((hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]), dim=1)  # w h w h of each box's image
-    boxes = torch.minimum(boxes.clamp(min=0), limits)
+    boxes = clip_to_images(boxes, image_idx, image_sizes)
     num_classes = int(labels.max()) + 1 if labels.numel() else 1
     kept = grouped_nms(boxes, scores, image_idx * num_classes + labels, nms_thresh)
+    return best_per_image(kept, boxes, scores, labels, image_idx, len(image_sizes), max_detections)
+
+
+def capped_nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tensor, image_sizes: Tensor,
+                         nms_thresh: float, max_detections: int, candidates_per_image: int) -> list[dict[str, Tensor]]:
+    """``nms_per_image`` with the same detections, faster when images have many more candidates than
+    ``max_detections``: NMS runs first on each image's ``candidates_per_image`` best (ties included), and
+    again on all of an image's candidates only if fewer than ``max_detections`` survive.
+
+    Exact because greedy NMS keeps or drops a box by the better boxes of its class alone, all of which are
+    in the prefix; so a prefix that keeps ``max_detections`` holds the best ``max_detections`` of the whole.
+    """
+    boxes = clip_to_images(boxes, image_idx, image_sizes)
+    num_images = len(image_sizes)
+    num_classes = int(labels.max()) + 1 if labels.numel() else 1
+    groups = image_idx * num_classes + labels
+    prefix = torch.nonzero(scores >= nth_best_per_image(scores, image_idx, num_images, candidates_per_image)
+                           [image_idx])[:, 0]
+    kept = prefix[grouped_nms(boxes[prefix], scores[prefix], groups[prefix], nms_thresh)]
+    short = torch.bincount(image_idx[kept], minlength=num_images) < max_detections
+    short &= torch.bincount(image_idx, minlength=num_images) > torch.bincount(image_idx[prefix], minlength=num_images)
+    if bool(short.any()):  # images whose prefix kept too few: NMS on all their candidates
+        kept = kept[~short[image_idx[kept]]]
+        rest = torch.nonzero(short[image_idx])[:, 0]
+        kept = torch.cat((kept, rest[grouped_nms(boxes[rest], scores[rest], groups[rest], nms_thresh)]))
+    # grouped_nms's order, for equal scores: by group, then by index
+    kept = kept.sort().values
+    kept = kept[torch.argsort(groups[kept], stable=True)]
+    return best_per_image(kept, boxes, scores, labels, image_idx, num_images, max_detections)
+
+
+def nth_best_per_image(scores: Tensor, image_idx: Tensor, num_images: int, n: int) -> Tensor:
+    """(num_images,): the ``n``-th highest score of each image, −inf for an image with fewer candidates."""
+    nth = torch.full((num_images,), -math.inf, device=scores.device, dtype=scores.dtype)
+    counts = torch.bincount(image_idx, minlength=num_images)
+    if not len(scores) or int(counts.max()) < n:
+        return nth
+    if not bool((image_idx[1:] >= image_idx[:-1]).all()):  # postprocesses give candidates image by image
+        order = torch.argsort(image_idx, stable=True)
+        scores, image_idx = scores[order], image_idx[order]
+    # one row per image, padded: a top-k per row finds the n-th values without sorting all candidates
+    first = torch.cumsum(counts, 0) - counts
+    padded = torch.full((num_images, int(counts.max())), -math.inf, device=scores.device, dtype=scores.dtype)
+    padded[image_idx, torch.arange(len(scores), device=scores.device) - first[image_idx]] = scores
+    full = counts >= n
+    nth[full] = padded[full].topk(n, dim=1).values[:, -1]
+    return nth
+
+
+def clip_to_images(boxes: Tensor, image_idx: Tensor, image_sizes: Tensor) -> Tensor:
+    hw = image_sizes.to(boxes)[image_idx]
+    limits = torch.stack((hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]), dim=1)  # w h w h of each box's image
+    return torch.minimum(boxes.clamp(min=0), limits)
+
+
+def best_per_image(kept: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tensor, num_images: int,
+                   max_detections: int) -> list[dict[str, Tensor]]:
+    """The ``max_detections`` best of the NMS survivors ``kept`` of each image, by decreasing score."""
     kept = kept[torch.argsort(scores[kept], descending=True, stable=True)]
     kept = kept[torch.argsort(image_idx[kept], stable=True)]  # by image, by decreasing score within
-    kept = kept[topk_per_group(scores[kept], image_idx[kept], max_detections).sort().values]
-    per_image = torch.bincount(image_idx[kept], minlength=len(image_sizes)).tolist()
+    counts = torch.bincount(image_idx[kept], minlength=num_images)
+    rank = torch.arange(len(kept), device=kept.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    kept = kept[rank < max_detections]  # already ranked: the first max_detections of each image's run
+    per_image = counts.clamp(max=max_detections).tolist()
     return [{"boxes": bx, "scores": sc, "labels": lb} for bx, sc, lb in
             zip(boxes[kept].split(per_image), scores[kept].split(per_image), labels[kept].split(per_image))]
 

@@ -19,7 +19,7 @@ from torchvision import models
 
 from .assigners import IGNORE
 from .boxes import BoxCoder
-from .postprocess import nms_per_image, topk_per_group
+from .postprocess import capped_nms_per_image, nms_per_image, topk_per_group
 from .priors import PriorGenerator, Priors, flatten_predictions
 
 # Source layers in the order the paper lists them (Fig. 2); SSD512 adds conv12_2.
@@ -339,9 +339,9 @@ class MultiBoxLoss:
         ce_sum = F.cross_entropy(rows, target, reduction="sum")
         n = num_pos.sum().clamp(min=1).to(ce_sum.dtype)
         loss_cls = ce_sum / n
-        anchors = priors.boxes.expand(labels.shape[0], -1, -1)[positive]
-        box_targets = self.box_coder.encode(assigned["boxes"][positive], anchors)
-        loss_box = F.smooth_l1_loss(deltas[positive].float(), box_targets, beta=self.smooth_l1_beta,
+        # the positives' (image, box) indices from above: each boolean-mask index would redo the nonzero
+        box_targets = self.box_coder.encode(assigned["boxes"][pos_img, pos_box], priors.boxes[pos_box])
+        loss_box = F.smooth_l1_loss(deltas[pos_img, pos_box].float(), box_targets, beta=self.smooth_l1_beta,
                                     reduction="sum") / n
         return {"loss_cls": loss_cls, "loss_box": self.alpha * loss_box}
 
@@ -349,31 +349,62 @@ class MultiBoxLoss:
 class SSDPostprocess:
     """SSD inference (§3 "Inference"; released model): softmax scores per class, score > ``score_thresh``
     (0.01), the ``topk_per_class`` (200) best boxes of each class, class-wise NMS at ``nms_thresh`` (0.45),
-    ``max_detections`` (200) per image. One top-k over (image, class) rows and one batched NMS."""
+    ``max_detections`` (200) per image. One top-k over (image, class) rows and one batched NMS.
+
+    ``fast`` (same detections): the softmax normaliser only for boxes where some class can pass, and NMS
+    first on each image's ``2 · max_detections`` best candidates (``capped_nms_per_image``); false = the
+    plain formulation, softmax of every box and NMS on every candidate.
+    """
 
     def __init__(self, score_thresh: float = 0.01, topk_per_class: int = 200, nms_thresh: float = 0.45,
-                 max_detections: int = 200, variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2)) -> None:
+                 max_detections: int = 200, variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+                 fast: bool = True) -> None:
         self.score_thresh, self.topk_per_class = score_thresh, topk_per_class
         self.nms_thresh, self.max_detections = nms_thresh, max_detections
         self.box_coder = BoxCoder(tuple(1.0 / v for v in variances))
+        self.fast = fast
 
     @torch.no_grad()
     def __call__(self, outputs: dict[str, Tensor], priors: Priors, image_sizes: Tensor) -> list[dict[str, Tensor]]:
         logits, deltas = outputs["cls_logits"].float(), outputs["box_deltas"]
-        # softmax(x)_c > t ⇔ x_c > log t + logsumexp(x): threshold the logits, exponentiate the survivors only
-        log_norm = torch.logsumexp(logits, dim=-1)  # (B, N)
-        if priors.ignored is not None:
-            log_norm = log_norm.masked_fill(priors.ignored[None, :], math.inf)  # no score passes
-        cut = (log_norm + math.log(max(self.score_thresh, 1e-30)) - 1e-4)[..., None]
-        img, prior, label = torch.nonzero(logits[..., 1:] > cut, as_tuple=True)  # labels without background
-        score = torch.exp(logits[img, prior, label + 1] - log_norm[img, prior])
+        log_t = math.log(max(self.score_thresh, 1e-30))
+        if self.fast:
+            # p_c ≤ e^x_c / (e^x_0 + e^x_c), so p_c > t needs x_c − x_0 > logit t: boxes where no class
+            # beats the background by that much (nearly all) need no softmax at all
+            t = min(max(self.score_thresh, 1e-30), 1 - 1e-7)
+            margin = logits[..., 1:].amax(dim=-1) - logits[..., 0]
+            may_pass = margin > math.log(t / (1 - t)) - 1e-3
+            if priors.ignored is not None:
+                may_pass &= ~priors.ignored[None, :]
+            box_img, box = torch.nonzero(may_pass, as_tuple=True)
+            rows = logits.reshape(-1, logits.shape[-1]).index_select(0, box_img * logits.shape[1] + box)  # (S, K + 1)
+            log_norm = torch.logsumexp(rows, dim=-1)
+            r, label = torch.nonzero(rows[:, 1:] > (log_norm + log_t - 1e-4)[:, None], as_tuple=True)
+            img, prior = box_img[r], box[r]
+            score = torch.exp(rows[r, label + 1] - log_norm[r])
+        else:
+            # softmax(x)_c > t ⇔ x_c > log t + logsumexp(x): threshold the logits, exponentiate the survivors only
+            log_norm = torch.logsumexp(logits, dim=-1)  # (B, N)
+            if priors.ignored is not None:
+                log_norm = log_norm.masked_fill(priors.ignored[None, :], math.inf)  # no score passes
+            cut = (log_norm + log_t - 1e-4)[..., None]
+            img, prior, label = torch.nonzero(logits[..., 1:] > cut, as_tuple=True)  # labels without background
+            score = torch.exp(logits[img, prior, label + 1] - log_norm[img, prior])
         ok = score > self.score_thresh  # the exact test (the cut above is a hair lower)
         img, prior, label, score = img[ok], prior[ok], label[ok], score[ok]
         # the top-k of each (image, class) among the survivors
-        keep = topk_per_group(score, img * (logits.shape[-1] - 1) + label, self.topk_per_class)
-        img, prior, label, score = img[keep], prior[keep], label[keep], score[keep]
-        boxes = self.box_coder.decode(deltas[img, prior].float(), priors.boxes[prior])
-        return nms_per_image(boxes, score, label, img, image_sizes, self.nms_thresh, self.max_detections)
+        group = img * (logits.shape[-1] - 1) + label
+        if not self.fast or (len(group) and int(torch.bincount(group).max()) > self.topk_per_class):
+            keep = topk_per_group(score, group, self.topk_per_class)
+            img, prior, label, score = img[keep], prior[keep], label[keep], score[keep]
+        if not self.fast:
+            boxes = self.box_coder.decode(deltas[img, prior].float(), priors.boxes[prior])
+            return nms_per_image(boxes, score, label, img, image_sizes, self.nms_thresh, self.max_detections)
+        # rows of the flattened tensors: index_select is cheaper than indexing with two index tensors
+        boxes = self.box_coder.decode(deltas.reshape(-1, 4).index_select(0, img * deltas.shape[1] + prior).float(),
+                                      priors.boxes.index_select(0, prior))
+        return capped_nms_per_image(boxes, score, label, img, image_sizes, self.nms_thresh, self.max_detections,
+                                    2 * self.max_detections)
 
 
 def torchvision_ssd_state_dict(tv_state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -2,8 +2,11 @@ import torch
 from torchvision.models.detection._utils import Matcher
 from torchvision.ops import box_iou
 
-from detectors.assigners import IGNORE, MaxIoUAssigner
-from detectors.batch import collate_detection
+import pytest
+
+from detectors.assigners import IGNORE, BestMatchIoUAssigner, MaxIoUAssigner
+from detectors.batch import DetectionBatch, collate_detection
+from detectors.boxes import batched_box_iou
 from detectors.priors import Priors
 
 K = 4
@@ -65,3 +68,44 @@ def test_empty_image_and_crowd_give_no_positives():
     batch = batch_of(([], [], {}), ([[0, 0, 16, 12]], [1], {"iscrowd": torch.tensor([1])}))
     labels = MaxIoUAssigner()(priors, batch, K)["labels"]
     assert (labels == K).all()
+
+
+def best_match_dense(priors, targets, num_classes, pos_iou=0.5):
+    """BestMatchIoUAssigner written plainly: the objects' claims as a dense (B, M, N) mask."""
+    gt_ok = targets.valid & ~targets.crowd
+    iou = batched_box_iou(targets.boxes, priors.boxes)
+    if priors.ignored is not None:
+        iou.masked_fill_(priors.ignored[None, None, :], -1.0)
+    iou.masked_fill_(~gt_ok[..., None], -1.0)
+    best_iou, best_gt = iou.max(dim=1)
+    claims = torch.zeros_like(iou, dtype=torch.bool).scatter_(2, iou.argmax(dim=2, keepdim=True), True)
+    claims &= (iou > 0) & gt_ok[..., None]
+    claim_iou, claim_gt = iou.masked_fill(~claims, -1.0).max(dim=1)
+    best_gt = torch.where(claim_iou > 0, claim_gt, best_gt)
+    labels = torch.where((claim_iou > 0) | (best_iou > pos_iou), torch.gather(targets.labels, 1, best_gt), num_classes)
+    if priors.ignored is not None:
+        labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
+    return {"labels": labels, "boxes": torch.gather(targets.boxes, 1, best_gt[..., None].expand(-1, -1, 4))}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_best_match_assigner_equals_the_dense_formulation(seed):
+    g = torch.Generator().manual_seed(seed)
+    priors = grid_priors()
+    if seed % 2:
+        priors = Priors(priors.boxes, priors.level_sizes, ignored=torch.rand(len(priors.boxes), generator=g) < 0.2)
+    b, m = 6, 7
+    xy = torch.rand(b, m, 2, generator=g) * 56
+    boxes = torch.cat((xy, xy + 2 + torch.rand(b, m, 2, generator=g) * 30), -1)
+    boxes[:, 1] = boxes[:, 0]  # duplicate objects: equal IoUs claim the same prior
+    boxes[:, 2] = torch.tensor([100.0, 100, 120, 120])  # overlaps nothing: no claim
+    boxes[0, 3] = boxes[0, 4] = priors.boxes[5]  # two exact fits of one prior
+    valid = torch.rand(b, m, generator=g) < 0.8
+    crowd = torch.rand(b, m, generator=g) < 0.1
+    batch = DetectionBatch(images=torch.zeros(b, 3, 64, 64, dtype=torch.uint8), image_sizes=torch.full((b, 2), 64),
+                           boxes=boxes, labels=torch.randint(0, K, (b, m), generator=g), valid=valid,
+                           difficult=torch.zeros_like(valid), crowd=crowd, scales=torch.ones(b, 2),
+                           image_ids=torch.arange(b))
+    out, expected = BestMatchIoUAssigner(0.5)(priors, batch, K), best_match_dense(priors, batch, K)
+    assert torch.equal(out["labels"], expected["labels"])
+    assert torch.equal(out["boxes"], expected["boxes"])

@@ -5,7 +5,7 @@ from torchvision.ops import batched_nms
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from detectors.postprocess import DensePostprocess, grouped_nms
+from detectors.postprocess import DensePostprocess, capped_nms_per_image, grouped_nms, nms_per_image
 from detectors.retinanet import AnchorGenerator
 
 
@@ -58,3 +58,30 @@ def test_grouped_nms_equals_torchvision_batched_nms(chunk_size):
     theirs = batched_nms(boxes, scores, groups, 0.5)
     assert torch.equal(ours.sort().values, theirs.sort().values)
     assert len(grouped_nms(boxes[:0], scores[:0], groups[:0], 0.5)) == 0
+
+
+def assert_equal_detections(ours, theirs):
+    assert len(ours) == len(theirs)
+    for o, t in zip(ours, theirs):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(o[key], t[key]), key
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("cap", [3, 10, 40, 1000])
+def test_capped_nms_per_image_equals_nms_per_image(seed, cap):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([[60, 80], [60, 80], [40, 40], [60, 80], [50, 50]])
+    per_image = [120, 5, 300, 0, 80]  # image 3 has no candidates
+    image_idx = torch.repeat_interleave(torch.arange(len(per_image)), torch.tensor(per_image))
+    n = len(image_idx)
+    xy = torch.rand(n, 2, generator=g) * 50
+    boxes = torch.cat((xy, xy + 3 + torch.rand(n, 2, generator=g) * 25), 1)
+    boxes[image_idx == 2] = torch.tensor([5.0, 5, 30, 30]) + torch.randn(300, 4, generator=g)  # one cluster: NMS
+    # keeps few, so the capped prefix falls short and the image is redone in full
+    scores = (torch.rand(n, generator=g) * 8).round() / 8 + 0.01  # many equal scores
+    labels = torch.randint(0, 3, (n,), generator=g)
+    plain = nms_per_image(boxes, scores, labels, image_idx, sizes, 0.5, 8)
+    assert_equal_detections(capped_nms_per_image(boxes, scores, labels, image_idx, sizes, 0.5, 8, cap), plain)
+    empty = capped_nms_per_image(boxes[:0], scores[:0], labels[:0], image_idx[:0], sizes, 0.5, 8, cap)
+    assert [len(d["scores"]) for d in empty] == [0] * len(sizes)

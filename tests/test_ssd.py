@@ -14,8 +14,8 @@ from detectors.assigners import IGNORE, BestMatchIoUAssigner
 from detectors.batch import collate_detection
 from detectors.boxes import BoxCoder
 from detectors.priors import Priors
-from detectors.ssd import (SSD300_LAYERS, DefaultBoxGenerator, MultiBoxLoss, VGG16Atrous, default_box_scales,
-                           load_vgg16_weights, torchvision_ssd_state_dict)
+from detectors.ssd import (SSD300_LAYERS, DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess, VGG16Atrous,
+                           default_box_scales, load_vgg16_weights, torchvision_ssd_state_dict)
 
 from .conftest import assert_same_detections, compose
 
@@ -269,3 +269,25 @@ def test_tiny_ssd_learns_a_fixed_batch():
     model.eval()
     detections = model.detect(batch)
     assert len(detections) == 8 and all(d["boxes"].shape[1] == 4 for d in detections)
+
+
+@pytest.mark.parametrize("score_thresh", [0.0, 0.01, 0.3])
+@pytest.mark.parametrize("boundary", ["keep", "ignore"])
+def test_fast_postprocess_equals_the_plain_one(score_thresh, boundary):
+    priors = DefaultBoxGenerator("ssd300")((300, 300), SSD300_MAPS)
+    n = priors.boxes.shape[0]
+    g = torch.Generator().manual_seed(3)
+    if boundary == "ignore":
+        priors = Priors(priors.boxes, priors.level_sizes, ignored=torch.rand(n, generator=g) < 0.3)
+    logits = torch.randn(3, n, 6, generator=g) * 2
+    logits[..., 0] += 5.0  # mostly background, as a trained SSD
+    logits[1, :50] = 0.0  # equal scores in every class
+    deltas = torch.randn(3, n, 4, generator=g) * 0.5
+    outputs, sizes = {"cls_logits": logits, "box_deltas": deltas}, torch.tensor([[300, 300]] * 3)
+    kw = dict(score_thresh=score_thresh, topk_per_class=100, nms_thresh=0.45, max_detections=50)
+    fast = SSDPostprocess(**kw)(outputs, priors, sizes)
+    plain = SSDPostprocess(**kw, fast=False)(outputs, priors, sizes)
+    for f, p in zip(fast, plain, strict=True):
+        assert len(p["scores"]) > 0
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(f[key], p[key]), key
