@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import lightning as L
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from detectors.batch import collate_detection
 
@@ -14,28 +16,75 @@ from detectors.batch import collate_detection
 SampleTransform = Callable[[Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
 
 
+class AspectRatioGroupedBatchSampler(BatchSampler):
+    """Batches whose images are all landscape (w ≥ h) or all portrait, so little of a padded batch is padding
+    (the grouping Detectron and torchvision's references use for RetinaNet). Takes indices from ``sampler`` in
+    its order and emits a group's batch once it holds ``batch_size``; what is left at the end is batched per group
+    unless ``drop_last``. Lightning swaps ``sampler`` for a DistributedSampler under DDP (the argument's name)."""
+
+    def __init__(self, sampler: Sampler[int], aspect_ratios: Sequence[float], batch_size: int,
+                 drop_last: bool = False) -> None:
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.aspect_ratios = list(aspect_ratios)
+        self.groups = [int(r >= 1.0) for r in self.aspect_ratios]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        buckets: dict[int, list[int]] = {0: [], 1: []}
+        for index in self.sampler:
+            bucket = buckets[self.groups[index]]
+            bucket.append(index)
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                bucket.clear()
+        if not self.drop_last:
+            for bucket in buckets.values():
+                if bucket:
+                    yield bucket
+
+    def __len__(self) -> int:
+        counts = [0, 0]
+        for index in self.sampler:
+            counts[self.groups[index]] += 1
+        if self.drop_last:
+            return sum(c // self.batch_size for c in counts)
+        return sum(math.ceil(c / self.batch_size) for c in counts)
+
+
 class DetectionDataModule(L.LightningDataModule):
     """Subclasses set ``self.train_set`` / ``self.val_set`` in ``__init__`` or ``setup``; loaders are built here.
 
     ``train_transform`` / ``val_transform`` (None: none) are applied by those data sets, last in
     ``__getitem__``, so ``train_set[i]`` is exactly what the model receives (datamodules/browse.py shows it).
+    ``size_divisible`` pads each batch's height and width up to a multiple (RetinaNet: 128);
+    ``aspect_ratio_grouping`` batches training images by orientation, for data sets with ``aspect_ratios()``.
+    ``persistent_workers`` (None: whenever there are workers) keeps loader workers between epochs.
     """
 
     def __init__(self, classes: Sequence[str], batch_size: int = 8, val_batch_size: int | None = None,
-                 num_workers: int = 0, pin_memory: bool = False, train_transform: SampleTransform | None = None,
-                 val_transform: SampleTransform | None = None) -> None:
+                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool | None = None,
+                 train_transform: SampleTransform | None = None, val_transform: SampleTransform | None = None,
+                 size_divisible: int = 1, aspect_ratio_grouping: bool = False) -> None:
         super().__init__()
         self.classes = list(classes)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers = num_workers > 0 and persistent_workers is not False
         self.train_transform, self.val_transform = train_transform, val_transform
+        if size_divisible < 1:
+            raise ValueError(f"data.size_divisible={size_divisible}: must be ≥ 1 (1: no extra padding)")
+        self.size_divisible, self.aspect_ratio_grouping = int(size_divisible), aspect_ratio_grouping
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=collate_detection, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, drop_last=shuffle)
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      persistent_workers=self.persistent_workers,
+                      collate_fn=partial(collate_detection, size_divisible=self.size_divisible))
+        if shuffle and self.aspect_ratio_grouping and hasattr(dataset, "aspect_ratios"):
+            batches = AspectRatioGroupedBatchSampler(RandomSampler(dataset), dataset.aspect_ratios(), batch_size,
+                                                     drop_last=True)
+            return DataLoader(dataset, batch_sampler=batches, **common)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)

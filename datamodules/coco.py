@@ -16,6 +16,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from pycocotools.coco import COCO
@@ -97,6 +98,10 @@ class COCODataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def aspect_ratios(self) -> list[float]:
+        """Width ÷ height from the json, without decoding images."""
+        return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.image_ids]
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         info = self.coco.imgs[self.image_ids[index]]
         path = self.image_dir / info["file_name"]
@@ -144,9 +149,8 @@ class COCODataModule(DetectionDataModule):
 
     def __init__(self, root: str, classes: Sequence[str], train_split: str = "train2017",
                  val_split: str = "val2017", train_empty_images: bool = False, batch_size: int = 16,
-                 val_batch_size: int | None = None, num_workers: int = 4, pin_memory: bool = False,
-                 train_transform: SampleTransform | None = None, val_transform: SampleTransform | None = None) -> None:
-        super().__init__(classes, batch_size, val_batch_size, num_workers, pin_memory, train_transform, val_transform)
+                 num_workers: int = 4, **loader: Any) -> None:
+        super().__init__(classes, batch_size, num_workers=num_workers, **loader)  # see DetectionDataModule
         if root is None or str(root) in ("", "???"):
             raise ValueError("data.root is not set: give the folder holding annotations/ and the split folders, "
                              "e.g. data.root=/data/coco")

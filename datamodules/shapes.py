@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -117,6 +118,9 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
+    def aspect_ratios(self) -> list[float]:
+        return [1.0] * self.size  # square images
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         if not 0 <= index < self.size:
             raise IndexError(index)
@@ -134,13 +138,12 @@ class ShapesDataModule(DetectionDataModule):
     def __init__(self, classes: Sequence[str] = SHAPE_CLASSES, image_size: int = 128, num_train: int = 4096,
                  num_val: int = 256, seed: int = 0, min_objects: int = 1, max_objects: int = 6,
                  min_object_size: float = 10.0, max_object_fraction: float = 0.8, batch_size: int = 16,
-                 val_batch_size: int | None = None, num_workers: int = 0, pin_memory: bool = False,
-                 train_transform: SampleTransform | None = None, val_transform: SampleTransform | None = None) -> None:
-        super().__init__(classes, batch_size, val_batch_size, num_workers, pin_memory, train_transform, val_transform)
+                 **loader: Any) -> None:
+        super().__init__(classes, batch_size, **loader)  # loader and transform settings: DetectionDataModule
         if min_object_size >= max_object_fraction * image_size:
             raise ValueError(f"data.min_object_size={min_object_size} must be below "
                              f"data.max_object_fraction × data.image_size = {max_object_fraction * image_size}")
         common = dict(image_size=image_size, classes=self.classes, min_objects=min_objects, max_objects=max_objects,
                       min_object_size=min_object_size, max_object_fraction=max_object_fraction)
-        self.train_set = ShapesDataset(num_train, seed=2 * seed, transform=train_transform, **common)
-        self.val_set = ShapesDataset(num_val, seed=2 * seed + 1, transform=val_transform, **common)
+        self.train_set = ShapesDataset(num_train, seed=2 * seed, transform=self.train_transform, **common)
+        self.val_set = ShapesDataset(num_val, seed=2 * seed + 1, transform=self.val_transform, **common)

@@ -9,7 +9,9 @@ Images stay uint8: the detector normalises on the device (DESIGN.md §2).
 pipeline: photometric distortion → zoom out (expansion) → sampled patch (``MinIoURandomCrop``) → horizontal
 flip → resize to the network input → drop boxes under 1 px (``drop_small_boxes``). Each step has a switch, for
 the paper's Table 2 ablation. ``YOLOAugmentation`` is Redmon et al. 2016, §2.2: random scaling and translation
-up to 20 % of the image size, exposure and saturation up to a factor 1.5 in HSV (``RandomHSVScale``). It is built from ``torchvision.transforms.v2`` on ``tv_tensors`` except the patch
+up to 20 % of the image size, exposure and saturation up to a factor 1.5 in HSV (``RandomHSVScale``).
+``ShortSideAugmentation`` / ``ShortSideResize`` are RetinaNet's (§4.1, §5.1): shorter side 800 (or jittered),
+longer side ≤ 1333, aspect ratio kept, flip. It is built from ``torchvision.transforms.v2`` on ``tv_tensors`` except the patch
 sampler: torchvision's ``RandomIoUCrop`` never crops an image without objects (each trial needs a box centre
 inside) and, when its trials fail, redraws another IoU option instead of keeping the image, which skews the
 options' frequencies. ``ResizeTo`` is the matching validation transform.
@@ -291,25 +293,69 @@ class YOLOAugmentation(BoxPipeline):
                 f"scale={self.scale}, translate={self.translate}, fill={self.fill})")
 
 
+def resize_sample(image: Tensor, target: dict[str, Tensor], new_h: int, new_w: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """Resize image and boxes to (new_h, new_w) and record ``target["scale"] = (sy, sx)`` = new size ÷ original
+    size, times any scale already there, which ``DetectionBatch.boxes_in_original_frame`` divides out."""
+    h, w = image.shape[-2:]
+    if (h, w) != (new_h, new_w):
+        image = F.resize(image, [new_h, new_w], antialias=True)
+    sy, sx = new_h / h, new_w / w
+    boxes = target["boxes"].to(torch.float32)
+    return image, {**target, "boxes": boxes * boxes.new_tensor([sx, sy, sx, sy]),
+                   "scale": target.get("scale", torch.ones(2)).float() * torch.tensor([sy, sx])}
+
+
+def short_side_size(h: int, w: int, min_size: int, max_size: int | None) -> tuple[int, int]:
+    """(h, w) scaled so the shorter side is ``min_size`` unless the longer would pass ``max_size`` (then the longer
+    is ``max_size``); truncated to whole pixels as ``v2.RandomShortestSize`` does, so training and validation agree."""
+    r = min_size / min(h, w)
+    if max_size is not None:
+        r = min(r, max_size / max(h, w))
+    return max(1, int(h * r)), max(1, int(w * r))
+
+
 class ResizeTo:
     """Validation/test: resize to the network input (int or (h, w)), boxes with it; no box is dropped.
-
-    Sets ``target["scale"] = (sy, sx)`` = input size ÷ original size, times any scale already there, which
-    ``DetectionBatch.boxes_in_original_frame`` divides out to report detections in original pixels.
-    """
+    Sets ``target["scale"]`` (``resize_sample``) to report detections in original pixels."""
 
     def __init__(self, size: int | Sequence[int]) -> None:
         self.size = input_size(size, "data.val_transform.size")
 
     def __call__(self, image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        (h, w), (new_h, new_w) = image.shape[-2:], self.size
-        if (h, w) != (new_h, new_w):
-            image = F.resize(image, [new_h, new_w], antialias=True)
-        sy, sx = new_h / h, new_w / w
-        boxes = target["boxes"].to(torch.float32)
-        out = {**target, "boxes": boxes * boxes.new_tensor([sx, sy, sx, sy]),
-               "scale": target.get("scale", torch.ones(2)).float() * torch.tensor([sy, sx])}
-        return image, out
+        return resize_sample(image, target, *self.size)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size})"
+
+
+class ShortSideResize:
+    """Validation/test for RetinaNet (§4: "resized such that their scale (shorter edge) is 800 pixels", Detectron's
+    1333 cap on the longer side): the aspect ratio is kept; sets ``target["scale"]`` like ``ResizeTo``."""
+
+    def __init__(self, min_size: int = 800, max_size: int | None = 1333) -> None:
+        if min_size < 1 or (max_size is not None and max_size < min_size):
+            raise ValueError(f"data.val_transform: min_size={min_size}, max_size={max_size}: need 1 ≤ min_size ≤ "
+                             f"max_size (or max_size null)")
+        self.min_size, self.max_size = int(min_size), max_size
+
+    def __call__(self, image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return resize_sample(image, target, *short_side_size(*image.shape[-2:], self.min_size, self.max_size))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(min_size={self.min_size}, max_size={self.max_size})"
+
+
+class ShortSideAugmentation(BoxPipeline):
+    """RetinaNet's training augmentation: horizontal flip (§4.1: "the only form of data augmentation") and, with
+    several ``min_sizes``, scale jitter (§5.1; one shorter side drawn per image, ``v2.RandomShortestSize``), the
+    longer side capped at ``max_size``; the aspect ratio is kept."""
+
+    def __init__(self, min_sizes: Sequence[int] = (800,), max_size: int | None = 1333, flip: bool = True) -> None:
+        self.min_sizes, self.max_size, self.flip = [int(m) for m in min_sizes], max_size, flip
+        if not self.min_sizes or min(self.min_sizes) < 1 or (max_size is not None and max_size < max(self.min_sizes)):
+            raise ValueError(f"data.train_transform: min_sizes={list(min_sizes)}, max_size={max_size}: need sizes "
+                             f"≥ 1 and ≤ max_size (or max_size null)")
+        self.compose([v2.RandomShortestSize(self.min_sizes, max_size, antialias=True)], flip, None)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(min_sizes={self.min_sizes}, max_size={self.max_size}, flip={self.flip})"

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import defusedxml.ElementTree as SafeET
 import torch
@@ -152,6 +153,10 @@ class VOCDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def aspect_ratios(self) -> list[float]:
+        """Width ÷ height from the annotations, without decoding images (1.0 where <size> is missing)."""
+        return [r.width / r.height if r.height and r.width else 1.0 for r in self.records]
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         record = self.records[index]
         image = read_image(record.image_path)
@@ -185,10 +190,8 @@ class VOCDataModule(DetectionDataModule):
     def __init__(self, root: str, train_sets: Sequence[Sequence] = ((2007, "trainval"), (2012, "trainval")),
                  val_sets: Sequence[Sequence] = ((2007, "test"),), classes: Sequence[str] = VOC_CLASSES,
                  train_difficult: bool = False, unknown_classes: str = "error", download: bool = False,
-                 batch_size: int = 32, val_batch_size: int | None = None, num_workers: int = 4,
-                 pin_memory: bool = False, train_transform: SampleTransform | None = None,
-                 val_transform: SampleTransform | None = None) -> None:
-        super().__init__(classes, batch_size, val_batch_size, num_workers, pin_memory, train_transform, val_transform)
+                 batch_size: int = 32, num_workers: int = 4, **loader: Any) -> None:
+        super().__init__(classes, batch_size, num_workers=num_workers, **loader)  # see DetectionDataModule
         if root is None or str(root) in ("", "???"):
             raise ValueError("data.root is not set: give the VOCdevkit folder, e.g. data.root=/data/VOCdevkit")
         self.root = Path(root)
@@ -224,6 +227,9 @@ class VOCDataModule(DetectionDataModule):
 
 class ImageIdOffsets(ConcatDataset):
     """Concatenated sets with ``image_id`` made unique across them (each set numbers its images from 0)."""
+
+    def aspect_ratios(self) -> list[float]:
+        return [r for d in self.datasets for r in d.aspect_ratios()]
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         image, target = super().__getitem__(index)

@@ -51,13 +51,14 @@ class DetectionBatch:
         return out
 
 
-def collate_detection(samples: list[tuple[Tensor, dict[str, Tensor]]]) -> DetectionBatch:
-    """Stack (image uint8 (3,h,w), target dict) pairs: pad images to the largest h, w and targets to M."""
+def collate_detection(samples: list[tuple[Tensor, dict[str, Tensor]]], size_divisible: int = 1) -> DetectionBatch:
+    """Stack (image uint8 (3,h,w), target dict) pairs: pad images to the largest h, w (rounded up to a multiple of
+    ``size_divisible``) and targets to M."""
     images = [img for img, _ in samples]
     targets = [t for _, t in samples]
     b = len(samples)
-    h = max(img.shape[-2] for img in images)
-    w = max(img.shape[-1] for img in images)
+    h = -(-max(img.shape[-2] for img in images) // size_divisible) * size_divisible
+    w = -(-max(img.shape[-1] for img in images) // size_divisible) * size_divisible
     batch_images = torch.zeros((b, 3, h, w), dtype=torch.uint8)
     for i, img in enumerate(images):
         batch_images[i, :, : img.shape[-2], : img.shape[-1]] = img

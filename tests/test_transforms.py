@@ -11,8 +11,9 @@ from hydra.utils import instantiate
 from torchvision.transforms.v2 import functional as F
 
 from datamodules.browse import main as browse_main
-from datamodules.transforms import (MinIoURandomCrop, RandomHSVScale, ResizeTo, SSDAugmentation, YOLOAugmentation,
-                                   scale_saturation_value)
+from datamodules.base import AspectRatioGroupedBatchSampler
+from datamodules.transforms import (MinIoURandomCrop, RandomHSVScale, ResizeTo, ShortSideAugmentation, ShortSideResize,
+                                   SSDAugmentation, YOLOAugmentation, scale_saturation_value)
 from detectors.batch import collate_detection
 
 from .conftest import compose
@@ -312,7 +313,8 @@ def test_browse_writes_a_png_grid(tmp_path, capsys):
     assert path == out and out.is_file() and str(out.resolve()) in capsys.readouterr().out
     # 5 images of 96 px (48 × zoom 2) in rows of 3: 2 rows, 2 px padding around each
     assert Image.open(out).size == (3 * 96 + 4 * 2, 2 * 96 + 3 * 2)
-    path = browse_main(["data.image_size=64", "data.num_val=4", "split=val", "n=4", f"out={out}", "zoom=1"])
+    path = browse_main(["data.image_size=64", "data/transform=none", "data.num_val=4", "split=val", "n=4",
+                        f"out={out}", "zoom=1"])
     assert Image.open(path).size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
 
 
@@ -419,3 +421,93 @@ def test_yolo_transform_group_wires_both_splits():
     t = cfg.data.train_transform
     assert (t.scale, t.translate, t.exposure, t.saturation) == (0.2, 0.2, 1.5, 1.5)
     assert data.train_set[0][0].shape == data.val_set[0][0].shape == (3, 448, 448)
+
+
+# --- RetinaNet: shorter side 800 (jittered in training), longer ≤ 1333, aspect-ratio batches padded to 128 -------
+@pytest.mark.parametrize(("h", "w", "expected"), [(375, 500, (800, 1066)), (500, 375, (1066, 800)),
+                                                   (300, 1000, (399, 1333)), (800, 800, (800, 800))])
+def test_short_side_resize_keeps_the_aspect_ratio_and_maps_back(h, w, expected):
+    image, target = random_sample(torch.Generator().manual_seed(12), h, w, n=3)
+    out_image, out = ShortSideResize(800, 1333)(image, target)
+    assert tuple(out_image.shape[-2:]) == expected
+    # the same size as torchvision's RandomShortestSize with one choice, which training uses
+    from torchvision.transforms import v2
+
+    assert tuple(v2.RandomShortestSize([800], 1333)(image).shape[-2:]) == expected
+    batch = collate_detection([(out_image, out)])
+    torch.testing.assert_close(batch.boxes_in_original_frame(batch.boxes[0], 0), target["boxes"], rtol=0, atol=1e-3)
+
+
+def test_short_side_augmentation_draws_its_sizes_and_flips():
+    augment = ShortSideAugmentation(min_sizes=[40, 48, 56], max_size=100, flip=True)
+    shorts, flipped = set(), set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        image, target = square_sample(40, 60)
+        out_image, out = augment(image, target)
+        h, w = out_image.shape[-2:]
+        shorts.add(h)
+        assert w == int(60 * h / 40) and w <= 100
+        s = h / 40
+        x0, y0, x1, y1 = out["boxes"][0].tolist()
+        assert y0 == pytest.approx(5 * s, abs=0.1) and x1 - x0 == pytest.approx(10 * w / 60, abs=0.1)
+        flipped.add(x0 > w / 2)
+    assert shorts == {40, 48, 56} and flipped == {True, False}
+    with pytest.raises(ValueError, match="max_size"):
+        ShortSideAugmentation(min_sizes=[800], max_size=600)
+
+
+def test_collate_pads_to_a_multiple():
+    samples = [(torch.ones(3, 130, 200, dtype=torch.uint8), empty_target()),
+               (torch.ones(3, 90, 257, dtype=torch.uint8), empty_target())]
+    batch = collate_detection(samples, size_divisible=128)
+    assert batch.images.shape == (2, 3, 256, 384) and batch.image_sizes.tolist() == [[130, 200], [90, 257]]
+    assert batch.images[0, :, :130, :200].all() and not batch.images[0, :, 130:].any()
+
+
+def test_aspect_ratio_batches_hold_one_orientation_and_every_index_once():
+    ratios = [1.5, 0.7, 1.0, 0.5, 1.33, 0.75, 2.0, 0.8, 1.2, 0.6, 1.1]
+    sampler = AspectRatioGroupedBatchSampler(list(range(len(ratios)))[::-1], ratios, batch_size=2)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 6
+    assert sorted(i for b in batches for i in b) == list(range(len(ratios)))
+    for b in batches:
+        assert len({ratios[i] >= 1 for i in b}) == 1
+    dropped = AspectRatioGroupedBatchSampler(range(len(ratios)), ratios, batch_size=2, drop_last=True)
+    assert len(list(dropped)) == len(dropped) == 5 and all(len(b) == 2 for b in dropped)
+
+
+@pytest.mark.parametrize(("model", "transform", "size"), [
+    ("retinanet", ShortSideAugmentation, None), ("retinanet_torchvision", ShortSideAugmentation, None),
+    ("ssd", SSDAugmentation, (300, 300)), ("ssd512", SSDAugmentation, (512, 512)),
+    ("ssd_torchvision", SSDAugmentation, (300, 300)), ("yolo", YOLOAugmentation, (448, 448)),
+    ("yolo_fast", YOLOAugmentation, (448, 448))])
+def test_each_model_brings_its_papers_augmentation_and_input_size(model, transform, size):
+    cfg = compose(f"model={model}", "data.num_train=2", "data.num_val=2")
+    data = instantiate(cfg.data)
+    assert type(data.train_transform) is transform
+    if size:
+        assert data.train_transform.size == size and data.val_transform.size == size
+    else:
+        assert data.train_transform.min_sizes[-1] == 800 and data.val_transform.min_size == 800
+        assert data.size_divisible == 128 and data.aspect_ratio_grouping
+        loader = data.train_dataloader()
+        assert isinstance(loader.batch_sampler, AspectRatioGroupedBatchSampler)
+
+
+def test_lightning_injects_its_distributed_sampler_into_the_grouped_batches():
+    """What the Trainer does under DDP: the loader is built inside Lightning's init-capture, then re-made with a
+    DistributedSampler; each rank then gets half of the batches, still grouped."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    data = instantiate(compose("data.num_train=40", "data.batch_size=4").data)
+    with _replace_dunder_methods(BatchSampler, "__pl_saved_args"):
+        loader = data.train_dataloader()
+    seen = []
+    for rank in (0, 1):
+        ranked = _update_dataloader(loader, DistributedSampler(data.train_set, num_replicas=2, rank=rank, seed=0))
+        assert isinstance(ranked.batch_sampler, AspectRatioGroupedBatchSampler) and len(ranked) == 5
+        seen += [i for b in ranked.batch_sampler for i in b]
+    assert sorted(seen) == list(range(40))
