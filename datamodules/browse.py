@@ -72,7 +72,7 @@ def browse(overrides: list[str], split: str = "train", n: int = 16, out: str | P
         datamodule.setup("fit")
         dataset = getattr(datamodule, f"{split}_set")
     indices = torch.randperm(len(dataset))[:n].tolist()
-    batch = collate_detection([dataset[i] for i in indices])
+    batch = collate_detection([dataset[i] for i in indices], getattr(datamodule, "size_divisible", 1))
     zoom = zoom or max(1, math.ceil(MIN_SHOWN_SIDE / min(batch.input_size)))
     images = batch.images.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)  # nearest: pixels kept
     drawn = [draw_sample(images[i], batch.boxes[i][batch.valid[i]] * zoom, batch.labels[i][batch.valid[i]],

@@ -10,6 +10,33 @@ from .boxes import batched_box_iou
 from .priors import Priors
 
 IGNORE = -1  # label of priors that get no loss at all
+CROWD_IOA = 0.7  # Detectron's TRAIN.CROWD_FILTER_THRESH: anchors this much inside a crowd region get no label
+
+
+def crowd_overlap(priors: Tensor, targets: DetectionBatch) -> Tensor:
+    """(B, N): the largest fraction of each prior's area that lies inside one of its image's crowd boxes."""
+    b = len(targets)
+    counts = targets.crowd.sum(1)
+    m = int(counts.max())
+    # the crowd boxes of each image, packed to (B, m); padding slots are empty boxes
+    slot = torch.cumsum(targets.crowd.long(), 1) - 1
+    crowd = targets.boxes.new_zeros(b, m, 4)
+    img, obj = torch.nonzero(targets.crowd, as_tuple=True)
+    crowd[img, slot[img, obj]] = targets.boxes[img, obj]
+    wh = (torch.minimum(crowd[:, :, None, 2:], priors[None, None, :, 2:])
+          - torch.maximum(crowd[:, :, None, :2], priors[None, None, :, :2])).clamp(min=0)  # (B, m, N, 2)
+    area = ((priors[:, 2] - priors[:, 0]) * (priors[:, 3] - priors[:, 1])).clamp(min=1e-6)
+    return (wh[..., 0] * wh[..., 1] / area).amax(dim=1)
+
+
+def ignore_crowd_regions(labels: Tensor, priors: Tensor, targets: DetectionBatch, num_classes: int,
+                         crowd_ioa: float | None) -> Tensor:
+    """Background priors mostly inside a crowd region (COCO ``iscrowd``) become ``IGNORE``: the region holds
+    objects nobody boxed, so it must not be taught as background. Positives keep their label."""
+    if crowd_ioa is None or not bool(targets.crowd.any()):
+        return labels
+    inside = crowd_overlap(priors, targets) > crowd_ioa
+    return labels.masked_fill(inside & (labels == num_classes), IGNORE)
 
 
 class MaxIoUAssigner:
@@ -18,16 +45,19 @@ class MaxIoUAssigner:
     A prior is positive when its best IoU with a ground truth is ≥ ``pos_iou``, background when < ``neg_iou``
     and ignored in between. With ``low_quality_matches`` every ground truth also claims the prior(s) it
     overlaps most, so no object is left without a positive (the prior keeps its own best ground truth, as in
-    torchvision/detectron2). Crowd boxes never make positives.
+    torchvision/detectron2). Crowd boxes never make positives, and background priors more than ``crowd_ioa``
+    inside one are ignored (None: they stay background).
 
     Returns ``labels`` (B, N): class for positives, ``num_classes`` for background, ``IGNORE`` (−1) for
     ignored; and ``boxes`` (B, N, 4): the matched ground-truth box of every prior (meaningful for positives).
     """
 
-    def __init__(self, pos_iou: float = 0.5, neg_iou: float = 0.4, low_quality_matches: bool = True) -> None:
+    def __init__(self, pos_iou: float = 0.5, neg_iou: float = 0.4, low_quality_matches: bool = True,
+                 crowd_ioa: float | None = CROWD_IOA) -> None:
         if neg_iou > pos_iou:
             raise ValueError(f"assigner.neg_iou={neg_iou} must not exceed assigner.pos_iou={pos_iou}")
         self.pos_iou, self.neg_iou, self.low_quality_matches = pos_iou, neg_iou, low_quality_matches
+        self.crowd_ioa = crowd_ioa
 
     @torch.no_grad()
     def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
@@ -45,6 +75,7 @@ class MaxIoUAssigner:
             is_best = (iou == best_per_gt) & (best_per_gt > 0) & gt_ok[..., None]
             low_quality = is_best.any(dim=1)
             labels = torch.where(low_quality, torch.gather(targets.labels, 1, best_gt), labels)
+        labels = ignore_crowd_regions(labels, priors.boxes, targets, num_classes, self.crowd_ioa)
         if priors.ignored is not None:
             labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
         boxes = torch.gather(targets.boxes, 1, best_gt[..., None].expand(-1, -1, 4))
@@ -57,12 +88,13 @@ class BestMatchIoUAssigner:
     positive of that ground truth; all others are background. No ignored band.
 
     When two objects claim the same best prior, the one overlapping it more keeps it (the other still gets
-    every prior above the threshold). A claim needs IoU > 0. Crowd boxes never make positives; priors marked
-    ``ignored`` (boundary boxes, when dropped) get ``IGNORE``. Same outputs as ``MaxIoUAssigner``.
+    every prior above the threshold). A claim needs IoU > 0. Crowd boxes never make positives, and background
+    priors more than ``crowd_ioa`` inside one are ignored (no hard negatives there); priors marked ``ignored``
+    (boundary boxes, when dropped) get ``IGNORE``. Same outputs as ``MaxIoUAssigner``.
     """
 
-    def __init__(self, pos_iou: float = 0.5) -> None:
-        self.pos_iou = pos_iou
+    def __init__(self, pos_iou: float = 0.5, crowd_ioa: float | None = CROWD_IOA) -> None:
+        self.pos_iou, self.crowd_ioa = pos_iou, crowd_ioa
 
     @torch.no_grad()
     def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
@@ -89,6 +121,7 @@ class BestMatchIoUAssigner:
 
         positive = claimed | (best_iou > self.pos_iou)
         labels = torch.where(positive, torch.gather(targets.labels, 1, best_gt), num_classes)
+        labels = ignore_crowd_regions(labels, priors.boxes, targets, num_classes, self.crowd_ioa)
         if priors.ignored is not None:
             labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
         # rows of the flattened (B·M, 4) boxes: an index_select, much cheaper than gather on an expanded index

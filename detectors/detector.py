@@ -42,7 +42,8 @@ class Detector(L.LightningModule):
                  loss: Any, postprocess: Any, class_names: Sequence[str],
                  pixel_mean: Sequence[float] = (0.485, 0.456, 0.406), pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 scheduler: dict[str, Any] | None = None, num_prediction_layers: int | None = None) -> None:
+                 scheduler: dict[str, Any] | None = None, num_prediction_layers: int | None = None,
+                 class_metrics: bool = True) -> None:
         super().__init__()
         # SSD's Table 3 sweep key: its backbone and priors read it from the config; kept for the record
         self.num_prediction_layers = num_prediction_layers
@@ -59,7 +60,8 @@ class Detector(L.LightningModule):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1) * 255, persistent=False)
         self.optimizer_factory = optimizer
         self.scheduler_cfg = dict(scheduler or {})
-        self.val_metrics = DetectionMetrics(self.class_names)
+        # class_metrics: per-class AP as val/ap/<class>; false keeps logs short with many classes
+        self.val_metrics = DetectionMetrics(self.class_names, class_metrics=class_metrics)
         self.model_config: dict | None = None  # the Hydra config that built this module, saved in checkpoints
 
     # --- the model -------------------------------------------------------------------------------------

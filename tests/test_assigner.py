@@ -66,8 +66,10 @@ def test_low_quality_match_rescues_an_object_no_anchor_fits():
 def test_empty_image_and_crowd_give_no_positives():
     priors = grid_priors()
     batch = batch_of(([], [], {}), ([[0, 0, 16, 12]], [1], {"iscrowd": torch.tensor([1])}))
-    labels = MaxIoUAssigner()(priors, batch, K)["labels"]
+    labels = MaxIoUAssigner(crowd_ioa=None)(priors, batch, K)["labels"]
     assert (labels == K).all()
+    labels = MaxIoUAssigner()(priors, batch, K)["labels"]  # by default, background inside the crowd is ignored
+    assert ((labels == K) | (labels == IGNORE)).all() and (labels[1] == IGNORE).any()
 
 
 def best_match_dense(priors, targets, num_classes, pos_iou=0.5):
@@ -106,6 +108,33 @@ def test_best_match_assigner_equals_the_dense_formulation(seed):
                            boxes=boxes, labels=torch.randint(0, K, (b, m), generator=g), valid=valid,
                            difficult=torch.zeros_like(valid), crowd=crowd, scales=torch.ones(b, 2),
                            image_ids=torch.arange(b))
-    out, expected = BestMatchIoUAssigner(0.5)(priors, batch, K), best_match_dense(priors, batch, K)
+    out, expected = BestMatchIoUAssigner(0.5, crowd_ioa=None)(priors, batch, K), best_match_dense(priors, batch, K)
     assert torch.equal(out["labels"], expected["labels"])
     assert torch.equal(out["boxes"], expected["boxes"])
+
+
+def area_inside(prior, box):
+    iw = max(0.0, min(prior[2], box[2]) - max(prior[0], box[0]))
+    ih = max(0.0, min(prior[3], box[3]) - max(prior[1], box[1]))
+    return iw * ih / ((prior[2] - prior[0]) * (prior[3] - prior[1]))
+
+
+@pytest.mark.parametrize("assigner", [MaxIoUAssigner(0.5, 0.4, True, crowd_ioa=0.7), BestMatchIoUAssigner(0.5, 0.7)])
+def test_background_inside_crowd_regions_is_ignored_and_positives_stay(assigner):
+    priors = grid_priors()
+    crowd_box, person = [0, 0, 40, 30], [8, 8, 24, 20]  # a person inside the crowd region keeps its positives
+    batch = batch_of(([person, crowd_box, [44, 44, 60, 60]], [1, 0, 2], {"iscrowd": torch.tensor([0, 1, 0])}),
+                     ([crowd_box], [3], {"iscrowd": torch.tensor([1])}),
+                     ([[44, 44, 60, 60]], [2], {}))
+    plain = type(assigner)(**{**vars(assigner), "crowd_ioa": None})(priors, batch, K)["labels"]
+    out = assigner(priors, batch, K)["labels"]
+    for i in range(3):
+        crowd = batch.boxes[i][batch.valid[i] & batch.crowd[i]].tolist()
+        for n, prior in enumerate(priors.boxes.tolist()):
+            inside = any(area_inside(prior, c) > 0.7 for c in crowd)
+            if plain[i, n] == K and inside:
+                assert out[i, n] == IGNORE
+            else:
+                assert out[i, n] == plain[i, n]  # positives, the other background and ignored priors unchanged
+    assert (out[1] == IGNORE).sum() > 20 and not (out[1] < K).logical_and(out[1] >= 0).any()  # crowd: no positive
+    assert ((out[0] == 1).sum() > 0) and torch.equal(out[2], plain[2])

@@ -122,10 +122,12 @@ def test_best_match_then_iou_assignment():
     priors = Priors(torch.tensor([[0, 0, 10, 10], [0, 0, 12, 10], [40, 40, 60, 60], [100, 100, 120, 120],
                                   [200, 200, 230, 230]], dtype=torch.float32), [5])
     # object 0 overlaps priors 0 (IoU 1) and 1 (IoU 10/12 > 0.5); object 1 has no prior above 0.5, keeps its
-    # best (prior 2, IoU 0.25); the crowd box covers prior 3 exactly but never makes a positive
+    # best (prior 2, IoU 0.25); the crowd box covers prior 3 exactly but never makes a positive: it is
+    # background without crowd handling, ignored (no hard negative) with it
     batch = make_batch([[[0, 0, 10, 10], [40, 40, 80, 80], [100, 100, 120, 120]]], [[3, 1, 2]], [[0, 0, 1]])
-    out = BestMatchIoUAssigner(0.5)(priors, batch, num_classes=4)
+    out = BestMatchIoUAssigner(0.5, crowd_ioa=None)(priors, batch, num_classes=4)
     assert out["labels"][0].tolist() == [3, 3, 1, 4, 4]
+    assert BestMatchIoUAssigner(0.5)(priors, batch, num_classes=4)["labels"][0].tolist() == [3, 3, 1, IGNORE, 4]
     torch.testing.assert_close(out["boxes"][0, 2], torch.tensor([40.0, 40, 80, 80]))
 
 
