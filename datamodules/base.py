@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -12,8 +13,32 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from detectors.batch import collate_detection
 
+from .images import ImageReadError
+
+log = logging.getLogger(__name__)
+
 # (image uint8 (3, h, w), target dict) -> the same, e.g. datamodules.transforms.SSDAugmentation / ResizeTo
 SampleTransform = Callable[[Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
+
+
+class SkipBadImages(Dataset):
+    """``dataset`` where an image that cannot be read (``ImageReadError``: missing, empty, corrupt) is replaced by
+    the next readable one, each skip logged with the file and the count so far (in this process)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset, self.skipped = dataset, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        for step in range(len(self.dataset)):
+            try:
+                return self.dataset[(index + step) % len(self.dataset)]
+            except ImageReadError as e:
+                self.skipped += 1
+                log.warning("%s; skipped (data.bad_images=skip): %d image(s) skipped so far", e, self.skipped)
+        raise ImageReadError(f"none of the {len(self.dataset)} images could be read (data.bad_images=skip)")
 
 
 class AspectRatioGroupedBatchSampler(BatchSampler):
@@ -58,12 +83,14 @@ class DetectionDataModule(L.LightningDataModule):
     ``size_divisible`` pads each batch's height and width up to a multiple (RetinaNet: 128);
     ``aspect_ratio_grouping`` batches training images by orientation, for data sets with ``aspect_ratios()``.
     ``persistent_workers`` (None: whenever there are workers) keeps loader workers between epochs.
+    ``bad_images``: an image file that cannot be read stops the run with its path (``error``) or is replaced by
+    the next one with a warning and a count (``skip``).
     """
 
     def __init__(self, classes: Sequence[str], batch_size: int = 8, val_batch_size: int | None = None,
                  num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool | None = None,
                  train_transform: SampleTransform | None = None, val_transform: SampleTransform | None = None,
-                 size_divisible: int = 1, aspect_ratio_grouping: bool = False) -> None:
+                 size_divisible: int = 1, aspect_ratio_grouping: bool = False, bad_images: str = "error") -> None:
         super().__init__()
         self.classes = list(classes)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
@@ -73,6 +100,9 @@ class DetectionDataModule(L.LightningDataModule):
         if size_divisible < 1:
             raise ValueError(f"data.size_divisible={size_divisible}: must be ≥ 1 (1: no extra padding)")
         self.size_divisible, self.aspect_ratio_grouping = int(size_divisible), aspect_ratio_grouping
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"data.bad_images={bad_images!r}: choose 'error' or 'skip'")
+        self.bad_images = bad_images
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -80,9 +110,11 @@ class DetectionDataModule(L.LightningDataModule):
         common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
                       persistent_workers=self.persistent_workers,
                       collate_fn=partial(collate_detection, size_divisible=self.size_divisible))
-        if shuffle and self.aspect_ratio_grouping and hasattr(dataset, "aspect_ratios"):
-            batches = AspectRatioGroupedBatchSampler(RandomSampler(dataset), dataset.aspect_ratios(), batch_size,
-                                                     drop_last=True)
+        ratios = dataset.aspect_ratios() if hasattr(dataset, "aspect_ratios") else None
+        if self.bad_images == "skip":
+            dataset = SkipBadImages(dataset)
+        if shuffle and self.aspect_ratio_grouping and ratios is not None:
+            batches = AspectRatioGroupedBatchSampler(RandomSampler(dataset), ratios, batch_size, drop_last=True)
             return DataLoader(dataset, batch_sampler=batches, **common)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, **common)
 

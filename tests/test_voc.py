@@ -249,3 +249,22 @@ def test_missing_empty_and_corrupt_images_name_the_file(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(b"not an image" + buf.getvalue()[:50])
     with pytest.raises(ImageReadError, match=r"cut\.jpg: cannot decode"):
         read_image(tmp_path / "cut.jpg")
+
+
+def test_unreadable_images_stop_the_run_or_are_skipped_with_a_count(tmp_path, caplog):
+    xmls = {i: voc_xml(obj("dog", "1 1 20 20")) for i in ("a", "b", "c")}
+    root = write_devkit(tmp_path, xmls, {"a": rgb(), "b": b"", "c": rgb()})  # b: a zero-byte file
+    data = VOCDataModule(str(root), train_sets=[[2007, "train"]], val_sets=[[2007, "train"]], num_workers=0,
+                         batch_size=3)
+    data.setup("fit")
+    with pytest.raises(ImageReadError, match=r"b\.jpg: the image file is empty"):
+        next(iter(data.val_dataloader()))
+    skipping = VOCDataModule(str(root), train_sets=[[2007, "train"]], val_sets=[[2007, "train"]], num_workers=0,
+                             batch_size=3, bad_images="skip")
+    skipping.setup("fit")
+    with caplog.at_level(logging.WARNING):
+        batch = next(iter(skipping.val_dataloader()))
+    assert batch.image_ids.tolist() == [0, 2, 2]  # b replaced by the next readable image
+    assert "b.jpg: the image file is empty" in caplog.text and "1 image(s) skipped so far" in caplog.text
+    with pytest.raises(ValueError, match="data.bad_images='maybe'"):
+        VOCDataModule(str(root), bad_images="maybe")
