@@ -51,6 +51,18 @@ class DetectionBatch:
         return out
 
 
+def pad_per_image(values: Tensor, counts: Tensor, fill: float) -> Tensor:
+    """Rows of consecutive images (``counts[i]`` rows for image i, in image order) → (images, max count, ...),
+    padded with ``fill``: one scatter, no loop over images."""
+    width = int(counts.max()) if len(counts) else 0
+    out = values.new_full((len(counts), width, *values.shape[1:]), fill)
+    counts = counts.to(values.device)
+    image = torch.repeat_interleave(torch.arange(len(counts), device=values.device), counts)
+    slot = torch.arange(len(values), device=values.device) - (torch.cumsum(counts, 0) - counts)[image]
+    out[image, slot] = values
+    return out
+
+
 def collate_detection(samples: list[tuple[Tensor, dict[str, Tensor]]], size_divisible: int = 1) -> DetectionBatch:
     """Stack (image uint8 (3,h,w), target dict) pairs: pad images to the largest h, w (rounded up to a multiple of
     ``size_divisible``) and targets to M."""

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from .batch import pad_per_image
 from .boxes import batched_box_iou
 
 logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # it prints the whole COCO table each epoch
@@ -39,32 +40,10 @@ def _coco_tools(backend: str):
     return COCO, COCOeval
 
 
-def voc_ap(recall: Tensor, precision: Tensor, eleven_point: bool) -> float:
-    """AP from one precision/recall curve as the VOC devkit computes it (VOC2007: 11-point; 2010+: area)."""
-    if eleven_point:
-        points = torch.linspace(0, 1, 11, dtype=recall.dtype)
-        return float(sum(precision[recall >= t].max() if (recall >= t).any() else 0.0 for t in points) / 11)
-    r = torch.cat([recall.new_zeros(1), recall, recall.new_ones(1)])
-    p = torch.cat([precision.new_zeros(1), precision, precision.new_zeros(1)])
-    p = torch.flip(torch.cummax(torch.flip(p, [0]), 0).values, [0])  # precision envelope
-    changed = torch.nonzero(r[1:] != r[:-1]).squeeze(1)
-    return float(((r[changed + 1] - r[changed]) * p[changed + 1]).sum())
-
-
 def _flatten(items: Sequence[dict[str, Tensor]], keys: Sequence[str]) -> tuple[Tensor, ...]:
     """The images' boxes of each key concatenated, and the number per image."""
     counts = torch.tensor([len(item[keys[0]]) for item in items], dtype=torch.long)
     return (*(torch.cat([item[k] for item in items]) for k in keys), counts)
-
-
-def _padded(values: Tensor, counts: Tensor, fill: float) -> Tensor:
-    """Flat per-image rows → (images, max count, ...) padded with ``fill``."""
-    width = int(counts.max()) if len(counts) else 0
-    out = values.new_full((len(counts), width, *values.shape[1:]), fill)
-    image = torch.repeat_interleave(torch.arange(len(counts), device=values.device), counts.to(values.device))
-    slot = torch.arange(len(values), device=values.device) - (torch.cumsum(counts, 0) - counts).to(values.device)[image]
-    out[image, slot] = values
-    return out
 
 
 def voc_match(boxes: Tensor, scores: Tensor, labels: Tensor, det_counts: Tensor, gt_boxes: Tensor,
@@ -79,8 +58,8 @@ def voc_match(boxes: Tensor, scores: Tensor, labels: Tensor, det_counts: Tensor,
     order = torch.argsort(scores, descending=True, stable=True)
     order = order[torch.argsort(image[order], stable=True)]
     boxes, scores, labels, image = boxes[order].float(), scores[order], labels[order], image[order]
-    gt = _padded(gt_boxes.to(boxes), gt_counts, 0.0)[image]  # (D, M, 4): the objects of each detection's image
-    gt_label = _padded(gt_labels.to(labels), gt_counts, -1)[image]  # -1 pads: never the detection's class
+    gt = pad_per_image(gt_boxes.to(boxes), gt_counts, 0.0)[image]  # (D, M, 4): the objects of each detection's image
+    gt_label = pad_per_image(gt_labels.to(labels), gt_counts, -1)[image]  # -1 pads: never the detection's class
     iou = batched_box_iou(boxes[:, None], gt).squeeze(1)
     iou.masked_fill_(gt_label != labels[:, None], -1.0)
     if iou.shape[1]:
@@ -88,7 +67,7 @@ def voc_match(boxes: Tensor, scores: Tensor, labels: Tensor, det_counts: Tensor,
     else:  # no object in any image of the batch
         best_iou, best_gt = iou.new_full((len(boxes),), -1.0), torch.zeros(len(boxes), dtype=torch.long, device=device)
     hit = best_iou > iou_thresh
-    on_difficult = _padded(difficult.to(device=device, dtype=torch.bool), gt_counts, False)[image, best_gt] & hit
+    on_difficult = pad_per_image(difficult.to(device=device, dtype=torch.bool), gt_counts, False)[image, best_gt] & hit
     claim = hit & ~on_difficult
     # the first claim (in sorted order) of each object is the TP, as the devkit's "detected" flags make it
     key = image * iou.shape[1] + best_gt

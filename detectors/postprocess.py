@@ -6,8 +6,9 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.ops import nms
+import torchvision  # noqa: F401  (registers torch.ops.torchvision.nms, used by grouped_nms)
 
+from .batch import pad_per_image
 from .boxes import BoxCoder
 from .priors import Priors
 
@@ -61,16 +62,6 @@ def topk_per_group(scores: Tensor, group: Tensor, k: int) -> Tensor:
     return order[rank < k]
 
 
-def select_detections(boxes: Tensor, scores: Tensor, labels: Tensor, image_sizes: Tensor, score_thresh: float,
-                      nms_thresh: float, max_detections: int) -> list[dict[str, Tensor]]:
-    """Threshold, clip, class-wise NMS per image and cap, for candidates (B, C, 4), (B, C), (B, C)."""
-    b, c = scores.shape
-    image_idx = torch.arange(b, device=scores.device)[:, None].expand(b, c)
-    keep = scores > score_thresh
-    return nms_per_image(boxes[keep], scores[keep], labels[keep], image_idx[keep], image_sizes, nms_thresh,
-                         max_detections)
-
-
 def nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tensor, image_sizes: Tensor,
                   nms_thresh: float, max_detections: int) -> list[dict[str, Tensor]]:
     """Clip to each image, class-wise NMS, keep the ``max_detections`` best per image (by decreasing
@@ -119,9 +110,7 @@ def nth_best_per_image(scores: Tensor, image_idx: Tensor, num_images: int, n: in
         order = torch.argsort(image_idx, stable=True)
         scores, image_idx = scores[order], image_idx[order]
     # one row per image, padded: a top-k per row finds the n-th values without sorting all candidates
-    first = torch.cumsum(counts, 0) - counts
-    padded = torch.full((num_images, int(counts.max())), -math.inf, device=scores.device, dtype=scores.dtype)
-    padded[image_idx, torch.arange(len(scores), device=scores.device) - first[image_idx]] = scores
+    padded = pad_per_image(scores, counts, -math.inf)
     full = counts >= n
     nth[full] = padded[full].topk(n, dim=1).values[:, -1]
     return nth

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models
 
-from .assigners import IGNORE
 from .boxes import BoxCoder
 from .postprocess import capped_nms_per_image, nms_per_image, topk_per_group
 from .priors import PriorGenerator, Priors, flatten_predictions

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from detectors.metrics import DetectionMetrics, VOCAveragePrecision, voc_ap
+from detectors.metrics import DetectionMetrics, VOCAveragePrecision
 
 
 def box(x0, y0, size=10.0):
@@ -12,10 +12,14 @@ def box(x0, y0, size=10.0):
 
 def test_voc_ap_on_a_hand_computed_curve():
     # 2 objects; detections by score: TP, FP, TP → precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1
-    recall = torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64)
-    precision = torch.tensor([1.0, 0.5, 2 / 3], dtype=torch.float64)
-    assert voc_ap(recall, precision, eleven_point=False) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
-    assert voc_ap(recall, precision, eleven_point=True) == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
+    metric = VOCAveragePrecision(num_classes=1)
+    target = {"boxes": torch.tensor([box(0, 0), box(50, 50)]), "labels": torch.tensor([0, 0])}
+    pred = {"boxes": torch.tensor([box(0, 0), box(200, 200), box(50, 50)]), "scores": torch.tensor([0.9, 0.8, 0.7]),
+            "labels": torch.tensor([0, 0, 0])}
+    metric.update([pred], [target])
+    out = metric.compute()
+    assert out["voc_map_50"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert out["voc07_map_50"] == pytest.approx((6 * 1 + 5 * 2 / 3) / 11)
 
 
 def test_devkit_rules_duplicates_difficult_and_unmatched():

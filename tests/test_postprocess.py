@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torchvision
 from torchvision.ops import batched_nms
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone

@@ -18,7 +18,6 @@ from PIL import Image
 
 from datamodules.images import ImageReadError, read_image
 from datamodules.voc import VOC_CLASSES, VOCDataModule, VOCDataset, VOCFormatError
-from detectors.batch import collate_detection
 
 from .conftest import ROOT, SHARED_DATA, compose
 
