@@ -8,11 +8,13 @@ RandomSampleCrop) or a box that drifts off its object trains without any error.
 import pytest
 import torch
 from hydra.utils import instantiate
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from datamodules.browse import main as browse_main
 from datamodules.base import AspectRatioGroupedBatchSampler
-from datamodules.transforms import (MinIoURandomCrop, RandomHSVScale, ResizeTo, ShortSideAugmentation, ShortSideResize,
+from datamodules.transforms import (MinIoURandomCrop, PhotometricDistort, RandomHSVScale, ResizeTo, ShortSideAugmentation, ShortSideResize,
                                    SSDAugmentation, YOLOAugmentation, scale_saturation_value)
 from detectors.batch import collate_detection
 
@@ -330,6 +332,50 @@ def hsv_reference(image: torch.Tensor, saturation: float, value: float) -> torch
     hsv[..., 1] = (hsv[..., 1] * saturation).clip(0, 1)
     hsv[..., 2] = (hsv[..., 2] * value).clip(0, 1)
     return torch.from_numpy(hsv_to_rgb(hsv) * 255).permute(2, 0, 1)
+
+
+def photo_like(seed: int = 0) -> torch.Tensor:
+    """A smooth colour image (gradients and blobs, as photos have) plus some noise."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(0, 1, 60), torch.linspace(0, 1, 80), indexing="ij")
+    base = torch.stack([x, y, (x + y) / 2]) * 200 + torch.rand(3, 1, 1, generator=g) * 50
+    return (base + torch.randn(3, 60, 80, generator=g) * 10).clamp(0, 255).to(torch.uint8)
+
+
+NO_STEP = dict(brightness_factor=None, contrast_factor=None, saturation_factor=None, hue_factor=None,
+               channel_permutation=None, contrast_before=True)
+
+
+@pytest.mark.parametrize(("step", "factor", "max_diff"), [
+    ("brightness_factor", 1.125, 1), ("brightness_factor", 0.875, 1), ("contrast_factor", 1.5, 1),
+    ("contrast_factor", 0.5, 1), ("saturation_factor", 1.5, 1), ("saturation_factor", 0.5, 1),
+    ("hue_factor", 0.05, 8), ("hue_factor", -0.04, 8), ("channel_permutation", torch.tensor([2, 0, 1]), 0)])
+def test_opencv_photometric_kernels_match_torchvisions(step, factor, max_diff):
+    image = tv_tensors.Image(photo_like())
+    params = {**NO_STEP, step: factor}
+    ours = PhotometricDistort().transform(image, params).int()
+    reference = v2.RandomPhotometricDistort().transform(image, params).int()
+    assert ours.shape == reference.shape and isinstance(ours, torch.Tensor)
+    diff = (ours - reference).abs()
+    assert diff.max() <= max_diff  # rounding; hue: OpenCV's 8-bit HSV holds 256 hues
+    assert diff.float().mean() <= (0.6 if step == "hue_factor" else 1.0)
+
+
+def test_photometric_distort_draws_as_torchvision_and_falls_back_for_float():
+    image = tv_tensors.Image(photo_like(1))
+    for seed in range(8):
+        torch.manual_seed(seed)
+        ours = PhotometricDistort(p=0.5)(image)
+        after_ours = torch.rand(1)
+        torch.manual_seed(seed)
+        reference = v2.RandomPhotometricDistort(p=0.5)(image)
+        assert torch.rand(1) == after_ours  # the same random draws, so the same distribution of distortions
+        assert (ours.float() - reference.float()).abs().mean() < 2.5  # roundings of up to five steps
+    floats = image.float() / 255
+    torch.manual_seed(0)
+    ours = PhotometricDistort(p=1.0)(floats)
+    torch.manual_seed(0)
+    assert torch.equal(ours, v2.RandomPhotometricDistort(p=1.0)(floats))  # only uint8 takes the OpenCV path
 
 
 @pytest.mark.parametrize(("saturation", "value"), [(1.5, 1.5), (1 / 1.5, 1 / 1.5), (1.5, 0.7), (0.8, 1.3), (1, 1)])
