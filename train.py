@@ -13,10 +13,14 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import detectors  # noqa: F401  (registers the ${len:...} resolver)
+from detectors.distributed import SameConfigOnEveryRank, launches_its_own_processes
 
 log = logging.getLogger("train")
 
@@ -26,11 +30,24 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
 
 
-def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str) -> str | None:
-    """`last` means the newest last.ckpt under runs/<task>/; anything else must be an existing file."""
+def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str, output_dir: str | None = None) -> str | None:
+    """`last` means this run folder's last.ckpt when it has one (a requeued SLURM job keyed by its job id), else
+    the newest last.ckpt under runs/<task>/; `auto` is this run folder's last.ckpt if there is one, else a fresh
+    start (what a requeued cluster job runs); anything else must be an existing file."""
     if ckpt_path is None:
         return None
+    if ckpt_path == "auto":
+        own = Path(output_dir or ".", "checkpoints", "last.ckpt")
+        if own.is_file():
+            log.info("ckpt_path=auto: resuming from %s", own)
+            return str(own)
+        log.info("ckpt_path=auto: no %s yet, starting fresh", own)
+        return None
     if ckpt_path == "last":
+        own = Path(output_dir, "checkpoints", "last.ckpt") if output_dir else None
+        if own is not None and own.is_file():
+            log.info("resuming from %s", own)
+            return str(own)
         found = sorted(Path(log_dir, task_name).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {Path(log_dir, task_name)}; "
@@ -47,19 +64,54 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return "\n".join(f"  {k:<{width}}  {v:8.4f}" for k, v in metrics.items())
 
 
+def refuse_multirun_with_own_processes(trainer: L.Trainer) -> None:
+    """Lightning starts local DDP ranks by re-running the command line, which in a multirun re-launches the
+    sweep in each child: a rank would silently train with another job's hyper-parameters."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and launches_its_own_processes(trainer):
+        raise RuntimeError(
+            f"a Hydra multirun (-m) cannot use {type(trainer.strategy).__name__} with "
+            f"{trainer.world_size} processes started by Lightning: each would re-run the whole sweep. Use "
+            f"trainer.strategy=ddp_spawn for a local sweep, a cluster launcher (hydra/launcher=slurm), or one "
+            f"`python train.py` per setting")
+
+
+def scale_learning_rate(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """The linear scaling rule (Goyal et al. 2017): lr × total batch ÷ the batch the recipe's lr was set for."""
+    scaling = cfg.get("lr_scaling") or {}
+    if not scaling.get("enabled"):
+        return
+    base = scaling.get("base_batch_size")
+    if not base or base < 1:
+        raise ValueError(f"lr_scaling.base_batch_size={base}: give the total batch size model.optimizer.lr was "
+                         f"set for (e.g. 16 for RetinaNet's 0.01), or lr_scaling.enabled=false")
+    total = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    lr = cfg.model.optimizer.lr * total / base
+    log.info("lr_scaling: total batch %d (%d per device × %d devices × %d accumulated) ÷ %d → lr %.6g (from %.6g)",
+             total, cfg.data.batch_size, trainer.world_size, trainer.accumulate_grad_batches, base, lr,
+             cfg.model.optimizer.lr)
+    with open_dict(cfg):
+        cfg.model.optimizer.lr = lr
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    model.model_config = OmegaConf.to_container(cfg.model, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks.append(SameConfigOnEveryRank(config))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    refuse_multirun_with_own_processes(trainer)
+    scale_learning_rate(cfg, trainer)
+    model = instantiate(cfg.model)
+    model.model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.get("compile"):
+        model = torch.compile(model)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, cfg.paths.output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     # the checkpoint callback that monitors a metric (conf/callbacks: best_checkpoint) holds best.ckpt
@@ -67,9 +119,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("validate_best") and best:
         trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    if not trainer.sanity_checking and metrics:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if not trainer.is_global_zero:  # every rank holds the same gathered metrics; one writes and prints them
+        return metrics
     if metrics:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(f"\nvalidation metrics ({'best checkpoint ' + best if best else 'last epoch'}):\n"
               f"{format_metrics(metrics)}")
     print(f"\nrun folder: {output_dir}")

@@ -9,6 +9,7 @@ from functools import partial
 
 import lightning as L
 from torch import Tensor
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from detectors.batch import collate_detection
@@ -83,6 +84,8 @@ class DetectionDataModule(L.LightningDataModule):
     ``size_divisible`` pads each batch's height and width up to a multiple (RetinaNet: 128);
     ``aspect_ratio_grouping`` batches training images by orientation, for data sets with ``aspect_ratios()``.
     ``persistent_workers`` (None: whenever there are workers) keeps loader workers between epochs.
+    Under DDP, evaluation loaders split the images between ranks without repeating any (the metrics gather
+    them once per evaluation), so mAP on N processes equals mAP on one.
     ``bad_images``: an image file that cannot be read stops the run with its path (``error``) or is replaced by
     the next one with a warning and a count (``skip``).
     """
@@ -107,7 +110,7 @@ class DetectionDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
+        common: dict = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
                       persistent_workers=self.persistent_workers,
                       collate_fn=partial(collate_detection, size_divisible=self.size_divisible))
         ratios = dataset.aspect_ratios() if hasattr(dataset, "aspect_ratios") else None
@@ -116,7 +119,16 @@ class DetectionDataModule(L.LightningDataModule):
         if shuffle and self.aspect_ratio_grouping and ratios is not None:
             batches = AspectRatioGroupedBatchSampler(RandomSampler(dataset), ratios, batch_size, drop_last=True)
             return DataLoader(dataset, batch_sampler=batches, **common)
+        if not shuffle and self._world_size() > 1:
+            # each image on exactly one rank (Lightning's own sampler pads ranks with repeats, which skews mAP)
+            trainer = self.trainer
+            common["sampler"] = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
+                                                             rank=trainer.global_rank, shuffle=False)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, **common)
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)
