@@ -1,6 +1,7 @@
 """Multi-process runs: DDP under Hydra writes one run folder, evaluates each image once, and refuses the traps."""
 
 import json
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -110,3 +111,34 @@ def test_last_prefers_this_run_folders_checkpoint(tmp_path):
     assert resolve_ckpt_path("last", str(tmp_path), "t", str(own)) == str(own / "checkpoints" / "last.ckpt")
     assert resolve_ckpt_path("last", str(tmp_path), "t", str(tmp_path / "t" / "fresh")) == \
         str(newer / "checkpoints" / "last.ckpt")
+
+
+def test_slurm_launcher_gives_one_task_per_device():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                  "hydra.launcher.partition=gpu")
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)
+    assert launcher.max_num_timeout > 0 and launcher.cpus_per_task == cfg.data.num_workers
+
+
+def test_run_folder_is_keyed_by_the_slurm_job(monkeypatch):
+    from detectors import run_id
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert run_id() == "slurm-4242"  # a requeued job (same id) finds its folder and its checkpoints again
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    assert run_id() == "slurm-4242.3"
+    monkeypatch.delenv("SLURM_STEP_ID")  # an salloc shell, outside any step: a time-stamped folder
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}", run_id())
+
+
+def test_auto_resumes_only_from_this_run_folder(tmp_path):
+    own = tmp_path / "t" / "slurm-1"
+    (own / "checkpoints").mkdir(parents=True)
+    assert resolve_ckpt_path("auto", str(tmp_path), "t", str(own)) is None  # first start: fresh
+    (own / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resolve_ckpt_path("auto", str(tmp_path), "t", str(own)) == str(own / "checkpoints" / "last.ckpt")
+    assert resolve_ckpt_path("auto", str(tmp_path), "t", str(tmp_path / "t" / "slurm-2")) is None
