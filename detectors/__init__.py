@@ -17,11 +17,22 @@ def run_id() -> str:
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def launched_rank() -> int:
+    """This process's global rank when a cluster launcher started every rank (SLURM's srun, torchrun), else 0."""
+    return int(os.environ.get("SLURM_PROCID") or os.environ.get("RANK") or 0)
+
+
 # ${len:${data.classes}} in configs: the number of classes follows the data set's class list
 if not OmegaConf.has_resolver("len"):
     OmegaConf.register_new_resolver("len", lambda x: len(x))
 # ${run_id:} in conf/hydra/default.yaml; cached: resolved once per config, like Hydra's ${now:}
 if not OmegaConf.has_resolver("run_id"):
     OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
+
+# conf/hydra/default.yaml: under srun/torchrun every rank runs Hydra; one writes .hydra/, each its own log file
+if not OmegaConf.has_resolver("rank_zero"):
+    OmegaConf.register_new_resolver("rank_zero", lambda value: value if launched_rank() == 0 else None)
+if not OmegaConf.has_resolver("rank_suffix"):
+    OmegaConf.register_new_resolver("rank_suffix", lambda: f"_rank{launched_rank()}" if launched_rank() else "")
 
 __all__ = ["Detector"]

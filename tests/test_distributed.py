@@ -142,3 +142,14 @@ def test_auto_resumes_only_from_this_run_folder(tmp_path):
     (own / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert resolve_ckpt_path("auto", str(tmp_path), "t", str(own)) == str(own / "checkpoints" / "last.ckpt")
     assert resolve_ckpt_path("auto", str(tmp_path), "t", str(tmp_path / "t" / "slurm-2")) is None
+
+
+def test_ranks_started_by_srun_write_one_config_and_their_own_logs(monkeypatch):
+    from omegaconf import OmegaConf
+
+    names = OmegaConf.create({"subdir": "${rank_zero:.hydra}", "log": "train${rank_suffix:}.log"})
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert (names.subdir, names.log) == (".hydra", "train.log")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert (names.subdir, names.log) == (None, "train_rank3.log")
