@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import detectors  # noqa: F401  (registers the ${len:...} resolver)
 from detectors.distributed import SameConfigOnEveryRank, launches_its_own_processes
+from detectors.loggers import finish_loggers
 
 log = logging.getLogger("train")
 
@@ -95,10 +96,21 @@ def scale_learning_rate(cfg: DictConfig, trainer: L.Trainer) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    try:
+        return fit_and_validate(cfg, datamodule, callbacks, loggers)
+    except BaseException:
+        finish_loggers(loggers, exit_code=1)  # the W&B run shows as failed
+        raise
+    finally:
+        finish_loggers(loggers)  # one W&B run per Hydra job: the next multirun job must not log into this one
+
+
+def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbacks: list, loggers: list
+                     ) -> dict[str, float]:
+    output_dir = Path(cfg.paths.output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     callbacks.append(SameConfigOnEveryRank(config))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+
+from .batch import DetectionBatch
+from .visualization import plot_pr_curves, prediction_grid, save_png, wandb_boxes
 
 
 class TrainingTime(L.Callback):
@@ -34,3 +42,123 @@ class TrainingTime(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.elapsed = float(state_dict["elapsed"])
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The first of Lightning's val loaders (one loader, a list or a dict of them)."""
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    return loaders
+
+
+def _loggers_of(trainer: L.Trainer, kind: type) -> list[Any]:
+    return [lg for lg in trainer.loggers if isinstance(lg, kind)]
+
+
+class ValidationPredictions(L.Callback):
+    """After each validation, the same ``num_images`` validation images (the val set's first ones) with their
+    ground truth and the current predictions of score ≥ ``score_threshold``:
+
+    * always as a PNG grid in ``<dirpath>/predictions/epoch_<epoch>.png`` (``validate.png`` from
+      ``trainer.validate``), ground truth left, predictions right, class names and scores on the boxes;
+    * to W&B as ``wandb.Image`` s with ``predictions`` and ``ground_truth`` box overlays, to TensorBoard as
+      the grid, under ``key``.
+
+    Boxes are drawn in the network-input frame (the image the model saw, without the batch's padding).
+    Runs in ``on_validation_end``, when the module's epoch-end hook has run, and on global rank 0 only."""
+
+    def __init__(self, num_images: int = 8, score_threshold: float = 0.3, dirpath: str | None = None,
+                 tile_size: int = 320, images_per_row: int = 2, key: str = "val/predictions") -> None:
+        self.num_images, self.score_threshold = num_images, score_threshold
+        self.dirpath, self.tile_size, self.images_per_row, self.key = dirpath, tile_size, images_per_row, key
+        self._batch: DetectionBatch | None = None
+
+    def fixed_batch(self, trainer: L.Trainer) -> DetectionBatch | None:
+        """The images shown, collated once as the val loader does (so padded as the model sees them)."""
+        if self._batch is None:
+            loader = _first_loader(trainer.val_dataloaders)
+            if loader is None:
+                return None
+            dataset = loader.dataset
+            if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+                samples = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+                self._batch = loader.collate_fn(samples) if samples else None
+            else:  # an iterable data set: the first batch, cut to num_images
+                batch = next(iter(loader))
+                self._batch = DetectionBatch(**{f.name: getattr(batch, f.name)[: self.num_images]
+                                                for f in dataclasses.fields(batch)})
+        return self._batch
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.num_images <= 0:
+            return
+        batch = self.fixed_batch(trainer)
+        if batch is None:
+            return
+        with torch.no_grad(), trainer.precision_plugin.val_step_context():
+            detections = pl_module.detect(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+        images, targets, predictions = [], [], []
+        for i, det in enumerate(detections):
+            h, w = batch.image_sizes[i].tolist()
+            sy, sx = batch.scales[i].tolist()
+            images.append(batch.images[i, :, :h, :w])
+            keep = batch.valid[i]
+            targets.append({"boxes": batch.boxes[i][keep], "labels": batch.labels[i][keep]})
+            # detect() gives original-image pixels: back to the input frame the image and targets are in
+            predictions.append({"boxes": det["boxes"].float().cpu() * torch.tensor([sx, sy, sx, sy]),
+                                "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()})
+        names = list(pl_module.class_names)
+        grid = prediction_grid(images, targets, predictions, names, self.score_threshold, self.tile_size,
+                               self.images_per_row)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        filename = f"epoch_{trainer.current_epoch:03d}.png" if fitting else f"{trainer.state.fn.value}.png"
+        save_png(grid, Path(self.dirpath or trainer.default_root_dir, "predictions", filename))
+
+        for lg in _loggers_of(trainer, WandbLogger):
+            overlays = []
+            for target, pred in zip(targets, predictions):
+                shown = pred["scores"] >= self.score_threshold
+                overlays.append({"predictions": wandb_boxes(pred["boxes"][shown], pred["labels"][shown], names,
+                                                            pred["scores"][shown]),
+                                 "ground_truth": wandb_boxes(target["boxes"], target["labels"], names)})
+            lg.log_image(self.key, [img.permute(1, 2, 0).numpy() for img in images], step=trainer.global_step,
+                         boxes=overlays, caption=[f"image {int(k)}" for k in batch.image_ids])
+        for lg in _loggers_of(trainer, TensorBoardLogger):
+            lg.experiment.add_image(self.key, grid, trainer.global_step)
+
+
+class PrecisionRecallCurves(L.Callback):
+    """After each validation: per-class AP as a W&B table (class, COCO AP from ``val/ap/<class>`` where the
+    module logs it, AP@0.5 from the curve) and the precision–recall curves at IoU 0.5 of
+    ``pl_module.val_metrics.pr_curves`` (class name → (recall, precision)) as one plot, saved to
+    ``<dirpath>/<filename>`` (overwritten each time) and logged to W&B / TensorBoard. Without ``pr_curves``
+    there is no plot. Runs in ``on_validation_end`` (after the module computed its metrics), on rank 0 only."""
+
+    def __init__(self, dirpath: str | None = None, filename: str = "pr_curve.png", key: str = "val/pr_curve",
+                 table_key: str = "val/ap_per_class") -> None:
+        self.dirpath, self.filename, self.key, self.table_key = dirpath, filename, key, table_key
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        curves = getattr(getattr(pl_module, "val_metrics", None), "pr_curves", None) or {}
+        step = trainer.global_step
+        if curves:
+            picture = plot_pr_curves(curves, Path(self.dirpath or trainer.default_root_dir, self.filename))
+            for lg in _loggers_of(trainer, WandbLogger):
+                lg.log_image(self.key, [picture], step=step)
+            for lg in _loggers_of(trainer, TensorBoardLogger):
+                lg.experiment.add_image(self.key, picture, step, dataformats="HWC")
+        rows = []
+        for name in getattr(pl_module, "class_names", []):
+            ap = trainer.callback_metrics.get(f"val/ap/{name}")
+            curve = curves.get(name)
+            # COCO's AP@0.5 is the mean precision over its 101 recall points; -1 marks a class without objects
+            ap50 = float(curve[1].float().mean()) if curve is not None and bool((curve[1] >= 0).all()) else None
+            if ap is not None or ap50 is not None:
+                rows.append([name, None if ap is None else float(ap), ap50])
+        if rows:
+            for lg in _loggers_of(trainer, WandbLogger):
+                lg.log_table(self.table_key, columns=["class", "AP", "AP50"], data=rows, step=step)

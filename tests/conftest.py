@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,8 @@ sys.path.insert(0, str(ROOT))
 import detectors  # noqa: E402,F401  (registers config resolvers)
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# the default logger is CSV + W&B: no W&B run for every train.py the suite starts (tests/test_logging.py sets its own)
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 @pytest.fixture(autouse=True)
