@@ -1,0 +1,268 @@
+"""train.py's checkpoints for the tools (eval.py, predict.py, export.py) and for fine-tuning.
+
+* ``load_checkpoint``: on the CPU whatever device saved it, with ``torch.load(weights_only=True)`` (a Lightning
+  checkpoint of ours holds only tensors and plain containers); a file holding anything else is refused with the
+  type it holds, unless the user trusts it (``trust_checkpoint=true``).
+* ``build_model``: the ``Detector`` rebuilt from the checkpoint's ``model_config`` (inference settings such as
+  ``postprocess.score_thresh`` may be overridden) with its weights.
+* ``training_data_config`` / ``resolve_preprocessing``: the data settings the checkpoint was trained with, so the
+  tools feed the model images transformed as its validation did (``val_transform``, ``size_divisible``).
+* ``check_classes``: a clear error when a checkpoint's classes are not the data's; ``finetune_from``: load a
+  checkpoint into a model of other classes, re-initialising only the class-dependent head layers.
+* ``coco_result_entries``: detections as COCO results-format entries, at full precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+TRANSFORM_CHOICES = "retinanet|ssd|ssd512|yolo|none"  # conf/data/transform/; none (like flip): no resize
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the file, what is wrong and the fix."""
+
+
+class ClassMismatchError(CheckpointError):
+    """A checkpoint trained on other classes than the data's."""
+
+
+# --- loading --------------------------------------------------------------------------------------------------
+def load_checkpoint(path: str | Path, trusted: bool = False) -> dict[str, Any]:
+    """The checkpoint's dict, tensors on the CPU (a GPU-saved file loads on a machine without one).
+
+    ``weights_only=True`` first: it unpickles only tensors and plain containers, so a file cannot run code when
+    loaded. A file that holds other objects (an older or foreign checkpoint) is refused naming the type, unless
+    ``trusted``, where it is loaded with full pickle and the reason logged."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path}: no such file; give a checkpoint written by train.py, e.g. "
+                                f"runs/<task>/<date>_<time>/checkpoints/best.ckpt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"a `{found.group(1)}` object" if found else "an object weights_only loading refuses"
+        if not trusted:
+            raise CheckpointError(
+                f"ckpt_path={path}: the file holds {what}, so it cannot be loaded with torch.load(weights_only=True) "
+                f"(safe: tensors and plain containers only). If you trust the file, add trust_checkpoint=true (full "
+                f"pickle, which can run code), or allow that type with torch.serialization.add_safe_globals"
+                f"([{found.group(1) if found else '<type>'}])") from None
+        log.warning("%s holds %s: loaded with full pickle (weights_only=False) because trust_checkpoint=true",
+                    path, what)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except RuntimeError as e:  # not a zip/pickle file, truncated copy
+        raise CheckpointError(f"ckpt_path={path}: not a readable PyTorch checkpoint ({e})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"ckpt_path={path}: no 'state_dict' in the file; give a Lightning checkpoint written "
+                              f"by train.py (checkpoints/best.ckpt or last.ckpt)")
+    return checkpoint
+
+
+def model_config_of(checkpoint: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    config = checkpoint.get("model_config")
+    if not config:
+        raise CheckpointError(f"ckpt_path={path}: the checkpoint holds no 'model_config' (the resolved Hydra model "
+                              f"config train.py saves), so the model cannot be rebuilt; use a checkpoint of train.py")
+    return copy.deepcopy(dict(config))
+
+
+def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | DictConfig | None,
+                    key: str = "model") -> dict[str, Any]:
+    """``overrides`` merged onto ``config``; ``None`` leaves keep the config's value (the tools' yaml lists the
+    inference settings as null). A key the config does not have is an error naming it: a typo would else be
+    silently ignored or fail deep inside the model's constructor."""
+    if isinstance(overrides, DictConfig):
+        overrides = OmegaConf.to_container(overrides, resolve=True)
+    out = copy.deepcopy(config)
+    for name, value in (overrides or {}).items():
+        where = f"{key}.{name}"
+        if value is None:
+            continue
+        if name not in out:
+            raise CheckpointError(f"{where}={value!r}: the checkpoint's model config has no such key (it has: "
+                                  f"{', '.join(sorted(map(str, out)))})")
+        if isinstance(value, Mapping) and isinstance(out[name], Mapping):
+            out[name] = apply_overrides(dict(out[name]), value, where)
+        else:
+            out[name] = value
+    return out
+
+
+def build_model(checkpoint: Mapping[str, Any], path: str | Path,
+                overrides: Mapping[str, Any] | DictConfig | None = None) -> nn.Module:
+    """The checkpoint's ``Detector``, in eval mode on the CPU, with ``overrides`` applied to its model config
+    (``{"postprocess": {"score_thresh": 0.01}}``); ``model.model_config`` is the config used."""
+    config = apply_overrides(model_config_of(checkpoint, path), overrides)
+    built = copy.deepcopy(config)
+    built.pop("finetune_from", None)  # the weights come from this checkpoint, not the one it was fine-tuned from
+    if isinstance(built.get("backbone"), dict) and built["backbone"].get("weights"):
+        built["backbone"]["weights"] = None  # pretrained weights are replaced below: no download, no file needed
+    model = instantiate(built)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"ckpt_path={path}: its weights do not fit the model its config builds "
+                              f"(overrides: {dict(overrides or {})}): {e}") from None
+    model.model_config = config
+    return model.eval()
+
+
+# --- the classes --------------------------------------------------------------------------------------------
+def check_classes(checkpoint_classes: Sequence[str], data_classes: Sequence[str], path: str | Path) -> None:
+    """A clear error when the checkpoint's class list is not the data's (names and order: labels are positions)."""
+    ours, theirs = list(checkpoint_classes), list(data_classes)
+    if ours == theirs:
+        return
+    only_ckpt = [c for c in ours if c not in theirs]
+    only_data = [c for c in theirs if c not in ours]
+    detail = (f"only in the checkpoint: {only_ckpt}; only in the data: {only_data}" if only_ckpt or only_data
+              else "the same names in another order (labels are positions in the list)")
+    raise ClassMismatchError(
+        f"ckpt_path={path} was trained on {len(ours)} classes {ours}, but the data has {len(theirs)} classes "
+        f"{theirs} (data.classes): {detail}. Evaluate on data with the checkpoint's classes (data.classes=[...] in "
+        f"that order), or fine-tune it on these classes: python train.py ... model.finetune_from={path}")
+
+
+def class_dependent_keys(model: nn.Module) -> set[str]:
+    """The model's state-dict keys whose shape depends on the number of classes (the classifier layers; YOLO's
+    last layer, which mixes boxes and classes): its head built again from ``model.model_config`` with one
+    class more, compared tensor by tensor. Shapes against the old checkpoint would miss a list of other names
+    of the same length."""
+    config = (getattr(model, "model_config", None) or {}).get("head")
+    if not isinstance(config, Mapping) or "num_classes" not in config:
+        raise CheckpointError("fine-tuning needs model.model_config with head.num_classes (train.py sets "
+                              "model.model_config = the resolved model config before loading)")
+    with torch.random.fork_rng():  # the probe's initialisation must not shift the training run's random stream
+        probe = instantiate({**config, "num_classes": int(config["num_classes"]) + 1})
+        if not isinstance(probe, nn.Module):  # a factory, completed as Detector.__init__ does
+            probe = probe(in_channels=model.backbone.out_channels,
+                          num_anchors=model.priors.num_anchors_per_location)
+    theirs = probe.state_dict()
+    return {f"head.{k}" for k, v in model.head.state_dict().items() if k not in theirs or theirs[k].shape != v.shape}
+
+
+def finetune_from(model: nn.Module, path: str | Path, trusted: bool = False) -> dict[str, list[str]]:
+    """Load the weights of checkpoint ``path`` into ``model`` (``model.finetune_from=<ckpt>``). Same classes:
+    every weight. Other classes: every weight but the class-dependent head layers, which keep the model's fresh
+    initialisation (RetinaNet's prior-probability bias included). Returns the keys ``loaded`` and
+    ``reinitialised``; any other difference between the two models is an error naming the keys."""
+    checkpoint = load_checkpoint(path, trusted)
+    state: dict[str, Tensor] = checkpoint["state_dict"]
+    old, new = checkpoint.get("class_names"), list(model.class_names)
+    if old is None:
+        raise CheckpointError(f"model.finetune_from={path}: the checkpoint holds no 'class_names', so it is unknown "
+                              f"which head layers fit these classes; use a checkpoint of train.py")
+    skip = set() if list(old) == new else class_dependent_keys(model)
+    own = model.state_dict()
+    different = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+                 if k in own and k not in skip and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state and k not in skip]
+    unexpected = [k for k in state if k not in own]
+    if different or missing or unexpected:
+        raise CheckpointError(f"model.finetune_from={path}: the checkpoint's model differs from this one beyond the "
+                              f"classes (shapes: {different[:5]}, missing: {missing[:5]}, unexpected: "
+                              f"{unexpected[:5]}); build the same architecture (model=..., its settings) as it had")
+    model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=not skip)
+    report = {"loaded": sorted(k for k in state if k not in skip), "reinitialised": sorted(skip)}
+    if skip:
+        log.info("fine-tuning from %s: its %d classes %s → these %d %s; loaded %d tensors, re-initialised %s",
+                 path, len(old), list(old), len(new), new, len(report["loaded"]), report["reinitialised"])
+    else:
+        log.info("fine-tuning from %s: same classes, all %d tensors loaded", path, len(report["loaded"]))
+    return report
+
+
+# --- the data settings the model was trained with -----------------------------------------------------------
+def training_data_config(checkpoint: Mapping[str, Any], path: str | Path) -> tuple[dict[str, Any] | None, str]:
+    """The resolved ``data`` config of the run that wrote the checkpoint, and where it was found: the checkpoint's
+    ``data_config`` (when train.py stores it), else the run folder's ``.hydra/config.yaml``
+    (``<run>/checkpoints/<name>.ckpt``); (None, "") when neither exists (a checkpoint copied elsewhere)."""
+    stored = checkpoint.get("data_config")
+    if stored:
+        return copy.deepcopy(dict(stored)), f"{path} (data_config)"
+    run_config = Path(path).resolve().parent.parent / ".hydra" / "config.yaml"
+    if not run_config.is_file():
+        return None, ""
+    full = OmegaConf.load(run_config)
+    if "data" not in full:
+        return None, ""
+    try:  # resolved inside the whole training config: the data may refer to model.* (the canvas mean)
+        return OmegaConf.to_container(full.data, resolve=True), str(run_config)
+    except Exception as e:  # noqa: BLE001  (any interpolation error: name the file, then the way out)
+        raise CheckpointError(f"{run_config}: its data config does not resolve ({e}); give the data and transform "
+                              f"on the command line (data=<shapes|voc|coco>, data/transform=<name>)") from None
+
+
+def resolve_preprocessing(data: Mapping[str, Any] | DictConfig | None, checkpoint: Mapping[str, Any],
+                          path: str | Path) -> tuple[dict[str, Any] | None, int, str]:
+    """(``val_transform`` config or None, ``size_divisible``, where they came from) for feeding the checkpoint's
+    model: the command line's when it names one (``data/transform=<name>`` or ``+data.val_transform=...``),
+    else the training run's; neither is an error, as guessing a resize would silently change every box.
+    ``size_divisible``: the command line's if given, else that of the transform's source (1 for the command line's)."""
+    given = data.get("size_divisible") if data is not None else None
+    if data is not None and "val_transform" in data:
+        node = data["val_transform"]
+        transform = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        return copy.deepcopy(transform), int(given or 1), "the command line"
+    trained, where = training_data_config(checkpoint, path)
+    if trained is None:
+        run_config = Path(path).resolve().parent.parent / ".hydra" / "config.yaml"
+        raise CheckpointError(
+            f"ckpt_path={path}: cannot tell how the model's images were transformed for validation: the checkpoint "
+            f"holds no data_config and {run_config} does not exist. Name the transform the model was trained with: "
+            f"data/transform=<{TRANSFORM_CHOICES}> (conf/data/transform/; none: images at their own size)")
+    return trained.get("val_transform"), int(given or trained.get("size_divisible", 1) or 1), where
+
+
+class Preprocess:
+    """One image → (network input, target) as the model's validation transform makes it: ``target["scale"]``
+    maps boxes back to the image's own pixels (``DetectionBatch.boxes_in_original_frame``)."""
+
+    def __init__(self, val_transform: Mapping[str, Any] | None, size_divisible: int = 1) -> None:
+        self.config = copy.deepcopy(dict(val_transform)) if val_transform else None
+        self.transform = instantiate(self.config) if self.config else None
+        self.size_divisible = int(size_divisible)
+
+    def __call__(self, image: Tensor, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.long),
+                  "image_id": torch.tensor(index)}
+        return (image, target) if self.transform is None else self.transform(image, target)
+
+    def __repr__(self) -> str:
+        return f"{self.transform!r} (size_divisible {self.size_divisible})"
+
+
+# --- result files ---------------------------------------------------------------------------------------------
+def coco_result_entries(detections: Sequence[Mapping[str, Tensor]], image_ids: Sequence[int],
+                        category_ids: Mapping[int, int] | None = None,
+                        extra: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """COCO results-format entries (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``) of per-image
+    detections (boxes xyxy in the image's pixels). ``category_ids`` maps labels to the json's ids (default:
+    label + 1, COCO's 1-based convention); ``extra`` adds fields per image (``file_name``). Full precision: the
+    box as the metrics take it (float64 of the float32 corners, w = x1 − x0), so pycocotools re-evaluates a
+    results file to exactly the metrics' numbers."""
+    out = []
+    for i, (det, image_id) in enumerate(zip(detections, image_ids, strict=True)):
+        xyxy = det["boxes"].detach().cpu().double()
+        xywh = torch.cat((xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]), dim=1).tolist()
+        fields = dict(extra[i]) if extra is not None else {}
+        for box, score, label in zip(xywh, det["scores"].detach().cpu().tolist(), det["labels"].cpu().tolist()):
+            category = category_ids[int(label)] if category_ids is not None else int(label) + 1
+            out.append({"image_id": int(image_id), "category_id": category, "bbox": box, "score": float(score),
+                        **fields})
+    return out

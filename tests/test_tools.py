@@ -1,0 +1,239 @@
+"""eval.py, predict.py, export.py and detectors/checkpoints.py on one tiny checkpoint trained here by train.py."""
+
+import json
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+from datamodules.images import read_image
+from datamodules.shapes import SHAPE_CLASSES, render_shapes_image
+from detectors.batch import collate_detection
+from detectors.checkpoints import (CheckpointError, ClassMismatchError, build_model, finetune_from, load_checkpoint)
+
+from .conftest import ROOT, TINY, compose
+
+TINY_DATA = [o for o in TINY if o.startswith("data.")]
+LOW_THRESHOLD = "model.postprocess.score_thresh=0.001"  # a one-epoch model: many low-score boxes to compare
+
+
+def compose_tool(name: str, *overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(name, overrides=list(overrides))
+
+
+def run_tool(script: str, cwd: Path, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """One train.py run of the tiny RetinaNet (1 epoch, 8 steps); its threshold 0.01 leaves detections to score."""
+    logs = tmp_path_factory.mktemp("train")
+    run_tool("train.py", logs, *TINY, f"paths.log_dir={logs}", "trainer.max_epochs=1", "logger=csv",
+             "callbacks.prediction_images=null", "callbacks.pr_curves=null", "model.scheduler.warmup_steps=2",
+             "model.postprocess.score_thresh=0.01")
+    (folder,) = (logs / "retinanet_shapes").iterdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def best(run) -> Path:
+    return run / "checkpoints" / "best.ckpt"
+
+
+def tiny_images(folder: Path) -> list[Path]:
+    """Two 64×64 PNGs and two 80×96 JPEGs (h×w): batches of equal sizes at batch_size=2, sorted by name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (size, suffix) in enumerate([(64, "png"), (64, "png"), (96, "jpg"), (96, "jpg")]):
+        image, _, _ = render_shapes_image(500 + i, size, SHAPE_CLASSES, 2, 5, 10, 0.8)
+        image = image[:, :80] if suffix == "jpg" else image
+        paths.append(folder / f"img{i}.{suffix}")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    return paths
+
+
+def xywh_to_xyxy(boxes: list[list[float]]) -> torch.Tensor:
+    b = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    return torch.cat((b[:, :2], b[:, :2] + b[:, 2:]), 1)
+
+
+# --- eval.py --------------------------------------------------------------------------------------------------
+def test_eval_reproduces_train_metrics_and_its_coco_files_reevaluate(run, best, tmp_path):
+    out = run_tool("eval.py", tmp_path, f"ckpt_path={best}", f"paths.log_dir={tmp_path}", "data=shapes", *TINY_DATA,
+                   "trainer=cpu")
+    (folder,) = (tmp_path / "eval").iterdir()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics == json.loads((run / "metrics.json").read_text())  # same data, same numbers, same keys
+    assert "AP @[.5:.95]" in out and "mAP, VOC07 11-point" in out and "ellipse" in out
+    assert (folder / "pr_curve.png").stat().st_size > 5_000
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results = json.loads((folder / "coco_results.json").read_text())
+    assert len(results) > 10
+    truth = COCO(str(folder / "coco_ground_truth.json"))
+    evaluator = COCOeval(truth, truth.loadRes(str(folder / "coco_results.json")), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    for stat, key in ((0, "map"), (1, "map_50"), (8, "mar_100")):  # metrics.json holds float32s, as logged
+        assert evaluator.stats[stat] == pytest.approx(metrics[f"val/{key}"], rel=1e-6, abs=1e-7)
+
+
+def test_eval_data_defaults_to_the_training_run_and_transform_overrides(best):
+    from eval import eval_data_config
+
+    checkpoint = load_checkpoint(best)
+    trained = eval_data_config(None, checkpoint, str(best))  # no data group: the run's own data
+    assert trained["image_size"] == 64 and trained["num_val"] == 16 and trained["val_transform"] is None
+    assert trained["train_transform"] is None and trained["size_divisible"] == 1
+    cfg = compose_tool("eval", f"ckpt_path={best}", "data/transform=ssd", "+data.val_batch_size=4")
+    resized = eval_data_config(cfg.data, checkpoint, str(best))
+    assert resized["val_transform"] == {"_target_": "datamodules.transforms.ResizeTo", "size": 300}
+    assert resized["val_batch_size"] == 4 and resized["image_size"] == 64
+
+
+def test_eval_refuses_other_classes_naming_both_lists(best, tmp_path):
+    from eval import evaluate
+
+    cfg = compose_tool("eval", f"ckpt_path={best}", "data=shapes", "data.classes=[ellipse,rectangle,triangle]",
+                       f"paths.output_dir={tmp_path}")
+    with pytest.raises(ClassMismatchError) as e:
+        evaluate(cfg)
+    message = str(e.value)
+    assert str(list(SHAPE_CLASSES)) in message and "['ellipse', 'rectangle', 'triangle']" in message
+    assert "model.finetune_from=" in message
+
+
+# --- predict.py -----------------------------------------------------------------------------------------------
+def test_predict_draws_each_image_at_its_size_and_writes_model_detections(best, tmp_path):
+    inputs = tiny_images(tmp_path / "in")
+    out = tmp_path / "out"
+    run_tool("predict.py", tmp_path, f"ckpt_path={best}", f"input={tmp_path / 'in'}", f"output={out}",
+             f"paths.log_dir={tmp_path}", "score_thresh=0", "batch_size=2", "num_workers=0", LOW_THRESHOLD)
+    for path in inputs:
+        picture = out / path.name
+        with Image.open(path) as original, Image.open(picture) as drawn:
+            assert drawn.format == original.format and drawn.size == original.size
+            changed = np.abs(np.asarray(drawn, dtype=int) - np.asarray(original, dtype=int)).max(axis=2) > 40
+            assert changed.mean() > 0.02  # box outlines and captions, far beyond JPEG re-encoding
+    entries = json.loads((out / "detections.json").read_text())
+
+    model = build_model(load_checkpoint(best), best, {"postprocess": {"score_thresh": 0.001}})
+    images = [read_image(p) for p in inputs]
+    expected = []
+    for pair in (images[:2], images[2:]):  # predict.py's batches
+        expected += model.detect(collate_detection([(img, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(
+            0, dtype=torch.long), "image_id": torch.tensor(0)}) for img in pair]))
+    for index, (path, det) in enumerate(zip(inputs, expected)):
+        mine = [e for e in entries if e["image_id"] == index]
+        assert len(mine) == len(det["scores"]) > 0 and {e["file_name"] for e in mine} == {str(path)}
+        torch.testing.assert_close(xywh_to_xyxy([e["bbox"] for e in mine]), det["boxes"].double(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor([e["score"] for e in mine]), det["scores"], atol=1e-5, rtol=0)
+        assert [e["category_id"] - 1 for e in mine] == det["labels"].tolist()
+        assert [e["category_name"] for e in mine] == [SHAPE_CLASSES[k] for k in det["labels"].tolist()]
+
+
+def test_predict_input_errors_name_the_input(tmp_path):
+    from predict import find_images
+
+    with pytest.raises(FileNotFoundError, match="input=nowhere/x.jpg: no such file or folder"):
+        find_images("nowhere/x.jpg")
+    with pytest.raises(FileNotFoundError, match="matches no image files"):
+        find_images(str(tmp_path / "*.png"))
+
+
+# --- export.py ------------------------------------------------------------------------------------------------
+def assert_export_matches(path: Path, best: Path, tolerance: float) -> None:
+    """The exported file's raw outputs and detections equal the PyTorch module's on the same validation images."""
+    from export import ExportedDetector
+
+    exported = ExportedDetector(path, postprocess={"score_thresh": 0.001})
+    assert exported.class_names == list(SHAPE_CLASSES) and exported.input_size == (64, 64)
+    model = build_model(load_checkpoint(best), best, {"postprocess": {"score_thresh": 0.001}})
+    data = instantiate(compose(*TINY).data)
+    images = [data.val_set[i][0] for i in range(3)]
+    batch = exported.batch(images)
+    outputs, priors = exported.run(batch.images)
+    with torch.no_grad():
+        expected, expected_priors = model(batch.images)
+    for name, value in expected.items():
+        torch.testing.assert_close(outputs[name], value, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(priors.boxes, expected_priors.boxes)
+    for mine, theirs in zip(exported.detect(images), model.detect(batch), strict=True):
+        assert len(mine["scores"]) == len(theirs["scores"]) > 0
+        assert torch.equal(mine["labels"], theirs["labels"])
+        torch.testing.assert_close(mine["scores"], theirs["scores"], atol=tolerance, rtol=0)
+        torch.testing.assert_close(mine["boxes"], theirs["boxes"], atol=10 * tolerance, rtol=0)
+
+
+# ONNX Runtime's kernels round float32 differently; TorchScript runs PyTorch's own
+@pytest.mark.parametrize(("fmt", "suffix", "tolerance"), [("onnx", "onnx", 1e-4), ("torchscript", "pt", 1e-6)])
+def test_export_round_trip(best, tmp_path, capsys, fmt, suffix, tolerance):
+    from export import export
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    path = tmp_path / f"tiny.{suffix}"
+    # in-process (what `python export.py` runs, without another interpreter start), its own check included
+    export(compose_tool("export", f"ckpt_path={best}", f"format={fmt}", f"output={path}"))
+    assert "outputs box_deltas, cls_logits, priors" in capsys.readouterr().out
+    assert_export_matches(path, best, tolerance)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+def test_checkpoint_loads_weights_only_and_gpu_saved_on_cpu(best, tmp_path, monkeypatch):
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)  # train.py's format needs no pickle
+    assert checkpoint["class_names"] == list(SHAPE_CLASSES) and checkpoint["model_config"]["_target_"]
+    # a file as a GPU run writes it: every storage tagged cuda:0
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(checkpoint, tmp_path / "gpu.ckpt")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "gpu.ckpt", weights_only=True)
+    loaded = load_checkpoint(tmp_path / "gpu.ckpt")
+    assert all(v.device.type == "cpu" for v in loaded["state_dict"].values())
+    model = build_model(loaded, tmp_path / "gpu.ckpt")
+    assert torch.equal(model.head.cls_score.weight, checkpoint["state_dict"]["head.cls_score.weight"])
+
+    checkpoint["note"] = Fraction(1, 3)  # an object weights_only loading refuses
+    torch.save(checkpoint, tmp_path / "pickled.ckpt")
+    with pytest.raises(CheckpointError, match=r"fractions.Fraction.*trust_checkpoint=true"):
+        load_checkpoint(tmp_path / "pickled.ckpt")
+    assert load_checkpoint(tmp_path / "pickled.ckpt", trusted=True)["note"] == Fraction(1, 3)
+    with pytest.raises(CheckpointError, match=r"model.postprocess.score_treshold"):
+        build_model(loaded, best, {"postprocess": {"score_treshold": 0.1}})
+
+
+@pytest.mark.parametrize("classes", [["ellipse", "rectangle", "triangle"], list(reversed(SHAPE_CLASSES))])
+def test_finetune_loads_all_but_the_class_dependent_layers(best, classes):
+    cfg = compose(*TINY, f"data.classes=[{','.join(classes)}]")
+    model = instantiate(cfg.model)
+    model.model_config = OmegaConf.to_container(cfg.model, resolve=True)  # what train.py sets
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = finetune_from(model, best)
+    assert report["reinitialised"] == ["head.cls_score.bias", "head.cls_score.weight"]  # even with 5 names reordered
+    trained = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh[key] if key in report["reinitialised"] else trained[key]), key
+
+    same = instantiate(compose(*TINY).model)
+    same.model_config = OmegaConf.to_container(compose(*TINY).model, resolve=True)
+    assert finetune_from(same, best)["reinitialised"] == []
