@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import detectors  # noqa: F401  (registers the ${len:...} resolver)
 from detectors.distributed import SameConfigOnEveryRank, launches_its_own_processes
+from detectors.checkpoints import finetune_from
 from detectors.loggers import finish_loggers
 
 log = logging.getLogger("train")
@@ -31,6 +32,13 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
 
 
+def newest_own_checkpoint(output_dir: str) -> Path | None:
+    """This run folder's checkpoints/last.ckpt or Lightning's SLURM hpc_ckpt_<n>.ckpt, whichever is newer."""
+    found = [p for p in (Path(output_dir, "checkpoints", "last.ckpt"), *Path(output_dir).glob("hpc_ckpt_*.ckpt"))
+             if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str, output_dir: str | None = None) -> str | None:
     """`last` means this run folder's last.ckpt when it has one (a requeued SLURM job keyed by its job id), else
     the newest last.ckpt under runs/<task>/; `auto` is this run folder's last.ckpt if there is one, else a fresh
@@ -38,15 +46,15 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str, outpu
     if ckpt_path is None:
         return None
     if ckpt_path == "auto":
-        own = Path(output_dir or ".", "checkpoints", "last.ckpt")
-        if own.is_file():
+        own = newest_own_checkpoint(output_dir or ".")
+        if own is not None:
             log.info("ckpt_path=auto: resuming from %s", own)
             return str(own)
-        log.info("ckpt_path=auto: no %s yet, starting fresh", own)
+        log.info("ckpt_path=auto: no checkpoint in %s yet, starting fresh", output_dir)
         return None
     if ckpt_path == "last":
-        own = Path(output_dir, "checkpoints", "last.ckpt") if output_dir else None
-        if own is not None and own.is_file():
+        own = newest_own_checkpoint(output_dir) if output_dir else None
+        if own is not None:
             log.info("resuming from %s", own)
             return str(own)
         found = sorted(Path(log_dir, task_name).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -118,18 +126,22 @@ def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbac
     scale_learning_rate(cfg, trainer)
     model = instantiate(cfg.model)
     model.model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    model.data_config = OmegaConf.to_container(cfg.data, resolve=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, cfg.paths.output_dir)
+    if cfg.model.get("finetune_from") and ckpt_path is None:  # a resumed run restores its own weights instead
+        finetune_from(model, cfg.model.finetune_from)
     if cfg.get("compile"):
         model = torch.compile(model)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, cfg.paths.output_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: our checkpoints hold tensors and plain containers, so nothing in them can run code
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     # the checkpoint callback that monitors a metric (conf/callbacks: best_checkpoint) holds best.ckpt
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
     if cfg.get("validate_best") and best:
-        trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if not trainer.is_global_zero:  # every rank holds the same gathered metrics; one writes and prints them
         return metrics

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,11 @@ class COCOFormatError(ValueError):
     """An annotation json that cannot be used as it is; the message names the file, the entry and the fix."""
 
 
+def _number(value) -> bool:
+    """A finite int or float (not a bool, a string or None)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def load_coco(path: Path) -> COCO:
     """The json checked for what pycocotools would silently accept (duplicate image ids, annotations of unknown
     images or categories, missing boxes), then indexed by pycocotools."""
@@ -50,6 +56,12 @@ def load_coco(path: Path) -> COCO:
     if dup:
         raise COCOFormatError(f"{path}: image id {dup[0]} appears {sum(im.get('id') == dup[0] for im in data['images'])} "
                               f"times in 'images' ({len(dup)} duplicated ids); ids must be unique")
+    for im in data["images"]:
+        if not isinstance(im.get("file_name"), str) or not all(_number(im.get(k)) and im[k] > 0
+                                                                 for k in ("width", "height")):
+            raise COCOFormatError(f"{path}: image id {im.get('id')} needs file_name (text) and width, height "
+                                  f"(positive numbers); got file_name={im.get('file_name')!r}, "
+                                  f"width={im.get('width')!r}, height={im.get('height')!r}")
     image_ids = {im["id"] for im in data["images"]}
     category_ids = {c["id"] for c in data["categories"]}
     for ann in data["annotations"]:
@@ -61,6 +73,9 @@ def load_coco(path: Path) -> COCO:
         box = ann.get("bbox")
         if not isinstance(box, list) or len(box) != 4:
             raise COCOFormatError(f"{where} has no 'bbox' [x, y, w, h] (got {box!r})")
+        if not all(_number(v) for v in box) or box[2] < 0 or box[3] < 0:  # inf/NaN/text would pass as boxes
+            raise COCOFormatError(f"{where} has bbox {box}: need [x, y, w, h] as finite numbers with w, h ≥ 0; fix "
+                                  f"or remove the annotation")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
 log = logging.getLogger(__name__)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageReadError(RuntimeError):
@@ -27,6 +32,9 @@ def read_image(path: str | Path) -> Tensor:
         raise ImageReadError(f"{path}: cannot read the image file ({e.strerror or e})") from e
     if not raw:
         raise ImageReadError(f"{path}: the image file is empty (0 bytes); restore it or remove it from the split")
+    check_pixel_limit(path, raw)
+    if raw.startswith(PNG_SIGNATURE):
+        return decode_with_pil(path, raw)
     data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     try:
         image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
@@ -35,6 +43,34 @@ def read_image(path: str | Path) -> Tensor:
     if image.dtype != torch.uint8:  # 16-bit PNGs
         image = F.to_dtype(image, torch.uint8, scale=True)
     return image
+
+
+def check_pixel_limit(path: Path, raw: bytes) -> None:
+    """PIL's decompression-bomb limit, which torchvision's decoders lack, from the header alone (over
+    ``Image.MAX_IMAGE_PIXELS``: PIL's warning; over twice that: refused)."""
+    try:
+        with Image.open(io.BytesIO(raw)):
+            pass
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{path}: {e} (PIL's decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS); shrink "
+                             f"the image, or raise the limit if the file is trusted") from None
+    except Exception:  # a header PIL cannot read: the decoder names the problem
+        pass
+
+
+def decode_with_pil(path: Path, raw: bytes) -> Tensor:
+    """(3, H, W) uint8 RGB through PIL: torchvision's libpng path crashes the process on some corrupt PNGs."""
+    try:
+        with Image.open(io.BytesIO(raw)) as opened:
+            image = ImageOps.exif_transpose(opened)
+            if image.mode.startswith("I"):  # 16/32-bit gray: the top 8 of 16 bits, as torchvision's to_dtype
+                gray = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+                array = np.repeat(gray[..., None], 3, axis=2)
+            else:
+                array = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"{path}: cannot decode the image ({e}); the file may be truncated or not an image") from e
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def clip_boxes(boxes: Tensor, height: int, width: int, where: str, per_object: dict[str, Tensor]

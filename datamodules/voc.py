@@ -10,6 +10,7 @@ expansion and external entities refused). VOC's 1-based inclusive pixels convert
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,9 @@ def parse_voc_xml(xml_path: Path, image_dir: Path, class_index: dict[str, int],
         if not xmin <= xmax or not ymin <= ymax:  # also catches NaN
             raise VOCFormatError(f"{xml_path}: <object> {i} ({name}) has xmin/ymin beyond xmax/ymax "
                                  f"({xmin}, {ymin}, {xmax}, {ymax}); fix the file or remove the object")
+        if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):  # inf would clip to an image-wide box
+            raise VOCFormatError(f"{xml_path}: <object> {i} ({name}) <bndbox> {coords} is not finite; fix the file "
+                                 f"or remove the object")
         boxes.append((xmin - 1, ymin - 1, xmax, ymax))  # 1-based inclusive → 0-based continuous
         labels.append(class_index[name])
         difficult.append(_flag(obj, "difficult", xml_path))

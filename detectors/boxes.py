@@ -24,6 +24,9 @@ def batched_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     ``torchvision.ops.box_iou`` takes 2-D inputs only; this is the same formula over a batch so an
     assigner can match all images at once.
     """
+    # at least float32: under autocast, bf16 would round a 300 px box's area to steps of 512 px²
+    dtype = torch.promote_types(torch.promote_types(boxes1.dtype, boxes2.dtype), torch.float32)
+    boxes1, boxes2 = boxes1.to(dtype), boxes2.to(dtype)
     area1, area2 = box_area(boxes1)[..., :, None], box_area(boxes2)[..., None, :]
     # contiguous coordinates, so the (…, M, N) passes broadcast without strides; in place, as the
     # (…, M, N) temporaries cost more than the arithmetic

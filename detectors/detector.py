@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,6 +12,9 @@ from torch import Tensor, nn
 
 from .batch import DetectionBatch
 from .metrics import DetectionMetrics
+
+log = logging.getLogger(__name__)
+NONFINITE_LOSS = ("error", "skip")
 
 
 def warmup_multistep(warmup_steps: int, warmup_factor: float, milestones: Sequence[int],
@@ -43,8 +47,13 @@ class Detector(L.LightningModule):
                  pixel_mean: Sequence[float] = (0.485, 0.456, 0.406), pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: dict[str, Any] | None = None, num_prediction_layers: int | None = None,
-                 class_metrics: bool = True) -> None:
+                 class_metrics: bool = True, nonfinite_loss: str = "error", finetune_from: str | None = None) -> None:
         super().__init__()
+        if nonfinite_loss not in NONFINITE_LOSS:
+            raise ValueError(f"model.nonfinite_loss={nonfinite_loss!r}: choose 'error' (stop the run) or 'skip' "
+                             f"(skip the batch, counted as train/skipped_batches)")
+        # a NaN/Inf loss stops the run naming the step, term and images (error), or its batch is left out (skip)
+        self.nonfinite_loss, self.skipped_batches = nonfinite_loss, 0
         # SSD's Table 3 sweep key: its backbone and priors read it from the config; kept for the record
         self.num_prediction_layers = num_prediction_layers
         self.class_names = list(class_names)
@@ -63,6 +72,10 @@ class Detector(L.LightningModule):
         # class_metrics: per-class AP as val/ap/<class>; false keeps logs short with many classes
         self.val_metrics = DetectionMetrics(self.class_names, class_metrics=class_metrics)
         self.model_config: dict | None = None  # the Hydra config that built this module, saved in checkpoints
+        # the data config it was trained with (eval.py/predict.py/export.py read its val_transform), saved too
+        self.data_config: dict | None = None
+        # model.finetune_from: train.py loads that checkpoint (detectors/checkpoints.py); kept for the record
+        self.finetune_from = finetune_from
 
     # --- the model -------------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> tuple[dict[str, Tensor], Any]:
@@ -89,12 +102,37 @@ class Detector(L.LightningModule):
         return detections
 
     # --- steps -------------------------------------------------------------------------------------------
-    def training_step(self, batch: DetectionBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: DetectionBatch, batch_idx: int) -> Tensor | None:
         losses = self.compute_losses(batch)
         total = sum(losses.values())
+        if self._nonfinite(total):
+            return self._handle_nonfinite(losses, batch)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(batch))
         self.log("train/loss", total, prog_bar=True, batch_size=len(batch))
         return total
+
+    def _nonfinite(self, total: Tensor) -> bool:
+        """Whether the loss is NaN/Inf on any rank: all ranks must skip or stop together (one rank leaving out its
+        backward pass would leave the others waiting in DDP's gradient all-reduce)."""
+        bad = not bool(torch.isfinite(total.detach()))
+        trainer = self._trainer
+        return trainer.strategy.reduce_boolean_decision(bad, all=False) if trainer is not None else bad
+
+    def _handle_nonfinite(self, losses: dict[str, Tensor], batch: DetectionBatch) -> None:
+        terms = ", ".join(f"{k}={v.item():g}" for k, v in losses.items())
+        bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()))]
+        where = (f"step {self.global_step}: non-finite {'/'.join(bad)} ({terms}) on the batch of image ids "
+                 f"{batch.image_ids.tolist()}" if bad else
+                 f"step {self.global_step}: a non-finite training loss on another rank (here: {terms})")
+        if self.nonfinite_loss == "error":
+            raise FloatingPointError(
+                f"{where}. Check those images' boxes (data.<set>[id]), lower model.optimizer.lr or set "
+                f"trainer.gradient_clip_val; model.nonfinite_loss=skip leaves such batches out instead")
+        # returning None skips backward and the optimizer step in Lightning's automatic optimisation
+        self.skipped_batches += 1
+        log.warning("%s: batch skipped (model.nonfinite_loss=skip), %d skipped so far", where, self.skipped_batches)
+        self.log("train/skipped_batches", float(self.skipped_batches), batch_size=len(batch))
+        return None
 
     def validation_step(self, batch: DetectionBatch, batch_idx: int) -> None:
         self.val_metrics.to(self.device).update(self.detect(batch), batch.targets_in_original_frame())
@@ -129,3 +167,4 @@ class Detector(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_config"] = self.model_config
         checkpoint["class_names"] = self.class_names
+        checkpoint["data_config"] = self.data_config

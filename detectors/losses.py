@@ -54,7 +54,7 @@ class _SparseFocalLoss(torch.autograd.Function):
         correction = (w_pos * (1 - pp).pow(gamma) * F.softplus(-xp) - w_neg * pp.pow(gamma) * F.softplus(xp)).sum()
         ctx.save_for_backward(logits, labels)
         ctx.gamma, ctx.alpha = gamma, alpha
-        return (w_neg * total + correction).to(logits.dtype)
+        return w_neg * total + correction  # float32 whatever the logits' dtype: the loss sums 10⁷ terms
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -114,7 +114,7 @@ class RetinaNetLoss:
         logits, deltas = outputs["cls_logits"], outputs["box_deltas"]
         labels = assigned["labels"]
         positive = (labels >= 0) & (labels < logits.shape[-1])
-        num_pos = positive.sum().clamp(min=1).to(logits.dtype)
+        num_pos = positive.sum().clamp(min=1).float()
         focal = focal_loss_sparse if self.fused else focal_loss_dense
         loss_cls = focal(logits, labels, self.gamma, self.alpha) / num_pos
         anchors = priors.boxes.expand(labels.shape[0], -1, -1)[positive]

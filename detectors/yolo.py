@@ -141,8 +141,9 @@ def decode_boxes(box: Tensor, priors: Priors, image_size: tuple[int, int], grid_
     cell = priors.boxes
     cx = cell[:, 0] + box[..., 0] * (w / grid_size)
     cy = cell[:, 1] + box[..., 1] * (h / grid_size)
-    bw = box[..., 2].clamp(min=0) ** 2 * w
-    bh = box[..., 3].clamp(min=0) ** 2 * h
+    # √w is predicted: squared without a cap, 1e20 would be inf; 4 = 16 image widths, beyond any real box
+    bw = box[..., 2].clamp(0, 4.0) ** 2 * w
+    bh = box[..., 3].clamp(0, 4.0) ** 2 * h
     return torch.stack((cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), -1)
 
 

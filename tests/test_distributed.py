@@ -17,7 +17,7 @@ from train import resolve_ckpt_path, scale_learning_rate
 from .conftest import ROOT, TINY, compose
 
 DDP_RUN = (*TINY, "trainer=ddp_sim", "trainer.max_epochs=1", "data.num_train=32", "data.num_val=19",
-           "data.val_batch_size=4", "model.scheduler.warmup_steps=0")
+           "data.val_batch_size=5", "model.scheduler.warmup_steps=0")  # batches of ≥ 2: GroupNorm on the 1×1 P7
 
 
 def run(tmp_path, *overrides, check=True):
@@ -41,7 +41,7 @@ def test_ddp_on_two_processes_writes_one_run_and_evaluates_like_one_process(tmp_
     metrics = json.loads((folder / "metrics.json").read_text())
 
     # the best checkpoint validated by one process on the same 19 images (uneven: 10 and 9 per rank above)
-    cfg = compose(*DDP_RUN[:-4], "data.num_train=32", "data.num_val=19", "data.val_batch_size=4")
+    cfg = compose(*DDP_RUN[:-4], "data.num_train=32", "data.num_val=19", "data.val_batch_size=5")
     ckpt = torch.load(folder / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     model = instantiate(ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])

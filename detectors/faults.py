@@ -1,0 +1,132 @@
+"""Surviving faults in a training run: checkpoints that are never half-written, a checkpoint when the job is told
+to stop (SIGTERM: SLURM's time limit or scancel), and the random state a resumed run needs to draw the same data
+order and augmentation as an uninterrupted one (conf/callbacks/default.yaml uses all three).
+
+Lightning 2.6 writes a checkpoint to a temporary file in the system's temp folder and moves it into place
+(fsspec's local transaction): a rename when both are on one filesystem, but a copy straight into the final file
+when they are not (``/tmp`` on a node's local disk, checkpoints on a shared one), so a kill during that copy leaves
+a truncated ``last.ckpt``. ``save_atomically`` writes next to the final file and ``os.replace``s it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+from typing import Any
+from weakref import proxy
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_atomically(trainer: L.Trainer, filepath: str, weights_only: bool = False) -> None:
+    """``trainer.save_checkpoint`` into ``<filepath>.part``, then renamed over ``filepath``: a reader (or a resumed
+    run) sees the old checkpoint or the new one, never a partial file. Call it on every rank, as the trainer's."""
+    filepath = os.fspath(filepath)
+    if "://" in filepath:  # object stores (s3://, gs://) replace whole objects; there is no rename to do
+        trainer.save_checkpoint(filepath, weights_only)
+        return
+    partial = f"{filepath}.part"
+    trainer.save_checkpoint(partial, weights_only)  # the strategy writes on rank 0 and waits for the others
+    if trainer.is_global_zero:
+        _fsync(partial)  # the bytes are on disk before the name points at them (a power cut after the rename)
+        os.replace(partial, filepath)
+        _fsync(os.path.dirname(os.path.abspath(filepath)))  # and the rename itself is on disk
+    trainer.strategy.barrier("save_atomically")
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose files are written with ``save_atomically``: a kill or a full disk during a save
+    leaves the previous ``last.ckpt`` / ``best.ckpt`` intact. Same arguments as ``ModelCheckpoint``."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Lightning 2.6's body of this method, with the write made atomic; loggers are told once the file is in place
+        save_atomically(trainer, filepath, self.save_weights_only)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+class CheckpointOnSignal(Callback):
+    """On SIGTERM (SLURM sends it at the time limit and on scancel/preemption; Lightning then stops after the current
+    batch) save ``<dirpath>/<filename>.ckpt`` atomically, so ``ckpt_path=last`` or ``auto`` resumes from that step
+    rather than from the last epoch end. The process then exits with code 0, as Lightning's SIGTERM stop does.
+
+    The checkpoint is mid-epoch: the resumed run keeps step count, optimiser and lr schedule exact, but the rest of
+    that epoch is drawn afresh (Lightning's loaders are not resumable mid-epoch) — an epoch-end resume is exact.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last") -> None:
+        self.dirpath, self.filename = dirpath, filename
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not (isinstance(exception, SIGTERMException) or trainer.received_sigterm):
+            return
+        path = os.path.join(self.dirpath, f"{self.filename}.ckpt")
+        os.makedirs(self.dirpath, exist_ok=True)
+        save_atomically(trainer, path)
+        log.warning("SIGTERM: saved %s at step %d (epoch %d); resume with ckpt_path=last (or auto)", path,
+                    trainer.global_step, trainer.current_epoch)
+
+
+class RandomStateCheckpoint(Callback):
+    """Keeps torch's, NumPy's and Python's global random states in each checkpoint and restores them on resume.
+
+    The loaders' shuffling, their workers' seeds and the augmentations all draw from torch's global generator, which
+    Lightning neither saves nor restores: without this a resumed run sees a different data order and different
+    augmentations from the epoch it resumes at (and so different weights). Stored as tensors and lists, so the
+    checkpoint still loads with ``torch.load(weights_only=True)``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, python_state, gauss = random.getstate()
+        state = {"torch": torch.get_rng_state(),
+                 "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                 "python": {"version": version, "state": list(python_state), "gauss": gauss}}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        n = state_dict["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        p = state_dict["python"]
+        random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class SignalAtStep(Callback):
+    """Fault injection: sends ``signum`` (9 SIGKILL, 15 SIGTERM, 10 SIGUSR1) to this process when training reaches
+    ``step`` optimizer steps, to rehearse a crash or a cluster's stop, e.g.
+    ``python train.py +callbacks.fault._target_=detectors.faults.SignalAtStep +callbacks.fault.step=100``."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGKILL)) -> None:
+        self.step, self.signum = int(step), int(signum)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            log.warning("SignalAtStep: sending signal %d at step %d", self.signum, self.step)
+            os.kill(os.getpid(), self.signum)
