@@ -2,8 +2,10 @@
 
 The fixture is the issue's: 5,000 images × 100 detections (80 classes, ~7 objects per image, some crowd).
 Ours is the whole validation metrics path (``DetectionMetrics.update`` per batch of 16 + ``compute``: COCO
-suite, VOC07/area AP, per-class AP); pycocotools is ``loadRes`` + ``evaluate`` + ``accumulate`` +
-``summarize`` on the same data as in-memory COCO dicts, whose conversion is not timed.
+suite, VOC07/area AP, per-class AP, PR curves) with its default COCO backend, our tensor implementation of
+COCOeval (``backend="faster_coco_eval"`` or ``"pycocotools"`` time those runs instead); pycocotools is
+``loadRes`` + ``evaluate`` + ``accumulate`` + ``summarize`` on the same data as in-memory COCO dicts, whose
+conversion is not timed.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def coco_dicts(fx: Fixture) -> tuple[dict, list[dict]]:
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
 
-def cases(fx: Fixture, batch_size: int = 16, class_metrics: bool = True):
+def cases(fx: Fixture, batch_size: int = 16, class_metrics: bool = True, backend: str = "tensors"):
     """pycocotools fn, ours fn; each returns (mAP, mAP@0.5) so the bench can show they agree."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -91,7 +93,7 @@ def cases(fx: Fixture, batch_size: int = 16, class_metrics: bool = True):
         return float(evaluator.stats[0]), float(evaluator.stats[1])
 
     def run_ours():
-        metrics = DetectionMetrics(names, class_metrics=class_metrics)
+        metrics = DetectionMetrics(names, class_metrics=class_metrics, backend=backend)
         for i in range(0, len(fx.detections), batch_size):
             metrics.update(fx.detections[i:i + batch_size], fx.targets[i:i + batch_size])
         out = metrics.compute("val")

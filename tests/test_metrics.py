@@ -1,9 +1,12 @@
-"""VOC AP with the devkit's rules on hand-computed cases, and the metric names DESIGN.md promises."""
+"""VOC AP with the devkit's rules on hand-computed cases, the metric names DESIGN.md promises, the COCO suite
+against pycocotools' COCOeval bit for bit, and the precision-recall curves for the dashboards."""
+
+import math
 
 import pytest
 import torch
 
-from detectors.metrics import DetectionMetrics, VOCAveragePrecision
+from detectors.metrics import COCOAveragePrecision, DetectionMetrics, VOCAveragePrecision
 
 
 def box(x0, y0, size=10.0):
@@ -220,3 +223,193 @@ def test_voc07_levels_count_a_recall_of_exactly_six_tenths():
     metric.update([{"boxes": preds, "scores": torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]), "labels": labels}],
                   [{"boxes": objects, "labels": labels}])
     assert float(metric.compute()["voc07_map_50"]) == pytest.approx((7 * 1 + 2 * 0.8) / 11)
+
+
+# --- COCO suite: our tensor evaluation against pycocotools' COCOeval, bit for bit -------------------------
+def random_coco_set(seed, num_images=60, num_classes=7):
+    """Detections and ground truth with what COCOeval's rules must handle: crowd objects (several detections
+    on one), objects of every area range and on the range bounds (32², 96²), duplicate objects (IoU ties),
+    tied scores, images with neither, only objects or only detections, a class only in detections (the last),
+    one whose objects are all crowd (the one before), a pair with over 100 detections (COCOeval keeps 100),
+    an IoU of exactly 0.5 and unmatched detections of areas on the range bounds."""
+    g = torch.Generator().manual_seed(seed)
+    detections, targets = [], []
+    for i in range(num_images):
+        n = int(torch.randint(0, 9, (), generator=g)) if i % 10 else 0
+        xy = torch.rand(n, 2, generator=g) * 300
+        size = torch.exp(torch.empty(n, 2).uniform_(math.log(4.0), math.log(200.0), generator=g))
+        exact = torch.rand(n, generator=g) < 0.15  # 32×32 and 96×96 boxes: areas on the range bounds
+        size[exact] = torch.tensor([32.0, 96.0])[torch.randint(0, 2, (int(exact.sum()),), generator=g)][:, None]
+        boxes = torch.cat((xy, xy + size), 1)
+        if n > 1 and torch.rand((), generator=g) < 0.3:
+            boxes[1] = boxes[0]
+        labels = torch.randint(0, num_classes - 2, (n,), generator=g)
+        labels[torch.rand(n, generator=g) < 0.1] = num_classes - 2
+        crowd = (torch.rand(n, generator=g) < 0.1) | (labels == num_classes - 2)
+        if i % 10 == 5:  # detections only
+            boxes, labels, crowd = boxes[:0], labels[:0], crowd[:0]
+        targets.append({"boxes": boxes, "labels": labels, "iscrowd": crowd.long(),
+                        "difficult": torch.zeros(len(labels), dtype=torch.bool)})
+        copies = boxes.repeat(3, 1)
+        copies = copies + torch.randn(copies.shape, generator=g) * (copies[:, 2:] - copies[:, :2]).repeat(1, 2) * 0.1
+        copy_labels = labels.repeat(3)
+        copy_labels[torch.rand(len(copy_labels), generator=g) < 0.1] = num_classes - 1
+        m = int(torch.randint(0, 6, (), generator=g)) if i % 10 != 3 else 0  # i % 10 == 3: objects only
+        xy = torch.rand(m, 2, generator=g) * 300
+        det_boxes = torch.cat((copies, torch.cat((xy, xy + 10 + torch.rand(m, 2, generator=g) * 100), 1)))
+        det_labels = torch.cat((copy_labels, torch.randint(0, num_classes, (m,), generator=g)))
+        if i % 10 == 3:
+            det_boxes, det_labels = det_boxes[:0], det_labels[:0]
+        scores = torch.randint(1, 21, (len(det_boxes),), generator=g) / 20  # few values: many ties
+        detections.append({"boxes": det_boxes, "scores": scores, "labels": det_labels})
+    # one image with 130 detections of one class around its objects: the 100-per-class cut and maxDets 10
+    xy = torch.rand(4, 2, generator=g) * 300
+    boxes = torch.cat((xy, xy + 50), 1)
+    det_boxes = boxes.repeat(33, 1)[:130] + torch.randn(130, 4, generator=g) * 5
+    zeros = torch.zeros(4, dtype=torch.long)
+    targets.append({"boxes": boxes, "labels": zeros, "iscrowd": zeros, "difficult": zeros.bool()})
+    detections.append({"boxes": det_boxes, "scores": torch.rand(130, generator=g),
+                       "labels": torch.zeros(130, dtype=torch.long)})
+    # IoU exactly 0.5 (a match at the first threshold), unmatched detections of areas 32², 96² and 0
+    targets.append({"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1]),
+                    "iscrowd": torch.tensor([0]), "difficult": torch.tensor([False])})
+    detections.append({"boxes": torch.tensor([[0.0, 0.0, 10.0, 5.0], box(100, 100, 32), box(200, 100, 96),
+                                              box(50, 50, 0)]),
+                       "scores": torch.tensor([0.3, 0.9, 0.8, 0.7]), "labels": torch.tensor([1, 1, 1, 1])})
+    return detections, targets
+
+
+def pycocotools_eval(detections, targets):
+    """pycocotools' COCOeval on the same data as COCO dicts (ids from 1, area = box area, image ids 0, 1, ...)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, annotations, results = [], [], []
+    for image_id, (det, target) in enumerate(zip(detections, targets)):
+        images.append({"id": image_id})
+        for b, c, crowd in zip(target["boxes"].tolist(), target["labels"].tolist(), target["iscrowd"].tolist()):
+            w, h = b[2] - b[0], b[3] - b[1]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c,
+                                "bbox": [b[0], b[1], w, h], "area": w * h, "iscrowd": crowd})
+        for b, c, s in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
+            results.append({"image_id": image_id, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                            "score": s})
+    labels = torch.cat([t["labels"] for t in targets] + [d["labels"] for d in detections]).unique().tolist()
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c} for c in labels]}
+        gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator
+
+
+def update_in_uneven_batches(metric, detections, targets, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    i = 0
+    while i < len(detections):
+        n = int(torch.randint(1, 12, (), generator=g))
+        metric.update(detections[i:i + n], targets[i:i + n])
+        i += n
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coco_tensors_equal_pycocotools_bit_for_bit(seed):
+    import numpy as np
+
+    detections, targets = random_coco_set(seed)
+    reference = pycocotools_eval(detections, targets)
+    metric = COCOAveragePrecision()  # the default, "tensors"
+    update_in_uneven_batches(metric, detections, targets, seed)
+    out = metric.compute()
+    assert out["classes"].tolist() == reference.params.catIds
+    assert np.array_equal(out["precision"].numpy(), reference.eval["precision"])
+    assert np.array_equal(out["recall"].numpy(), reference.eval["recall"])
+    assert out["stats"].tolist() == list(reference.stats)
+    # the set exercises what it claims: crowd matches, a class without countable objects, the 100 cut
+    assert (reference.eval["precision"][:, :, -2] == -1).all() and (reference.eval["precision"][:, :, -1] == -1).all()
+    assert 0.2 < reference.stats[0] < 0.9 and (reference.stats[3:6] > 0).all()
+    assert reference.eval["recall"][:, 0, 0, 1].tolist() != reference.eval["recall"][:, 0, 0, 2].tolist()
+
+
+def test_coco_tensors_in_small_blocks_and_with_float64_scores(monkeypatch):
+    from detectors import metrics
+
+    detections, targets = random_coco_set(5)
+    expected = pycocotools_eval(detections, targets).eval["precision"]
+    monkeypatch.setattr(metrics, "_MATCH_BUDGET", 3000)  # a few pairs per matcher block
+    metric = COCOAveragePrecision()
+    metric.update([{**d, "scores": d["scores"].double()} for d in detections], targets)
+    assert (metric.compute()["precision"].numpy() == expected).all()
+    # float64 scores apart by less than float32 resolves: sorted as float32 they would tie again and give
+    # the numbers above; the float64 sort breaks the set's many ties otherwise
+    metric = COCOAveragePrecision()
+    metric.update([{**d, "scores": d["scores"].double() + 1e-12 * torch.rand(len(d["scores"]), dtype=torch.float64)}
+                   for d in detections], targets)
+    assert (metric.compute()["precision"].numpy() != expected).any()
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_coco_backends_agree(backend):
+    pytest.importorskip(backend)
+    detections, targets = random_coco_set(3, num_images=30)
+    outs = {}
+    for name in ("tensors", backend):
+        metrics = DetectionMetrics([str(c) for c in range(7)], backend=name)
+        metrics.update(detections, targets)
+        outs[name] = metrics.compute("val"), metrics.pr_curves
+    for key, value in outs["tensors"][0].items():
+        assert outs[backend][0][key] == pytest.approx(value, abs=1e-12), key
+    assert outs[backend][1].keys() == outs["tensors"][1].keys()
+    for name, (recall, precision) in outs["tensors"][1].items():
+        assert torch.equal(outs[backend][1][name][1], precision)
+
+
+def test_coco_tensors_on_empty_and_degenerate_sets():
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    no_objects = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    metric = COCOAveragePrecision()
+    metric.update([empty, empty], [no_objects, no_objects])
+    assert metric.compute()["stats"].tolist() == [-1.0] * 12
+    # detections but no object at all, and objects without any detection
+    det = {"boxes": torch.tensor([box(0, 0)]), "scores": torch.tensor([0.5]), "labels": torch.tensor([1])}
+    one_object = {"boxes": torch.tensor([box(0, 0, 40)]), "labels": torch.tensor([0])}
+    for preds, targets, expected in (([det], [no_objects], -1.0), ([empty], [one_object], 0.0)):
+        metric = COCOAveragePrecision()
+        metric.update(preds, targets)
+        assert metric.compute()["stats"][0] == expected
+
+
+def test_pr_curves_of_a_perfect_detector_and_against_pycocotools():
+    names = [f"c{k}" for k in range(9)]
+    metrics = DetectionMetrics(names)
+    target = {"boxes": torch.tensor([box(0, 0, 40), box(50, 50, 36), box(100, 0, 20)]),
+              "labels": torch.tensor([0, 2, 2]), "iscrowd": torch.tensor([0, 0, 0])}
+    pred = {"boxes": torch.cat([target["boxes"], torch.tensor([box(200, 200)])]),
+            "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]), "labels": torch.tensor([0, 2, 2, 5])}
+    metrics.update([pred], [target])
+    metrics.compute("val")
+    assert list(metrics.pr_curves) == ["c0", "c2"]  # c5 has detections but no object: left out
+    for recall, precision in metrics.pr_curves.values():
+        assert recall.shape == precision.shape == (101,)
+        assert torch.allclose(recall, torch.linspace(0, 1, 101))
+        assert (precision == 1).all()
+    metrics.reset()
+    assert list(metrics.pr_curves) == ["c0", "c2"]  # kept for the callbacks that run after the module's reset
+
+    detections, targets = random_coco_set(1)
+    reference = pycocotools_eval(detections, targets)
+    metrics = DetectionMetrics([f"c{k}" for k in range(7)])
+    metrics.update(detections, targets)
+    metrics.compute("val")
+    expected = {f"c{c}": torch.from_numpy(reference.eval["precision"][0, :, k, 0, 2]).float()
+                for k, c in enumerate(reference.params.catIds) if reference.eval["precision"][0, 0, k, 0, 2] > -1}
+    assert metrics.pr_curves.keys() == expected.keys() and len(expected) == 5
+    for name, (recall, precision) in metrics.pr_curves.items():
+        assert torch.equal(precision, expected[name]), name
+        assert torch.equal(recall, torch.from_numpy(reference.params.recThrs).float())
