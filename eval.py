@@ -153,7 +153,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(eval_data_config(cfg.get("data"), checkpoint, ckpt_path))
     check_classes(checkpoint.get("class_names") or checkpoint["model_config"]["class_names"], datamodule.classes,
                   ckpt_path)
-    model = build_model(checkpoint, ckpt_path, cfg.get("model"))
+    model = build_model(checkpoint, ckpt_path, cfg.get("model"), trusted=bool(cfg.get("trust_checkpoint")))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

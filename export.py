@@ -225,7 +225,7 @@ def export(cfg: DictConfig) -> Path:
     input_size = round_up(size, size_divisible)  # the model always sees inputs padded to this multiple
     if input_size != size:
         log.info("input_size %s padded to %s (size_divisible %d)", list(size), list(input_size), size_divisible)
-    model = build_model(checkpoint, ckpt_path, cfg.get("model"))
+    model = build_model(checkpoint, ckpt_path, cfg.get("model"), trusted=bool(cfg.get("trust_checkpoint")))
     network = ExportableNetwork(model, input_size).eval()
     metadata = json.dumps({
         "class_names": list(model.class_names), "input_size": list(input_size), "outputs": network.output_names,

@@ -137,7 +137,7 @@ def predict(cfg: DictConfig) -> Path:
     transform, size_divisible, source = resolve_preprocessing(cfg.get("data"), checkpoint, ckpt_path)
     preprocess = Preprocess(transform, size_divisible)
     device = pick_device(str(cfg.device))
-    model = build_model(checkpoint, ckpt_path, cfg.get("model")).to(device)
+    model = build_model(checkpoint, ckpt_path, cfg.get("model"), trusted=bool(cfg.get("trust_checkpoint"))).to(device)
     names = list(model.class_names)
     log.info("%d image(s) from %s; transform %s (from %s); %s on %s", len(files), cfg.input, preprocess, source,
              Path(ckpt_path).name, device)

@@ -103,11 +103,31 @@ def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | DictC
     return out
 
 
+# a checkpoint's config is instantiated: its _target_s may only name this project's parts and the libraries' own
+SAFE_TARGET_PREFIXES = ("detectors.", "datamodules.", "torch.", "torchvision.")
+
+
+def check_targets(config: Any, path: str | Path, trusted: bool = False, where: str = "model_config") -> None:
+    """Refuses a ``_target_`` outside SAFE_TARGET_PREFIXES anywhere in ``config`` unless ``trusted``: weights_only
+    loading keeps pickle from running code, and this keeps a crafted config from doing it through Hydra."""
+    if isinstance(config, Mapping):
+        target = config.get("_target_")
+        if isinstance(target, str) and not target.startswith(SAFE_TARGET_PREFIXES) and not trusted:
+            raise CheckpointError(f"ckpt_path={path}: {where}._target_ is {target!r}, outside this project's "
+                                  f"packages and torch/torchvision; if you trust the file, add trust_checkpoint=true")
+        for key, value in config.items():
+            check_targets(value, path, trusted, f"{where}.{key}")
+    elif isinstance(config, (list, tuple)):
+        for i, value in enumerate(config):
+            check_targets(value, path, trusted, f"{where}.{i}")
+
+
 def build_model(checkpoint: Mapping[str, Any], path: str | Path,
-                overrides: Mapping[str, Any] | DictConfig | None = None) -> nn.Module:
+                overrides: Mapping[str, Any] | DictConfig | None = None, trusted: bool = False) -> nn.Module:
     """The checkpoint's ``Detector``, in eval mode on the CPU, with ``overrides`` applied to its model config
     (``{"postprocess": {"score_thresh": 0.01}}``); ``model.model_config`` is the config used."""
     config = apply_overrides(model_config_of(checkpoint, path), overrides)
+    check_targets(config, path, trusted)
     built = copy.deepcopy(config)
     built.pop("finetune_from", None)  # the weights come from this checkpoint, not the one it was fine-tuned from
     if isinstance(built.get("backbone"), dict) and built["backbone"].get("weights"):
@@ -226,6 +246,8 @@ def resolve_preprocessing(data: Mapping[str, Any] | DictConfig | None, checkpoin
             f"ckpt_path={path}: cannot tell how the model's images were transformed for validation: the checkpoint "
             f"holds no data_config and {run_config} does not exist. Name the transform the model was trained with: "
             f"data/transform=<{TRANSFORM_CHOICES}> (conf/data/transform/; none: images at their own size)")
+    # instantiated below: the same _target_ rule as the model's (a transform of elsewhere: data/transform=...)
+    check_targets(trained.get("val_transform"), path, where="data_config.val_transform")
     return trained.get("val_transform"), int(given or trained.get("size_divisible", 1) or 1), where
 
 

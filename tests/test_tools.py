@@ -237,3 +237,15 @@ def test_finetune_loads_all_but_the_class_dependent_layers(best, classes):
     same = instantiate(compose(*TINY).model)
     same.model_config = OmegaConf.to_container(compose(*TINY).model, resolve=True)
     assert finetune_from(same, best)["reinitialised"] == []
+
+
+def test_checkpoint_configs_may_only_target_this_project_and_torch():
+    from detectors.checkpoints import CheckpointError, check_targets
+
+    safe = {"_target_": "detectors.Detector", "backbone": {"_target_": "torchvision.ops.FeaturePyramidNetwork"},
+            "steps": [{"_target_": "datamodules.transforms.ResizeTo", "size": 64}]}
+    check_targets(safe, "x.ckpt")
+    crafted = {**safe, "steps": [{"_target_": "os.system", "_args_": ["echo pwned"]}]}
+    with pytest.raises(CheckpointError, match=r"model_config\.steps\.0\._target_ is 'os.system'.*trust_checkpoint"):
+        check_targets(crafted, "x.ckpt")
+    check_targets(crafted, "x.ckpt", trusted=True)  # the user's explicit choice
