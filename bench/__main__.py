@@ -2,7 +2,7 @@
 printed as one table.
 
 Ratios are the peer's time ÷ ours (higher is better for us). Options: ``--device cuda``, ``--repeats N``,
-``--json PATH`` to keep the figures, ``--only ssd`` (or ``retinanet``, ``data``, ``eval``) for one group of rows.
+``--json PATH`` to keep the figures, ``--only ssd`` (or ``retinanet``, ``data``, ``eval``, ``train``) for one group of rows.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import data_pipeline, evaluation, retinanet, ssd
+from . import data_pipeline, evaluation, retinanet, ssd, training_step
 from .timing import describe_machine, median_time, memory_bandwidth
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here as json")
-    parser.add_argument("--only", choices=("retinanet", "ssd", "data", "eval"), default=None,
+    parser.add_argument("--only", choices=("retinanet", "ssd", "data", "eval", "train"), default=None,
                         help="time one group's rows")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         data_pipeline.pipeline_rows(args.repeats, record)
     if args.only in (None, "eval"):
         evaluation_rows(args.repeats, record)
+    if args.only in (None, "train"):
+        training_step.training_step_rows(device, args.repeats, record)
 
     print()
     print("| what | peer | peer time | ours | speed-up | ours ÷ memory floor |")
