@@ -56,10 +56,12 @@ def make_fixture(num_images: int = 5000, detections: int = 100, num_classes: int
     return Fixture(dets, targets, num_classes)
 
 
-def coco_dicts(fx: Fixture) -> tuple[dict, list[dict]]:
-    """The ground truth as a COCO dataset dict and the detections as a COCO results list (xywh)."""
+def coco_dicts(detections: list[dict[str, Tensor]], targets: list[dict[str, Tensor]],
+               category_ids: list[int]) -> tuple[dict, list[dict]]:
+    """The ground truth as a COCO dataset dict (image ids 0, 1, ...; annotation ids from 1; area = box area) and
+    the detections as a COCO results list (xywh): what pycocotools is given in the bench and the tests."""
     images, annotations, results = [], [], []
-    for image_id, (det, target) in enumerate(zip(fx.detections, fx.targets)):
+    for image_id, (det, target) in enumerate(zip(detections, targets)):
         images.append({"id": image_id, "width": 640, "height": 480})
         for b, c, crowd in zip(target["boxes"].tolist(), target["labels"].tolist(), target["iscrowd"].tolist()):
             w, h = b[2] - b[0], b[3] - b[1]
@@ -68,7 +70,7 @@ def coco_dicts(fx: Fixture) -> tuple[dict, list[dict]]:
         for b, c, s in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
             results.append({"image_id": image_id, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
                             "score": s})
-    categories = [{"id": c, "name": str(c)} for c in range(fx.num_classes)]
+    categories = [{"id": c, "name": str(c)} for c in category_ids]
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
 
@@ -77,7 +79,7 @@ def cases(fx: Fixture, batch_size: int = 16, class_metrics: bool = True, backend
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    dataset, results = coco_dicts(fx)
+    dataset, results = coco_dicts(fx.detections, fx.targets, list(range(fx.num_classes)))
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
         gt.dataset = dataset

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from bench.evaluation import coco_dicts
 from detectors.metrics import COCOAveragePrecision, DetectionMetrics, VOCAveragePrecision
 
 
@@ -287,20 +288,11 @@ def pycocotools_eval(detections, targets):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    images, annotations, results = [], [], []
-    for image_id, (det, target) in enumerate(zip(detections, targets)):
-        images.append({"id": image_id})
-        for b, c, crowd in zip(target["boxes"].tolist(), target["labels"].tolist(), target["iscrowd"].tolist()):
-            w, h = b[2] - b[0], b[3] - b[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c,
-                                "bbox": [b[0], b[1], w, h], "area": w * h, "iscrowd": crowd})
-        for b, c, s in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
-            results.append({"image_id": image_id, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                            "score": s})
     labels = torch.cat([t["labels"] for t in targets] + [d["labels"] for d in detections]).unique().tolist()
+    dataset, results = coco_dicts(detections, targets, labels)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
-        gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c} for c in labels]}
+        gt.dataset = dataset
         gt.createIndex()
         evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
         evaluator.evaluate()
