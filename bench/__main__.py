@@ -1,20 +1,24 @@
 """``python -m bench``: every comparison against its peer (torchvision; pycocotools for evaluation) in one run,
 printed as one table.
 
-Ratios are the peer's time ÷ ours (higher is better for us). Options: ``--device cuda``, ``--repeats N``,
-``--json PATH`` to keep the figures, ``--only ssd`` (or ``retinanet``, ``data``, ``eval``, ``train``) for one group of rows.
+Ratios are the peer's time ÷ ours (higher is better for us); the last column is ours ÷ a physical floor: bytes
+moved ÷ measured copy bandwidth (memory) or matmul/conv FLOPs ÷ measured matmul rate (FLOPs). Options:
+``--device cuda``, ``--repeats N``, ``--json PATH`` to keep the figures, ``--only ssd`` (or ``retinanet``, ``data``,
+``eval``, ``train``, ``loader``) for one group of rows. ``loader`` measures the project's VOC training loader
+(``--voc-root``, ``--workers``) in images/s, against the training rate when the ``train`` rows ran too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from . import data_pipeline, evaluation, retinanet, ssd, training_step
-from .timing import describe_machine, median_time, memory_bandwidth
+from .timing import describe_machine, matmul_rate, median_time, memory_bandwidth
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -22,20 +26,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="write the rows here as json")
-    parser.add_argument("--only", choices=("retinanet", "ssd", "data", "eval", "train"), default=None,
+    parser.add_argument("--only", choices=("retinanet", "ssd", "data", "eval", "train", "loader"), default=None,
                         help="time one group's rows")
+    parser.add_argument("--voc-root", type=Path, default=data_pipeline.SAMPLE.parent,
+                        help="loader: a VOCdevkit folder (default: the sample in ../shared/data)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader: worker processes (default: 16 on a GPU, else the number of cores)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
 
     print(f"machine: {describe_machine(device)}", flush=True)
-    bandwidth = memory_bandwidth(device)
-    print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s", flush=True)
-    rows = []
+    bandwidth, flops = memory_bandwidth(device), matmul_rate(device)
+    print(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s; float32 matmul rate: {flops / 1e9:.0f} GFLOP/s",
+          flush=True)
+    rows, loader = [], None
 
-    def record(what: str, peer: float, ours: float, floor: float | None = None, peer_name: str = "torchvision") -> None:
+    def record(what: str, peer: float, ours: float, floor: float | None = None, peer_name: str = "torchvision",
+               floor_kind: str = "memory") -> None:
         row = {"what": what, "peer": peer_name, "peer_s": peer, "ours_s": ours, "ratio": peer / ours,
-               "ours_over_floor": ours / floor if floor else None}
+               "ours_over_floor": ours / floor if floor else None, "floor": floor_kind if floor else None}
         rows.append(row)
         print(f"  {what}: {peer_name} {peer * 1e3:.0f} ms, ours {ours * 1e3:.0f} ms, {peer / ours:.1f}×", flush=True)
 
@@ -47,20 +57,46 @@ def main(argv: list[str] | None = None) -> list[dict]:
         data_pipeline.pipeline_rows(args.repeats, record)
     if args.only in (None, "eval"):
         evaluation_rows(args.repeats, record)
+    training_rates = {}
     if args.only in (None, "train"):
-        training_step.training_step_rows(device, args.repeats, record)
+        training_rates = training_step.training_step_rows(device, args.repeats, record, flops)
+    if args.only in (None, "loader"):
+        loader = loader_row(device, args, training_rates)
 
-    print()
-    print("| what | peer | peer time | ours | speed-up | ours ÷ memory floor |")
-    print("|---|---|---:|---:|---:|---:|")
+    if rows:
+        print("\n| what | peer | peer time | ours | speed-up | ours ÷ floor |")
+        print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        floor = f"{r['ours_over_floor']:.1f}×" if r["ours_over_floor"] else "–"
+        floor = f"{r['ours_over_floor']:.1f}× ({r['floor']})" if r["ours_over_floor"] else "–"
         print(f"| {r['what']} | {r['peer']} | {r['peer_s'] * 1e3:.0f} ms | {r['ours_s'] * 1e3:.0f} ms | "
               f"**{r['ratio']:.1f}×** | {floor} |")
+    if loader:
+        print(f"\nloader: {loader['what']}: {loader['images_per_s']:.1f} img/s" +
+              (f"; training ({loader['against']}) {loader['training_images_per_s']:.1f} img/s: "
+               f"{loader['headroom']:.1f}× headroom" if loader.get("against") else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": describe_machine(device), "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": describe_machine(device), "copy_bandwidth": bandwidth,
+                                         "matmul_flops_per_s": flops, "rows": rows, "loader": loader}, indent=2))
     return rows
+
+
+def loader_row(device: torch.device, args, training_rates: dict[str, float]) -> dict | None:
+    """The VOC training loader's images/s with the workers a training run would use, and whether it keeps up with
+    the training rate measured above (on a GPU: the 800 px bf16 row, the loader's own resolution)."""
+    if not args.voc_root.is_dir():
+        print(f"loader: {args.voc_root} is not a folder; give a VOCdevkit with --voc-root", flush=True)
+        return None
+    workers = args.workers if args.workers is not None else (16 if device.type == "cuda" else os.cpu_count())
+    batch = 16 if device.type == "cuda" else 2
+    rate, what = data_pipeline.loader_rate(args.voc_root, workers, batch, pin_memory=device.type == "cuda")
+    print(f"loader: {what}: {rate:.1f} img/s", flush=True)
+    row = {"what": what, "images_per_s": rate}
+    if training_rates:
+        against = list(training_rates)[-1] if device.type == "cuda" else next(iter(training_rates))
+        row.update(against=against, training_images_per_s=training_rates[against],
+                   headroom=rate / training_rates[against])
+    return row
 
 
 def retinanet_rows(device: torch.device, repeats: int, bandwidth: float, record) -> None:

@@ -82,3 +82,39 @@ def pipeline_rows(repeats: int, record, count: int = 100) -> None:
     n = len(data)
     record(f"SSD training pipeline, {n} JPEGs → 300×300 uint8, one worker "
            f"(torchvision {n / peer:.0f} img/s, ours {n / mine:.0f} img/s)", peer, mine)
+
+
+def loader_rate(voc_root: Path, workers: int, batch_size: int, model: str = "retinanet", batches: int = 40,
+                pin_memory: bool = False) -> tuple[float, str]:
+    """Training images/s of the project's own VOC loader for ``model`` (decode, the model's train augmentation,
+    aspect-ratio grouping, collate and padding) with ``workers`` processes, after the first batch (worker
+    start-up); and a description of what was loaded. ``voc_root`` is a VOCdevkit folder."""
+    import time
+
+    from hydra.utils import instantiate
+
+    from .training_step import train_config
+
+    years = sorted(p.name[3:] for p in voc_root.glob("VOC*") if (p / "ImageSets" / "Main" / "trainval.txt").is_file())
+    if not years:
+        raise FileNotFoundError(f"{voc_root}: no VOC<year>/ImageSets/Main/trainval.txt; give a VOCdevkit folder")
+    sets = ",".join(f"[{y},trainval]" for y in years)
+    cfg = train_config(f"model={model}", "data=voc", f"data.root={voc_root}", f"data.train_sets=[{sets}]",
+                       f"data.val_sets=[{sets}]", f"data.num_workers={workers}", f"data.batch_size={batch_size}",
+                       f"data.pin_memory={pin_memory}")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    seen, start = 0, None
+    while seen < batches * batch_size:
+        for batch in loader:  # epochs over the folder until enough batches (persistent workers between them)
+            if start is None:
+                start = time.perf_counter()  # from the first batch on: the workers are up
+                continue
+            seen += len(batch)
+            if seen >= batches * batch_size:
+                break
+    seconds = time.perf_counter() - start
+    what = (f"{model}'s train transform on VOC {'+'.join(years)} trainval ({len(datamodule.train_set)} images), "
+            f"batch {batch_size}, {workers} workers")
+    return seen / seconds, what

@@ -39,6 +39,23 @@ def memory_bandwidth(device: torch.device, megabytes: int = 256) -> float:
     return 2 * src.numel() * 4 / seconds
 
 
+def matmul_rate(device: torch.device, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """Measured FLOP/s of an n×n matrix product (2n³ FLOPs), the floor for compute-bound work such as convolutions."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = median_time(lambda: a @ b, device, repeats=5)
+    return 2 * n**3 / seconds
+
+
+def step_flops(step: Callable[[], object]) -> int:
+    """FLOPs that ``step()`` spends in matrix products and convolutions, forward and backward (torch's
+    FlopCounterMode; elementwise work is not counted, so the floor it gives is a lower bound)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)

@@ -16,6 +16,11 @@ Both models hold the same weights (torchvision's, mapped by ``torchvision_retina
 torchvision's the same images as float [0, 1] (converted before the step, as its data loader would) at the
 size its transform keeps (min/max size 640 for RetinaNet, its fixed 300×300 for SSD), so neither resizes.
 
+Ours runs with its defaults: channels-last activations (``model.channels_last``) and each frozen BatchNorm folded
+into the convolution before it (``backbone.fold_frozen_bn``); torchvision's model as it comes (NCHW, BN apart).
+On a GPU a third row times RetinaNet at 800 px, batch 16, under bf16 autocast with both models' weights
+channels-last (torchvision's convolutions then return NHWC activations too).
+
 What still differs, by design of the two libraries: torchvision's transform runs a (no-op) bilinear resize
 and normalises per image, and its anchors are regenerated every step (ours are cached); torchvision's
 RetinaNet normalises each image's loss by that image's positives and averages over images (ours: batch
@@ -29,6 +34,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,9 +43,6 @@ from torch import Tensor, nn
 
 import detectors  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 from detectors.batch import DetectionBatch, collate_detection
-
-ROWS = ("RetinaNet R50-FPN training step, 640×640, batch 2", "SSD300 VGG16 training step, batch 8")
-
 
 @dataclass
 class StepCase:
@@ -54,6 +57,7 @@ class StepCase:
     their_optimizer: torch.optim.Optimizer
     to_ours: Callable[[dict[str, Tensor]], dict[str, Tensor]]  # torchvision's state-dict keys → ours
     label_offset: int  # torchvision's label = ours + this (1 where it counts background as class 0)
+    autocast: torch.dtype | None = None  # mixed precision for both sides' forward and loss (None: float32)
 
     def mismatches(self) -> list[str]:
         """What differs between the two sides' weights, trainable parameters and inputs (empty: nothing)."""
@@ -75,10 +79,16 @@ class StepCase:
         return bad
 
     def ours_losses(self) -> dict[str, Tensor]:
-        return self.ours.compute_losses(self.batch)
+        with self._precision():
+            return self.ours.compute_losses(self.batch)
 
     def their_losses(self) -> dict[str, Tensor]:
-        return self.theirs(self.images, self.targets)
+        with self._precision():
+            return self.theirs(self.images, self.targets)
+
+    def _precision(self):
+        """Lightning's ``precision=bf16-mixed`` (or 16-mixed): autocast around forward and loss, not backward."""
+        return torch.autocast(self.batch.images.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
     def ours_step(self) -> Tensor:
         return _step(self.ours_losses, self.ours_optimizer)
@@ -96,12 +106,17 @@ def _step(losses_fn: Callable[[], dict[str, Tensor]], optimizer: torch.optim.Opt
     return total.detach()
 
 
-def model_config(*overrides: str):
-    """Our model's config as ``python train.py <overrides>`` would compose it."""
+def train_config(*overrides: str):
+    """The config ``python train.py <overrides>`` would compose."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides)).model
+        return compose("train", overrides=list(overrides))
+
+
+def model_config(*overrides: str):
+    """Our model's config as ``python train.py <overrides>`` would compose it."""
+    return train_config(*overrides).model
 
 
 def random_samples(batch_size: int, image_size: int, num_classes: int, objects: int, min_box: float,
@@ -131,20 +146,23 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 def _make_case(ours: nn.Module, theirs: nn.Module, to_ours: Callable[[dict[str, Tensor]], dict[str, Tensor]],
                samples: list[tuple[Tensor, dict[str, Tensor]]], label_offset: int, size_divisible: int,
-               device: torch.device) -> StepCase:
+               device: torch.device, autocast: torch.dtype | None = None, channels_last: bool = False) -> StepCase:
     ours.load_state_dict(to_ours(theirs.state_dict()), strict=True)
     ours, theirs = ours.to(device).train(), theirs.to(device).train()
+    if channels_last:  # both networks' weights NHWC: torchvision's convolutions then return NHWC activations too
+        ours, theirs = ours.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
     batch = collate_detection(samples, size_divisible)
     batch = DetectionBatch(**{k: v.to(device) for k, v in vars(batch).items()})
     images = [img.to(device).float().div_(255) for img, _ in samples]
     targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device) + label_offset} for _, t in samples]
     ours_opt = ours.optimizer_factory(_trainable(ours))
     return StepCase(ours, theirs, batch, images, targets, ours_opt, _sgd_like(ours_opt, _trainable(theirs)), to_ours,
-                    label_offset)
+                    label_offset, autocast)
 
 
 def retinanet_case(device: torch.device, image_size: int = 640, batch_size: int = 2, num_classes: int = 80,
-                   objects: int = 5, seed: int = 0) -> StepCase:
+                   objects: int = 5, seed: int = 0, autocast: torch.dtype | None = None,
+                   channels_last: bool = False) -> StepCase:
     from torchvision.models import resnet50
     from torchvision.models.detection import RetinaNet
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -162,7 +180,7 @@ def retinanet_case(device: torch.device, image_size: int = 640, batch_size: int 
     ours = instantiate(model_config("model=retinanet_torchvision", f"data.classes=[{classes}]",
                                     f"data.image_size={image_size}"))
     samples = random_samples(batch_size, image_size, num_classes, objects, 24.0, 0.75 * image_size, seed)
-    return _make_case(ours, theirs, torchvision_retinanet_state_dict, samples, 0, 32, device)
+    return _make_case(ours, theirs, torchvision_retinanet_state_dict, samples, 0, 32, device, autocast, channels_last)
 
 
 def ssd_case(device: torch.device, batch_size: int = 8, num_classes: int = 20, objects: int = 5,
@@ -200,9 +218,26 @@ def alternating_times(theirs: Callable[[], object], ours: Callable[[], object], 
     return times
 
 
-def training_step_rows(device: torch.device, repeats: int, record) -> None:
-    for what, make in zip(ROWS, (retinanet_case, ssd_case)):
-        case = make(device)
+def cases(device: torch.device) -> list[tuple[str, Callable[[], StepCase]]]:
+    """The rows: RetinaNet and SSD300 at the issue's settings; on a GPU also RetinaNet's 800 px, batch 16,
+    bf16-mixed, channels-last training rate (both sides' weights and activations NHWC)."""
+    rows = [("RetinaNet R50-FPN training step, 640×640, batch 2", partial(retinanet_case, device)),
+            ("SSD300 VGG16 training step, batch 8", partial(ssd_case, device))]
+    if device.type == "cuda":
+        rows.append(("RetinaNet R50-FPN training step, 800×800, batch 16, bf16-mixed, channels-last",
+                     partial(retinanet_case, device, image_size=800, batch_size=16, autocast=torch.bfloat16,
+                             channels_last=True)))
+    return rows
+
+
+def training_step_rows(device: torch.device, repeats: int, record, matmul_flops_per_s: float) -> dict[str, float]:
+    """Time each case's step on both sides; the floor is our step's matmul/conv FLOPs ÷ the measured matmul rate.
+    Returns our training images/s per row (the loader rows compare against it)."""
+    from .timing import step_flops
+
+    rates = {}
+    for what, make in cases(device):
+        case = make()
         bad = case.mismatches()
         if bad:
             raise RuntimeError(f"{what}: the two models differ in {bad[:5]}")
@@ -210,7 +245,16 @@ def training_step_rows(device: torch.device, repeats: int, record) -> None:
             ours, theirs = case.ours_losses(), case.their_losses()
         print(f"{what}: identical weights, trainable set and inputs; first losses ours "
               f"{float(sum(ours.values())):.4f}, torchvision {float(sum(theirs.values())):.4f}", flush=True)
+        # one step each under the counter (it doubles as a warm-up): the same convolutions on both sides
+        their_flops, our_flops = step_flops(case.their_step), step_flops(case.ours_step)
+        print(f"  matmul/conv work per step: torchvision {their_flops / 1e9:.0f} GFLOP, "
+              f"ours {our_flops / 1e9:.0f} GFLOP", flush=True)
         theirs_s, ours_s = alternating_times(case.their_step, case.ours_step, device, repeats)
-        print(f"  steps (s): torchvision {[round(t, 2) for t in theirs_s]}, ours {[round(t, 2) for t in ours_s]}")
-        record(what, statistics.median(theirs_s), statistics.median(ours_s))
+        print(f"  steps (s): torchvision {[round(t, 3) for t in theirs_s]}, ours {[round(t, 3) for t in ours_s]}")
+        images = len(case.batch)
+        peer, mine = statistics.median(theirs_s), statistics.median(ours_s)
+        rates[what] = images / mine
+        record(f"{what} (torchvision {images / peer:.1f} img/s, ours {images / mine:.1f} img/s)", peer, mine,
+               our_flops / matmul_flops_per_s, floor_kind="FLOPs")
         del case
+    return rates

@@ -22,9 +22,10 @@ _RESNET_STAGE_CHANNELS = {18: (128, 256, 512), 34: (128, 256, 512), 50: (512, 10
 _NORMS = {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d}
 
 
-def build_resnet(depth: int, weights: str | None = None, norm: str = "bn") -> nn.Module:
+def build_resnet(depth: int, weights: str | None = None, norm: str = "bn", fold_frozen_bn: bool = True) -> nn.Module:
     """A torchvision ResNet; ``weights`` is a torchvision weights name (e.g. ``IMAGENET1K_V1``), a local
-    state-dict file, or None for random initialisation."""
+    state-dict file, or None for random initialisation. With ``norm='frozen_bn'`` and ``fold_frozen_bn``, each
+    frozen BatchNorm is computed inside the convolution before it (``fold_frozen_batchnorm``)."""
     if depth not in RESNET_DEPTHS:
         raise ValueError(f"backbone.depth={depth} is not a ResNet depth; choose one of {RESNET_DEPTHS}")
     if norm not in _NORMS:
@@ -53,7 +54,62 @@ def build_resnet(depth: int, weights: str | None = None, norm: str = "bn") -> nn
         if [k for k in missing if not k.startswith("fc.")] or unexpected:
             raise ValueError(f"{local_file}: not a {name} state dict (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]})")
+    if norm == "frozen_bn" and fold_frozen_bn:
+        fold_frozen_batchnorm(net)
     return net
+
+
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A FrozenBatchNorm2d whose affine map the convolution before it applies (``ConvFrozenBN2d``): the
+    identity here. It keeps its buffers and place, so state dicts keep their keys."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class ConvFrozenBN2d(nn.Conv2d):
+    """conv → FrozenBatchNorm2d as one convolution: y = conv(x, W·s) + (b − μ·s), s = γ/√(σ² + ε).
+
+    Frozen statistics make BN an affine map per output channel, which folds into the weight, so the
+    activations are not read and written once more forward and once more backward. The fold is redone every
+    call from the convolution's own weight (the one that trains and is saved) and the BN's buffers (which
+    load_state_dict updates in place), so training, saving and loading see the unfolded parameters.
+    """
+
+    _frozen_bn: FoldedFrozenBatchNorm2d
+
+    @classmethod
+    def fold(cls, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> None:
+        """Turn ``conv`` and ``bn`` in place into the folded pair (same objects, parameters and buffers)."""
+        conv.__class__, bn.__class__ = cls, FoldedFrozenBatchNorm2d
+        # not a submodule: the BN stays registered at its own place in the network (and in the state dict)
+        conv.__dict__["_frozen_bn"] = bn
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self._frozen_bn
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # as FrozenBatchNorm2d computes it
+        shift = bn.bias - bn.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias * scale
+        return self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), shift)
+
+
+def fold_frozen_batchnorm(net: nn.Module) -> int:
+    """Fold every FrozenBatchNorm2d that directly follows a convolution in a torchvision ResNet (stem, block
+    convs, downsample) into that convolution (``ConvFrozenBN2d``); returns how many were folded."""
+    pairs = [(net, "conv1", "bn1")]
+    for module in net.modules():
+        if isinstance(module, (models.resnet.BasicBlock, models.resnet.Bottleneck)):
+            pairs += [(module, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(module, f"conv{i}")]
+            if module.downsample is not None:
+                pairs.append((module.downsample, "0", "1"))
+    folded = 0
+    for parent, conv_name, bn_name in pairs:
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        if type(conv) is nn.Conv2d and type(bn) is FrozenBatchNorm2d:
+            ConvFrozenBN2d.fold(conv, bn)
+            folded += 1
+    return folded
 
 
 def freeze_resnet_stages(net: nn.Module, trainable_layers: int) -> None:
@@ -77,11 +133,12 @@ class ResNetFPN(nn.Module):
     """
 
     def __init__(self, depth: int = 50, weights: str | None = None, out_channels: int = 256,
-                 p6_source: str = "c5", norm: str = "bn", trainable_layers: int = 5) -> None:
+                 p6_source: str = "c5", norm: str = "bn", trainable_layers: int = 5,
+                 fold_frozen_bn: bool = True) -> None:
         super().__init__()
         if p6_source not in {"c5", "p5"}:
             raise ValueError(f"backbone.p6_source={p6_source!r}: choose 'c5' (paper) or 'p5' (torchvision)")
-        net = build_resnet(depth, weights, norm)
+        net = build_resnet(depth, weights, norm, fold_frozen_bn)
         freeze_resnet_stages(net, trainable_layers)
         c3, c4, c5 = _RESNET_STAGE_CHANNELS[depth]
         extra = LastLevelP6P7(c5 if p6_source == "c5" else out_channels, out_channels)

@@ -65,9 +65,9 @@ class ResNetC5(nn.Module):
     Darknet-pretrained network and for CPU-sized runs (ImageNet weights by name or a local file)."""
 
     def __init__(self, depth: int = 18, weights: str | None = None, norm: str = "bn",
-                 trainable_layers: int = 5) -> None:
+                 trainable_layers: int = 5, fold_frozen_bn: bool = True) -> None:
         super().__init__()
-        net = build_resnet(depth, weights, norm)
+        net = build_resnet(depth, weights, norm, fold_frozen_bn)
         freeze_resnet_stages(net, trainable_layers)
         self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
                                   net.layer4)

@@ -32,14 +32,15 @@ TINY = ("experiment=retinanet_shapes", "data.image_size=64", "data.num_train=64"
         "data.batch_size=8", "model.backbone.out_channels=32", "model.priors.size_factor=0.125")
 
 
-def assert_same_detections(ours, theirs, label_offset: int = 0, min_detections: int = 10):
+def assert_same_detections(ours, theirs, label_offset: int = 0, min_detections: int = 10, box_atol: float = 1e-3,
+                           score_atol: float = 1e-5):
     """Our per-image detections equal torchvision's: boxes to 1e-3 px, scores to 1e-5, same labels
     (``label_offset`` = 1 where torchvision counts background as class 0)."""
     for o, t in zip(ours, theirs, strict=True):
         assert len(t["scores"]) > min_detections
         assert len(o["scores"]) == len(t["scores"])
-        torch.testing.assert_close(o["scores"], t["scores"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(o["boxes"], t["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(o["scores"], t["scores"], atol=score_atol, rtol=0)
+        torch.testing.assert_close(o["boxes"], t["boxes"], atol=box_atol, rtol=0)
         assert torch.equal(o["labels"] + label_offset, t["labels"])
 
 

@@ -1,8 +1,11 @@
 """The training-step bench compares like with like: same weights, trainable set, images and targets, and
 (one image per batch, where the two libraries' loss normalisations coincide) the same losses step after step."""
 
+import pytest
 import torch
 
+from bench.data_pipeline import loader_rate
+from bench.timing import step_flops
 from bench.training_step import retinanet_case, ssd_case
 
 
@@ -23,3 +26,34 @@ def test_ssd_step_matches_torchvision():
     case = ssd_case(torch.device("cpu"), batch_size=1, objects=3)
     assert case.targets[0]["labels"].min() >= 1  # torchvision's background is class 0
     _assert_same_steps(case)
+
+
+def test_mixed_precision_channels_last_case_runs_both_sides_alike():
+    """The GPU row's settings (bf16 autocast, NHWC weights on both sides), here on the CPU at 128 px."""
+    case = retinanet_case(torch.device("cpu"), image_size=128, batch_size=1, objects=3, autocast=torch.bfloat16,
+                          channels_last=True)
+    assert case.mismatches() == []
+    assert case.theirs.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with case._precision():
+        assert case.ours.backbone.body.conv1(case.batch.images.float()).dtype == torch.bfloat16
+    # the floor counts the same convolutions on both sides (the losses have no matrix products)
+    their_flops, our_flops = step_flops(case.their_step), step_flops(case.ours_step)
+    assert our_flops > 1e9 and abs(our_flops - their_flops) <= 0.01 * their_flops
+    ours, theirs = case.ours_step(), case.their_step()
+    assert torch.isfinite(ours) and torch.isfinite(theirs)
+    torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.05)  # bf16 rounding on both sides
+
+
+def test_loader_rate_runs_the_projects_voc_loader(tmp_path):
+    from PIL import Image
+
+    from .test_voc import obj, voc_xml, write_devkit
+
+    xml = voc_xml(obj("dog", "5 5 40 30"), size="<size><width>64</width><height>48</height><depth>3</depth></size>")
+    root = write_devkit(tmp_path, {f"{i:03d}": xml for i in range(6)},
+                        {f"{i:03d}": Image.new("RGB", (64, 48), (i * 40, 90, 30)) for i in range(6)},
+                        year=2012, split="trainval")
+    rate, what = loader_rate(root, workers=1, batch_size=2, batches=4)
+    assert rate > 0 and "VOC 2012 trainval (6 images), batch 2, 1 workers" in what
+    with pytest.raises(FileNotFoundError, match="VOCdevkit"):
+        loader_rate(tmp_path / "nothing", workers=0, batch_size=2)

@@ -1,0 +1,111 @@
+"""The training-speed switches change no result: folded frozen BatchNorm (``backbone.fold_frozen_bn``) and
+channels-last activations (``model.channels_last``) give the plain formulation's values and gradients.
+
+Compared in float64, where a reordered sum differs by ~1e-15, so any real difference in the formula shows."""
+
+from copy import deepcopy
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torchvision.ops import FrozenBatchNorm2d
+
+from bench.training_step import random_samples
+from detectors.backbones import ConvFrozenBN2d, FoldedFrozenBatchNorm2d, ResNetFPN, build_resnet
+from detectors.batch import collate_detection
+
+from .conftest import compose
+
+
+def _randomise_frozen_statistics(net: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            c = m.weight.numel()
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+
+
+def _values_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    model.zero_grad()
+    outputs = model(x)
+    sum((o.square().mean() for o in outputs), torch.zeros(())).backward()
+    return [o.detach() for o in outputs], {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("trainable_layers", [5, 3])
+def test_folded_frozen_batchnorm_equals_conv_then_batchnorm(trainable_layers):
+    kwargs = dict(depth=18, out_channels=32, norm="frozen_bn", trainable_layers=trainable_layers)
+    plain, folded = ResNetFPN(fold_frozen_bn=False, **kwargs).double(), ResNetFPN(**kwargs).double()
+    _randomise_frozen_statistics(plain, seed=1)
+    assert plain.state_dict().keys() == folded.state_dict().keys()  # checkpoints load either way
+    folded.load_state_dict(plain.state_dict())  # updates the folded BNs' buffers in place: the fold follows
+    frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in plain.modules())
+    assert sum(isinstance(m, ConvFrozenBN2d) for m in folded.modules()) == frozen == 20  # stem + 8×2 + 3 downsample
+    assert sum(isinstance(m, FoldedFrozenBatchNorm2d) for m in folded.modules()) == frozen
+    assert [n for n, p in plain.named_parameters() if p.requires_grad] == \
+        [n for n, p in folded.named_parameters() if p.requires_grad]
+
+    x = torch.randn(2, 3, 96, 128, dtype=torch.float64, requires_grad=True)
+    want, want_grads = _values_and_grads(plain, x)
+    want_x = x.grad.clone()
+    x.grad = None
+    got, got_grads = _values_and_grads(folded, x)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) > 0
+    _assert_same_gradients(got_grads, want_grads)
+    torch.testing.assert_close(x.grad, want_x, rtol=1e-9, atol=1e-12)
+
+
+def _assert_same_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Equal to float64 rounding, relative to the largest gradient (a conv bias before training-mode BN has an
+    exactly-zero gradient in exact arithmetic, so only rounding noise to compare there)."""
+    assert got.keys() == want.keys() and len(want) > 10
+    scale = max(float(w.abs().max()) for w in want.values())
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-7, atol=1e-10 * scale, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_folding_applies_only_to_frozen_batchnorm():
+    for kwargs in ({"norm": "bn"}, {"norm": "frozen_bn", "fold_frozen_bn": False}):
+        assert not any(isinstance(m, ConvFrozenBN2d) for m in build_resnet(18, **kwargs).modules())
+    # a copy (DDP replicas, EMA, Lightning's checkpoint averaging) keeps each conv with its own BN
+    net = build_resnet(18, norm="frozen_bn")
+    copy = deepcopy(net)
+    assert copy.conv1._frozen_bn is copy.bn1 and copy.bn1 is not net.bn1
+
+
+SHAPES = {"retinanet": ("experiment=retinanet_shapes", "model.backbone.norm=frozen_bn"),
+          "ssd": ("experiment=ssd_shapes",),
+          "yolo": ("experiment=yolo_shapes",)}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_channels_last_gives_the_same_losses_gradients_and_detections(name):
+    cfg = compose(*SHAPES[name], "model.postprocess.score_thresh=0.001")  # an untrained model's scores are low
+    size, classes = cfg.data.image_size, len(cfg.data.classes)
+    samples = random_samples(2, size, classes, objects=3, min_box=size / 8, max_box=size / 2, seed=0)
+    batch = collate_detection(samples, 32)
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = instantiate(cfg.model, channels_last=channels_last).double()
+        if name == "yolo":
+            model.eval()  # dropout draws differ with the layout
+        losses = model.compute_losses(batch)
+        sum(losses.values()).backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        model.eval()
+        results.append((losses, grads, model.detect(batch)))
+    (plain_losses, plain_grads, plain_dets), (losses, grads, dets) = results
+    for k in plain_losses:  # the losses run in float32 (as under mixed precision)
+        torch.testing.assert_close(losses[k], plain_losses[k], rtol=1e-6, atol=0)
+    _assert_same_gradients(grads, plain_grads)
+    assert sum(len(d["scores"]) for d in plain_dets) > 0
+    for d, p in zip(dets, plain_dets, strict=True):
+        assert torch.equal(d["labels"], p["labels"])
+        torch.testing.assert_close(d["scores"], p["scores"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(d["boxes"], p["boxes"], rtol=0, atol=1e-4)
