@@ -39,6 +39,14 @@ def ignore_crowd_regions(labels: Tensor, priors: Tensor, targets: DetectionBatch
     return labels.masked_fill(inside & (labels == num_classes), IGNORE)
 
 
+def matched_boxes(boxes: Tensor, best_gt: Tensor) -> Tensor:
+    """(B, N, 4): each prior's matched box, ``boxes`` (B, M, 4) at ``best_gt`` (B, N). Rows of the flattened
+    (B·M, 4) boxes: an index_select, much cheaper than a gather on an expanded index."""
+    m = boxes.shape[1]
+    flat = best_gt + torch.arange(0, best_gt.shape[0] * m, m, device=best_gt.device)[:, None]
+    return boxes.reshape(-1, 4).index_select(0, flat.reshape(-1)).reshape(*best_gt.shape, 4)
+
+
 class MaxIoUAssigner:
     """Max-IoU matching over the whole batch at once (RetinaNet §4, SSD §2.2).
 
@@ -53,33 +61,51 @@ class MaxIoUAssigner:
     """
 
     def __init__(self, pos_iou: float = 0.5, neg_iou: float = 0.4, low_quality_matches: bool = True,
-                 crowd_ioa: float | None = CROWD_IOA) -> None:
+                 crowd_ioa: float | None = CROWD_IOA, cpu_block: int | None = 4096) -> None:
         if neg_iou > pos_iou:
             raise ValueError(f"assigner.neg_iou={neg_iou} must not exceed assigner.pos_iou={pos_iou}")
         self.pos_iou, self.neg_iou, self.low_quality_matches = pos_iou, neg_iou, low_quality_matches
         self.crowd_ioa = crowd_ioa
+        # on CPU the (B, M, N) IoU is computed in blocks of this many priors, which stay in cache (RetinaNet at
+        # 800 px, batch 8: 66 → ~20 ms); None, or a GPU: one block
+        self.cpu_block = cpu_block
 
     @torch.no_grad()
     def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
                  outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         gt_ok = targets.valid & ~targets.crowd  # (B, M)
-        iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
-        iou.masked_fill_(~gt_ok[..., None], -1.0)  # padding and crowd never win a match
-        best_iou, best_gt = iou.max(dim=1)  # (B, N)
+        n = priors.boxes.shape[0]
+        block = n if self.cpu_block is None or priors.boxes.device.type != "cpu" else self.cpu_block
+        starts = range(0, n, block)
 
-        labels = torch.gather(targets.labels, 1, best_gt)
-        labels = torch.where(best_iou >= self.pos_iou, labels, IGNORE)
+        def iou_block(start: int) -> Tensor:  # (B, M, block)
+            iou = batched_box_iou(targets.boxes, priors.boxes[start:start + block])
+            return iou.masked_fill_(~gt_ok[..., None], -1.0)  # padding and crowd never win a match
+
+        best_iou = targets.boxes.new_empty(len(targets), n)
+        best_gt = torch.empty(len(targets), n, dtype=torch.long, device=best_iou.device)
+        best_per_gt = targets.boxes.new_full(gt_ok.shape, -1.0)  # (B, M): each object's best IoU over priors
+        for start in starts:
+            iou = iou_block(start)
+            torch.max(iou, dim=1, out=(best_iou[:, start:start + block], best_gt[:, start:start + block]))
+            torch.maximum(best_per_gt, iou.amax(dim=2), out=best_per_gt)
+
+        gt_labels = torch.gather(targets.labels, 1, best_gt)
+        labels = torch.where(best_iou >= self.pos_iou, gt_labels, IGNORE)
         labels = torch.where(best_iou < self.neg_iou, num_classes, labels)
         if self.low_quality_matches:
-            best_per_gt = iou.max(dim=2, keepdim=True).values  # (B, M, 1)
-            is_best = (iou == best_per_gt) & (best_per_gt > 0) & gt_ok[..., None]
-            low_quality = is_best.any(dim=1)
-            labels = torch.where(low_quality, torch.gather(targets.labels, 1, best_gt), labels)
+            # every prior that ties an object's best IoU; objects that claim nothing (padding, crowd, no overlap)
+            # get an IoU no prior reaches
+            claim = best_per_gt.masked_fill(~((best_per_gt > 0) & gt_ok), 2.0)[..., None]
+            low_quality = torch.empty_like(best_iou, dtype=torch.bool)
+            for start in starts:  # one block: the IoU from above; several: recomputed, cheaper than stored
+                block_iou = iou if len(starts) == 1 else iou_block(start)
+                torch.any(block_iou == claim, dim=1, out=low_quality[:, start:start + block])
+            labels = torch.where(low_quality, gt_labels, labels)
         labels = ignore_crowd_regions(labels, priors.boxes, targets, num_classes, self.crowd_ioa)
         if priors.ignored is not None:
             labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
-        boxes = torch.gather(targets.boxes, 1, best_gt[..., None].expand(-1, -1, 4))
-        return {"labels": labels, "boxes": boxes}
+        return {"labels": labels, "boxes": matched_boxes(targets.boxes, best_gt)}
 
 
 class BestMatchIoUAssigner:
@@ -124,7 +150,4 @@ class BestMatchIoUAssigner:
         labels = ignore_crowd_regions(labels, priors.boxes, targets, num_classes, self.crowd_ioa)
         if priors.ignored is not None:
             labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
-        # rows of the flattened (B·M, 4) boxes: an index_select, much cheaper than gather on an expanded index
-        flat = best_gt + torch.arange(0, best_gt.shape[0] * iou.shape[1], iou.shape[1], device=iou.device)[:, None]
-        boxes = targets.boxes.reshape(-1, 4).index_select(0, flat.reshape(-1)).reshape(*best_gt.shape, 4)
-        return {"labels": labels, "boxes": boxes}
+        return {"labels": labels, "boxes": matched_boxes(targets.boxes, best_gt)}

@@ -26,67 +26,101 @@ class _SparseFocalLoss(torch.autograd.Function):
     """Σ focal loss with the one-hot target treated analytically: every (prior, class) entry is a negative,
     FL⁻(x) = (1−α)·p^γ·softplus(x), except the single target class of each positive prior, where
     FL⁺(x) = α·(1−p)^γ·softplus(−x). So the dense pass needs no target tensor, and the positives are
-    corrected by a gather. The backward pass writes d/dx in closed form:
+    corrected by a gather. The gradient is written in closed form:
       dFL⁻/dx = (1−α)·p^γ·(γ(1−p)·softplus(x) + p),   dFL⁺/dx = −α·(1−p)^γ·(γ·p·softplus(−x) + 1 − p).
+    When a backward pass will follow (grad enabled), the forward pass writes that gradient too, from the same
+    sigmoid and softplus (half the transcendental work of recomputing them); backward then only scales it.
     It works through the logits in chunks small enough to stay in cache (memory traffic is the cost here).
     """
 
     CHUNK = 1 << 16  # elements per chunk: ~256 KiB of float32, a few temporaries fit in L2
 
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
+    def forward(ctx, logits: Tensor, labels: Tensor, gamma: float, alpha: float, with_grad: bool) -> Tensor:
         num_classes = logits.shape[-1]
         x = logits.reshape(-1, num_classes)
         lab = labels.reshape(-1)
-        w_neg, w_pos = (1.0 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
-        valid = (lab >= 0).to(x.dtype)
+        w_neg, w_pos = _focal_weights(alpha)
+        valid = (lab >= 0).to(torch.float32)
+        scale = valid * w_neg
+        grad = torch.empty_like(x) if with_grad else None
         rows = max(1, _SparseFocalLoss.CHUNK // num_classes)
         total = x.new_zeros((), dtype=torch.float32)
         for start in range(0, x.shape[0], rows):
             xc = x[start:start + rows].float()
-            p = torch.sigmoid(xc)
-            loss = F.softplus(xc).mul_(p.pow_(gamma) if gamma != 1 else p)
-            total += (loss.sum(dim=1) * valid[start:start + rows]).sum()
-        pos_rows = torch.nonzero((lab >= 0) & (lab < num_classes)).squeeze(1)
-        pos_cols = lab[pos_rows]
-        xp = x[pos_rows, pos_cols].float()
+            p, sp = torch.sigmoid(xc), F.softplus(xc)
+            pg = p.pow(gamma) if gamma != 1 else p
+            total += (valid[start:start + rows] @ pg.mul(sp)).sum()  # Σ over valid rows of p^γ·softplus(x)
+            if grad is not None:  # p^γ·(γ(1−p)·softplus(x) + p)·(1−α)·valid, written in place where it can
+                g = torch.mul(sp, p)
+                torch.sub(sp, g, out=g)
+                torch.add(p, g, alpha=gamma, out=g).mul_(pg)
+                out = grad[start:start + rows]
+                if out.dtype == g.dtype:
+                    torch.mul(g, scale[start:start + rows, None], out=out)
+                else:
+                    out.copy_(g.mul_(scale[start:start + rows, None]))
+        pos_rows, pos_cols, xp = _positives(x, lab)
         pp = torch.sigmoid(xp)
         correction = (w_pos * (1 - pp).pow(gamma) * F.softplus(-xp) - w_neg * pp.pow(gamma) * F.softplus(xp)).sum()
+        if grad is not None:
+            grad[pos_rows, pos_cols] = _positive_grad(xp, gamma, w_pos).to(grad.dtype)
         ctx.save_for_backward(logits, labels)
-        ctx.gamma, ctx.alpha = gamma, alpha
+        ctx.gamma, ctx.alpha, ctx.grad = gamma, alpha, grad
         return w_neg * total + correction  # float32 whatever the logits' dtype: the loss sums 10⁷ terms
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        logits, labels = ctx.saved_tensors
-        gamma, alpha = ctx.gamma, ctx.alpha
-        num_classes = logits.shape[-1]
-        x = logits.reshape(-1, num_classes)
-        lab = labels.reshape(-1)
-        w_neg, w_pos = (1.0 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
-        scale = (grad_out.float() * w_neg) * (lab >= 0).float()
-        grad = torch.empty_like(x)
-        rows = max(1, _SparseFocalLoss.CHUNK // num_classes)
-        for start in range(0, x.shape[0], rows):
-            xc = x[start:start + rows].float()
-            p = torch.sigmoid(xc)
-            q = 1 - p
-            g = F.softplus(xc).mul_(q).mul_(gamma).add_(p)
-            g.mul_(p.pow(gamma)).mul_(scale[start:start + rows, None])
-            grad[start:start + rows] = g
-        pos_rows = torch.nonzero((lab >= 0) & (lab < num_classes)).squeeze(1)
-        pos_cols = lab[pos_rows]
-        xp = x[pos_rows, pos_cols].float()
-        pp = torch.sigmoid(xp)
-        qp = 1 - pp
-        grad_pos = -w_pos * qp.pow(gamma) * (gamma * pp * F.softplus(-xp) + qp) * grad_out.float()
-        grad[pos_rows, pos_cols] = grad_pos.to(grad.dtype)
-        return grad.view_as(logits), None, None, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # forward ran without grad, or a second backward (retain_graph): recompute
+            logits, labels = ctx.saved_tensors
+            grad = _focal_grad(logits, labels, ctx.gamma, ctx.alpha)
+        # the one pass over the buffer that is left: the upstream scale (1/#positives in RetinaNetLoss)
+        return grad.mul_(grad_out.to(grad.dtype)).view(ctx.saved_tensors[0].shape), None, None, None, None
+
+
+def _focal_weights(alpha: float) -> tuple[float, float]:
+    """(negative, positive) weights: (1−α, α), or (1, 1) for α < 0 (no balancing, torchvision's convention)."""
+    return (1.0 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
+
+
+def _positives(x: Tensor, lab: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows and target columns of the positive priors, and their target-class logits (float32)."""
+    pos_rows = torch.nonzero((lab >= 0) & (lab < x.shape[-1])).squeeze(1)
+    pos_cols = lab[pos_rows]
+    return pos_rows, pos_cols, x[pos_rows, pos_cols].float()
+
+
+def _positive_grad(xp: Tensor, gamma: float, w_pos: float) -> Tensor:
+    pp = torch.sigmoid(xp)
+    qp = 1 - pp
+    return -w_pos * qp.pow(gamma) * (gamma * pp * F.softplus(-xp) + qp)
+
+
+def _focal_grad(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
+    """d(Σ focal loss)/d logits, recomputed from the logits (see _SparseFocalLoss)."""
+    num_classes = logits.shape[-1]
+    x = logits.reshape(-1, num_classes)
+    lab = labels.reshape(-1)
+    w_neg, w_pos = _focal_weights(alpha)
+    scale = (lab >= 0).float().mul_(w_neg)
+    grad = torch.empty_like(x)
+    rows = max(1, _SparseFocalLoss.CHUNK // num_classes)
+    for start in range(0, x.shape[0], rows):
+        xc = x[start:start + rows].float()
+        p = torch.sigmoid(xc)
+        g = F.softplus(xc).mul_(1 - p).mul_(gamma).add_(p)
+        g.mul_(p.pow(gamma)).mul_(scale[start:start + rows, None])
+        grad[start:start + rows] = g
+    pos_rows, pos_cols, xp = _positives(x, lab)
+    grad[pos_rows, pos_cols] = _positive_grad(xp, gamma, w_pos).to(grad.dtype)
+    return grad
 
 
 def focal_loss_sparse(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
     """Same value and gradient as ``focal_loss_dense``, without materialising targets (see _SparseFocalLoss)."""
-    return _SparseFocalLoss.apply(logits, labels, float(gamma), float(alpha))
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _SparseFocalLoss.apply(logits, labels, float(gamma), float(alpha), with_grad)
 
 
 def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:

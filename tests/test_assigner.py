@@ -138,3 +138,19 @@ def test_background_inside_crowd_regions_is_ignored_and_positives_stay(assigner)
                 assert out[i, n] == plain[i, n]  # positives, the other background and ignored priors unchanged
     assert (out[1] == IGNORE).sum() > 20 and not (out[1] < K).logical_and(out[1] >= 0).any()  # crowd: no positive
     assert ((out[0] == 1).sum() > 0) and torch.equal(out[2], plain[2])
+
+
+@pytest.mark.parametrize("low_quality", [True, False])
+def test_blocks_of_priors_give_the_one_block_result(low_quality):
+    """The CPU path computes the IoU in blocks of priors; any block size gives exactly the one-block result,
+    ties between priors (a grid of equal anchors) and crowd and padding slots included."""
+    priors = grid_priors()  # 512 priors, many with equal IoU to an object
+    batch = batch_of(([[3, 5, 15, 13], [30, 30, 50, 44], [31, 29, 49, 45]], [1, 2, 3], {}),
+                     ([[0, 0, 63, 63], [8, 8, 16, 16]], [0, 3], {"iscrowd": torch.tensor([0, 1])}),
+                     ([], [], {}))
+    whole = MaxIoUAssigner(0.5, 0.4, low_quality, cpu_block=None)(priors, batch, K)
+    for block in (1, 7, 100, 511, 512, 4096):
+        blocked = MaxIoUAssigner(0.5, 0.4, low_quality, cpu_block=block)(priors, batch, K)
+        assert torch.equal(blocked["labels"], whole["labels"]), block
+        assert torch.equal(blocked["boxes"], whole["boxes"]), block
+    assert (whole["labels"][0] < K).sum() >= 3 and (whole["labels"] == IGNORE).any()

@@ -73,3 +73,17 @@ def test_retinanet_loss_normalises_by_positives_and_ignores_ignored():
     torch.testing.assert_close(losses["loss_cls"], expected)
     grad, = torch.autograd.grad(losses["loss_cls"] + losses["loss_box"], logits)
     assert (grad[1, 10:20] == 0).all()
+
+
+def test_gradient_written_in_forward_equals_the_recomputed_one_and_survives_retain_graph():
+    logits, labels = random_case(b=2, n=300, k=6)
+    with torch.no_grad():  # no backward will follow: the forward writes no gradient, the value is the same
+        plain = focal_loss_sparse(logits, labels, 2.0, 0.25)
+    loss = focal_loss_sparse(logits, labels, 2.0, 0.25)
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    scaled = loss * 0.37  # an upstream factor (RetinaNetLoss: 1 / #positives)
+    (first,) = torch.autograd.grad(scaled, logits, retain_graph=True)  # the gradient from the forward pass
+    (second,) = torch.autograd.grad(scaled, logits)  # recomputed from the saved logits
+    (reference,) = torch.autograd.grad(focal_loss_dense(logits, labels, 2.0, 0.25) * 0.37, logits)
+    torch.testing.assert_close(first, reference, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-8)
