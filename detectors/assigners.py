@@ -78,9 +78,12 @@ class MaxIoUAssigner:
         block = n if self.cpu_block is None or priors.boxes.device.type != "cpu" else self.cpu_block
         starts = range(0, n, block)
 
+        # padding and crowd never win a match (on the CPU the check is free: skip the fill when there are none)
+        excluded = ~gt_ok[..., None] if block == n or not bool(gt_ok.all()) else None
+
         def iou_block(start: int) -> Tensor:  # (B, M, block)
             iou = batched_box_iou(targets.boxes, priors.boxes[start:start + block])
-            return iou.masked_fill_(~gt_ok[..., None], -1.0)  # padding and crowd never win a match
+            return iou if excluded is None else iou.masked_fill_(excluded, -1.0)
 
         best_iou = targets.boxes.new_empty(len(targets), n)
         best_gt = torch.empty(len(targets), n, dtype=torch.long, device=best_iou.device)

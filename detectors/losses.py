@@ -29,20 +29,25 @@ class _SparseFocalLoss(torch.autograd.Function):
     corrected by a gather. The gradient is written in closed form:
       dFL⁻/dx = (1−α)·p^γ·(γ(1−p)·softplus(x) + p),   dFL⁺/dx = −α·(1−p)^γ·(γ·p·softplus(−x) + 1 − p).
     When a backward pass will follow (grad enabled), the forward pass writes that gradient too, from the same
-    sigmoid and softplus (half the transcendental work of recomputing them); backward then only scales it.
+    sigmoid and softplus (half the transcendental work of recomputing them), already ÷ ``normalizer``, the
+    number the sum is divided by (RetinaNet: #positives), rounded as autograd would; backward then only scales
+    it by the upstream gradient, and on the CPU not at all when that is 1 (a plain ``loss.backward()``).
     It works through the logits in chunks small enough to stay in cache (memory traffic is the cost here).
     """
 
     CHUNK = 1 << 16  # elements per chunk: ~256 KiB of float32, a few temporaries fit in L2
 
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, gamma: float, alpha: float, with_grad: bool) -> Tensor:
+    def forward(ctx, logits: Tensor, labels: Tensor, gamma: float, alpha: float, normalizer: Tensor,
+                with_grad: bool) -> Tensor:
         num_classes = logits.shape[-1]
         x = logits.reshape(-1, num_classes)
         lab = labels.reshape(-1)
         w_neg, w_pos = _focal_weights(alpha)
         valid = (lab >= 0).to(torch.float32)
         scale = valid * w_neg
+        # what autograd's division would pass back: 1 / normalizer, applied after the rest as it would be
+        inverse = torch.ones_like(normalizer) / normalizer
         grad = torch.empty_like(x) if with_grad else None
         rows = max(1, _SparseFocalLoss.CHUNK // num_classes)
         total = x.new_zeros((), dtype=torch.float32)
@@ -56,27 +61,31 @@ class _SparseFocalLoss(torch.autograd.Function):
                 torch.sub(sp, g, out=g)
                 torch.add(p, g, alpha=gamma, out=g).mul_(pg)
                 out = grad[start:start + rows]
+                g.mul_(scale[start:start + rows, None])
                 if out.dtype == g.dtype:
-                    torch.mul(g, scale[start:start + rows, None], out=out)
+                    torch.mul(g, inverse, out=out)
                 else:
-                    out.copy_(g.mul_(scale[start:start + rows, None]))
+                    out.copy_(g.mul_(inverse))
         pos_rows, pos_cols, xp = _positives(x, lab)
         pp = torch.sigmoid(xp)
         correction = (w_pos * (1 - pp).pow(gamma) * F.softplus(-xp) - w_neg * pp.pow(gamma) * F.softplus(xp)).sum()
         if grad is not None:
-            grad[pos_rows, pos_cols] = _positive_grad(xp, gamma, w_pos).to(grad.dtype)
-        ctx.save_for_backward(logits, labels)
+            grad[pos_rows, pos_cols] = _positive_grad(xp, gamma, w_pos).mul_(inverse).to(grad.dtype)
+        ctx.save_for_backward(logits, labels, inverse)
         ctx.gamma, ctx.alpha, ctx.grad = gamma, alpha, grad
-        return w_neg * total + correction  # float32 whatever the logits' dtype: the loss sums 10⁷ terms
+        # float32 whatever the logits' dtype: the loss sums 10⁷ terms
+        return (w_neg * total + correction) / normalizer
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        logits, labels, inverse = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # forward ran without grad, or a second backward (retain_graph): recompute
-            logits, labels = ctx.saved_tensors
-            grad = _focal_grad(logits, labels, ctx.gamma, ctx.alpha)
-        # the one pass over the buffer that is left: the upstream scale (1/#positives in RetinaNetLoss)
-        return grad.mul_(grad_out.to(grad.dtype)).view(ctx.saved_tensors[0].shape), None, None, None, None
+            grad = _focal_grad(logits, labels, ctx.gamma, ctx.alpha).mul_(inverse)
+        # ×1 is exact: skipped where checking is free (no host-device sync); elsewhere one pass over the buffer
+        if grad_out.device.type != "cpu" or float(grad_out) != 1.0:
+            grad.mul_(grad_out.to(grad.dtype))
+        return grad.view(logits.shape), None, None, None, None, None
 
 
 def _focal_weights(alpha: float) -> tuple[float, float]:
@@ -117,10 +126,14 @@ def _focal_grad(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> T
     return grad
 
 
-def focal_loss_sparse(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
-    """Same value and gradient as ``focal_loss_dense``, without materialising targets (see _SparseFocalLoss)."""
+def focal_loss_sparse(logits: Tensor, labels: Tensor, gamma: float, alpha: float,
+                      normalizer: Tensor | None = None) -> Tensor:
+    """Same value and gradient as ``focal_loss_dense`` (÷ ``normalizer`` when given), without materialising
+    targets (see _SparseFocalLoss)."""
     with_grad = torch.is_grad_enabled() and logits.requires_grad
-    return _SparseFocalLoss.apply(logits, labels, float(gamma), float(alpha), with_grad)
+    if normalizer is None:
+        normalizer = torch.ones((), device=logits.device)
+    return _SparseFocalLoss.apply(logits, labels, float(gamma), float(alpha), normalizer.float(), with_grad)
 
 
 def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
@@ -149,8 +162,10 @@ class RetinaNetLoss:
         labels = assigned["labels"]
         positive = (labels >= 0) & (labels < logits.shape[-1])
         num_pos = positive.sum().clamp(min=1).float()
-        focal = focal_loss_sparse if self.fused else focal_loss_dense
-        loss_cls = focal(logits, labels, self.gamma, self.alpha) / num_pos
+        if self.fused:  # the division inside, so the gradient comes out of the forward pass finished
+            loss_cls = focal_loss_sparse(logits, labels, self.gamma, self.alpha, num_pos)
+        else:
+            loss_cls = focal_loss_dense(logits, labels, self.gamma, self.alpha) / num_pos
         anchors = priors.boxes.expand(labels.shape[0], -1, -1)[positive]
         box_targets = self.box_coder.encode(assigned["boxes"][positive], anchors)
         loss_box = box_regression_loss(deltas[positive].float(), box_targets, self.box_loss,

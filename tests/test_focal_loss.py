@@ -87,3 +87,17 @@ def test_gradient_written_in_forward_equals_the_recomputed_one_and_survives_reta
     (reference,) = torch.autograd.grad(focal_loss_dense(logits, labels, 2.0, 0.25) * 0.37, logits)
     torch.testing.assert_close(first, reference, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-8)
+
+
+def test_normalizer_inside_gives_the_gradient_of_dividing_outside():
+    """RetinaNetLoss divides inside the fused loss (its gradient leaves the forward pass finished): the same
+    value and gradient as dividing the sum afterwards, also when the upstream gradient is not 1."""
+    logits, labels = random_case(b=2, n=400, k=5)
+    n = torch.tensor(7.0)
+    inside = focal_loss_sparse(logits, labels, 2.0, 0.25, n)
+    outside = focal_loss_sparse(logits, labels, 2.0, 0.25) / n
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+    for upstream in (1.0, 0.5, 3.0):
+        (g_in,) = torch.autograd.grad(focal_loss_sparse(logits, labels, 2.0, 0.25, n) * upstream, logits)
+        (g_out,) = torch.autograd.grad(focal_loss_sparse(logits, labels, 2.0, 0.25) / n * upstream, logits)
+        torch.testing.assert_close(g_in, g_out, rtol=1e-6, atol=0)
