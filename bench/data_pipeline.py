@@ -9,7 +9,9 @@ Files: the real VOC2012 photos of ``../shared/data`` when present (500×375 and 
 
 from __future__ import annotations
 
+import itertools
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -89,8 +91,6 @@ def loader_rate(voc_root: Path, workers: int, batch_size: int, model: str = "ret
     """Training images/s of the project's own VOC loader for ``model`` (decode, the model's train augmentation,
     aspect-ratio grouping, collate and padding) with ``workers`` processes, after the first batch (worker
     start-up); and a description of what was loaded. ``voc_root`` is a VOCdevkit folder."""
-    import time
-
     from hydra.utils import instantiate
 
     from .training_step import train_config
@@ -105,15 +105,12 @@ def loader_rate(voc_root: Path, workers: int, batch_size: int, model: str = "ret
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
-    seen, start = 0, None
-    while seen < batches * batch_size:
-        for batch in loader:  # epochs over the folder until enough batches (persistent workers between them)
-            if start is None:
-                start = time.perf_counter()  # from the first batch on: the workers are up
-                continue
-            seen += len(batch)
-            if seen >= batches * batch_size:
-                break
+    if len(loader) == 0:
+        raise ValueError(f"{voc_root}: fewer training images than one batch of {batch_size}")
+    epochs = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch (persistent workers)
+    next(epochs)  # the first batch waits for the workers to start
+    start = time.perf_counter()
+    seen = sum(len(batch) for batch in itertools.islice(epochs, batches))
     seconds = time.perf_counter() - start
     what = (f"{model}'s train transform on VOC {'+'.join(years)} trainval ({len(datamodule.train_set)} images), "
             f"batch {batch_size}, {workers} workers")

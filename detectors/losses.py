@@ -40,90 +40,63 @@ class _SparseFocalLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, gamma: float, alpha: float, normalizer: Tensor,
                 with_grad: bool) -> Tensor:
-        num_classes = logits.shape[-1]
-        x = logits.reshape(-1, num_classes)
-        lab = labels.reshape(-1)
-        w_neg, w_pos = _focal_weights(alpha)
-        valid = (lab >= 0).to(torch.float32)
-        scale = valid * w_neg
         # what autograd's division would pass back: 1 / normalizer, applied after the rest as it would be
         inverse = torch.ones_like(normalizer) / normalizer
-        grad = torch.empty_like(x) if with_grad else None
-        rows = max(1, _SparseFocalLoss.CHUNK // num_classes)
-        total = x.new_zeros((), dtype=torch.float32)
-        for start in range(0, x.shape[0], rows):
-            xc = x[start:start + rows].float()
-            p, sp = torch.sigmoid(xc), F.softplus(xc)
-            pg = p.pow(gamma) if gamma != 1 else p
-            total += (valid[start:start + rows] @ pg.mul(sp)).sum()  # Σ over valid rows of p^γ·softplus(x)
-            if grad is not None:  # p^γ·(γ(1−p)·softplus(x) + p)·(1−α)·valid, written in place where it can
-                g = torch.mul(sp, p)
-                torch.sub(sp, g, out=g)
-                torch.add(p, g, alpha=gamma, out=g).mul_(pg)
-                out = grad[start:start + rows]
-                g.mul_(scale[start:start + rows, None])
-                if out.dtype == g.dtype:
-                    torch.mul(g, inverse, out=out)
-                else:
-                    out.copy_(g.mul_(inverse))
-        pos_rows, pos_cols, xp = _positives(x, lab)
-        pp = torch.sigmoid(xp)
-        correction = (w_pos * (1 - pp).pow(gamma) * F.softplus(-xp) - w_neg * pp.pow(gamma) * F.softplus(xp)).sum()
-        if grad is not None:
-            grad[pos_rows, pos_cols] = _positive_grad(xp, gamma, w_pos).mul_(inverse).to(grad.dtype)
+        total, grad = _focal_sum_and_grad(logits, labels, gamma, alpha, inverse if with_grad else None)
         ctx.save_for_backward(logits, labels, inverse)
         ctx.gamma, ctx.alpha, ctx.grad = gamma, alpha, grad
-        # float32 whatever the logits' dtype: the loss sums 10⁷ terms
-        return (w_neg * total + correction) / normalizer
+        return total / normalizer
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         logits, labels, inverse = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # forward ran without grad, or a second backward (retain_graph): recompute
-            grad = _focal_grad(logits, labels, ctx.gamma, ctx.alpha).mul_(inverse)
+            _, grad = _focal_sum_and_grad(logits, labels, ctx.gamma, ctx.alpha, inverse)
         # ×1 is exact: skipped where checking is free (no host-device sync); elsewhere one pass over the buffer
         if grad_out.device.type != "cpu" or float(grad_out) != 1.0:
             grad.mul_(grad_out.to(grad.dtype))
         return grad.view(logits.shape), None, None, None, None, None
 
 
-def _focal_weights(alpha: float) -> tuple[float, float]:
-    """(negative, positive) weights: (1−α, α), or (1, 1) for α < 0 (no balancing, torchvision's convention)."""
-    return (1.0 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)
-
-
-def _positives(x: Tensor, lab: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows and target columns of the positive priors, and their target-class logits (float32)."""
-    pos_rows = torch.nonzero((lab >= 0) & (lab < x.shape[-1])).squeeze(1)
-    pos_cols = lab[pos_rows]
-    return pos_rows, pos_cols, x[pos_rows, pos_cols].float()
-
-
-def _positive_grad(xp: Tensor, gamma: float, w_pos: float) -> Tensor:
-    pp = torch.sigmoid(xp)
-    qp = 1 - pp
-    return -w_pos * qp.pow(gamma) * (gamma * pp * F.softplus(-xp) + qp)
-
-
-def _focal_grad(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
-    """d(Σ focal loss)/d logits, recomputed from the logits (see _SparseFocalLoss)."""
+def _focal_sum_and_grad(logits: Tensor, labels: Tensor, gamma: float, alpha: float,
+                        inverse: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Σ focal loss (float32, whatever the logits' dtype: it sums 10⁷ terms) and, when ``inverse`` is given,
+    its gradient × ``inverse``, both from one pass over the logits in chunks (see _SparseFocalLoss)."""
     num_classes = logits.shape[-1]
     x = logits.reshape(-1, num_classes)
     lab = labels.reshape(-1)
-    w_neg, w_pos = _focal_weights(alpha)
-    scale = (lab >= 0).float().mul_(w_neg)
-    grad = torch.empty_like(x)
+    w_neg, w_pos = (1.0 - alpha, alpha) if alpha >= 0 else (1.0, 1.0)  # α < 0: no balancing (torchvision)
+    valid = (lab >= 0).to(torch.float32)
+    scale = valid * w_neg
+    grad = torch.empty_like(x) if inverse is not None else None
     rows = max(1, _SparseFocalLoss.CHUNK // num_classes)
+    total = x.new_zeros((), dtype=torch.float32)
     for start in range(0, x.shape[0], rows):
         xc = x[start:start + rows].float()
-        p = torch.sigmoid(xc)
-        g = F.softplus(xc).mul_(1 - p).mul_(gamma).add_(p)
-        g.mul_(p.pow(gamma)).mul_(scale[start:start + rows, None])
-        grad[start:start + rows] = g
-    pos_rows, pos_cols, xp = _positives(x, lab)
-    grad[pos_rows, pos_cols] = _positive_grad(xp, gamma, w_pos).to(grad.dtype)
-    return grad
+        p, sp = torch.sigmoid(xc), F.softplus(xc)
+        pg = p.pow(gamma) if gamma != 1 else p
+        total += (valid[start:start + rows] @ pg.mul(sp)).sum()  # Σ over valid rows of p^γ·softplus(x)
+        if grad is not None:  # p^γ·(γ(1−p)·softplus(x) + p)·(1−α)·valid, written in place where it can
+            g = torch.mul(sp, p)
+            torch.sub(sp, g, out=g)
+            torch.add(p, g, alpha=gamma, out=g).mul_(pg).mul_(scale[start:start + rows, None])
+            out = grad[start:start + rows]
+            if out.dtype == g.dtype:
+                torch.mul(g, inverse, out=out)
+            else:
+                out.copy_(g.mul_(inverse))
+    # the positives: their target class is FL⁺, not the FL⁻ counted above
+    pos_rows = torch.nonzero((lab >= 0) & (lab < num_classes)).squeeze(1)
+    pos_cols = lab[pos_rows]
+    xp = x[pos_rows, pos_cols].float()
+    pp = torch.sigmoid(xp)
+    qp = 1 - pp
+    correction = (w_pos * qp.pow(gamma) * F.softplus(-xp) - w_neg * pp.pow(gamma) * F.softplus(xp)).sum()
+    if grad is not None:
+        grad_pos = -w_pos * qp.pow(gamma) * (gamma * pp * F.softplus(-xp) + qp)
+        grad[pos_rows, pos_cols] = grad_pos.mul_(inverse).to(grad.dtype)
+    return w_neg * total + correction, grad
 
 
 def focal_loss_sparse(logits: Tensor, labels: Tensor, gamma: float, alpha: float,
