@@ -68,8 +68,11 @@ class Detector(L.LightningModule):
         # mean/std are given for [0, 1] images (torchvision's convention); stored ×255 for uint8 input
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1) * 255, persistent=False)
-        # NHWC activations from the first convolution on: faster convolutions on CPU (oneDNN) and GPU (cuDNN)
+        # NHWC activations from the first convolution on: faster convolutions on CPU (oneDNN) and GPU (cuDNN);
+        # the weights NHWC too, so no convolution reorders its weight (and its weight's gradient) every call
         self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         self.optimizer_factory = optimizer
         self.scheduler_cfg = dict(scheduler or {})
         # class_metrics: per-class AP as val/ap/<class>; false keeps logs short with many classes

@@ -89,7 +89,7 @@ def test_channels_last_gives_the_same_losses_gradients_and_detections(name):
     size, classes = cfg.data.image_size, len(cfg.data.classes)
     samples = random_samples(2, size, classes, objects=3, min_box=size / 8, max_box=size / 2, seed=0)
     batch = collate_detection(samples, 32)
-    results = []
+    results, models = [], []
     for channels_last in (False, True):
         torch.manual_seed(0)
         model = instantiate(cfg.model, channels_last=channels_last).double()
@@ -98,9 +98,16 @@ def test_channels_last_gives_the_same_losses_gradients_and_detections(name):
         losses = model.compute_losses(batch)
         sum(losses.values()).backward()
         grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        # the weights NHWC as well (no reorder per call), and so their gradients and the optimizer's state
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert all(p.is_contiguous(memory_format=layout) for p in model.parameters() if p.dim() == 4)
+        assert all(g.is_contiguous(memory_format=layout) for g in grads.values() if g.dim() == 4)
         model.eval()
         results.append((losses, grads, model.detect(batch)))
+        models.append(model)
     (plain_losses, plain_grads, plain_dets), (losses, grads, dets) = results
+    models[1].load_state_dict(models[0].state_dict())  # an NCHW checkpoint loads into NHWC weights, kept NHWC
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in models[1].parameters() if p.dim() == 4)
     for k in plain_losses:  # the losses run in float32 (as under mixed precision)
         torch.testing.assert_close(losses[k], plain_losses[k], rtol=1e-6, atol=0)
     _assert_same_gradients(grads, plain_grads)
