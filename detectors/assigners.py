@@ -87,11 +87,12 @@ class MaxIoUAssigner:
 
         best_iou = targets.boxes.new_empty(len(targets), n)
         best_gt = torch.empty(len(targets), n, dtype=torch.long, device=best_iou.device)
-        best_per_gt = targets.boxes.new_full(gt_ok.shape, -1.0)  # (B, M): each object's best IoU over priors
-        for start in starts:
+        block_best = targets.boxes.new_empty(len(starts), *gt_ok.shape)  # each object's best IoU in each block
+        for j, start in enumerate(starts):
             iou = iou_block(start)
             torch.max(iou, dim=1, out=(best_iou[:, start:start + block], best_gt[:, start:start + block]))
-            torch.maximum(best_per_gt, iou.amax(dim=2), out=best_per_gt)
+            torch.amax(iou, dim=2, out=block_best[j])
+        best_per_gt = block_best.amax(dim=0)  # (B, M): each object's best IoU over all priors
 
         gt_labels = torch.gather(targets.labels, 1, best_gt)
         labels = torch.where(best_iou >= self.pos_iou, gt_labels, IGNORE)
@@ -99,11 +100,18 @@ class MaxIoUAssigner:
         if self.low_quality_matches:
             # every prior that ties an object's best IoU; objects that claim nothing (padding, crowd, no overlap)
             # get an IoU no prior reaches
-            claim = best_per_gt.masked_fill(~((best_per_gt > 0) & gt_ok), 2.0)[..., None]
-            low_quality = torch.empty_like(best_iou, dtype=torch.bool)
-            for start in starts:  # one block: the IoU from above; several: recomputed, cheaper than stored
-                block_iou = iou if len(starts) == 1 else iou_block(start)
-                torch.any(block_iou == claim, dim=1, out=low_quality[:, start:start + block])
+            claim = best_per_gt.masked_fill(~((best_per_gt > 0) & gt_ok), 2.0)
+            if len(starts) == 1:  # the whole IoU is at hand
+                low_quality = (iou == claim[..., None]).any(dim=1)
+            else:  # recompute, in each block, only the objects whose best IoU lies there (same floats)
+                low_quality = torch.zeros_like(best_iou, dtype=torch.bool)
+                for j, start in enumerate(starts):
+                    img, obj = torch.nonzero(block_best[j] == claim, as_tuple=True)
+                    if len(img):
+                        ties = batched_box_iou(targets.boxes[img, obj][None], priors.boxes[start:start + block])[0]
+                        ties = ties == claim[img, obj][:, None]  # (objects, block)
+                        hits = torch.zeros(len(targets), ties.shape[1], dtype=torch.int32, device=img.device)
+                        low_quality[:, start:start + block] = hits.index_add_(0, img, ties.int()) > 0
             labels = torch.where(low_quality, gt_labels, labels)
         labels = ignore_crowd_regions(labels, priors.boxes, targets, num_classes, self.crowd_ioa)
         if priors.ignored is not None:
