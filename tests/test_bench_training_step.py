@@ -57,3 +57,9 @@ def test_loader_rate_runs_the_projects_voc_loader(tmp_path):
     assert rate > 0 and "VOC 2012 trainval (6 images), batch 2, 1 workers" in what
     with pytest.raises(FileNotFoundError, match="VOCdevkit"):
         loader_rate(tmp_path / "nothing", workers=0, batch_size=2)
+
+
+def test_speed_ups_near_a_goal_print_with_two_decimals():
+    from bench.__main__ import times
+
+    assert (times(4645 / 3907), times(1.2), times(4404 / 296)) == ("1.19×", "1.20×", "14.9×")
