@@ -101,3 +101,13 @@ def test_normalizer_inside_gives_the_gradient_of_dividing_outside():
         (g_in,) = torch.autograd.grad(focal_loss_sparse(logits, labels, 2.0, 0.25, n) * upstream, logits)
         (g_out,) = torch.autograd.grad(focal_loss_sparse(logits, labels, 2.0, 0.25) / n * upstream, logits)
         torch.testing.assert_close(g_in, g_out, rtol=1e-6, atol=0)
+
+
+def test_sparse_sum_stays_float32_under_autocast():
+    """Under bf16 autocast (Lightning's bf16-mixed) the chunk sums must not run as bf16 matrix products."""
+    logits, labels = random_case(b=2, n=2000, k=20)
+    plain = focal_loss_sparse(logits, labels, 2.0, 0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = focal_loss_sparse(logits, labels, 2.0, 0.25)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, rtol=1e-6, atol=0)
