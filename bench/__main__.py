@@ -21,10 +21,10 @@ from . import data_pipeline, evaluation, retinanet, ssd, training_step
 from .timing import describe_machine, matmul_rate, median_time, memory_bandwidth
 
 
-
 def times(ratio: float) -> str:
     """A speed-up as printed: two decimals below 10×, so 1.19× is not shown as the 1.2× goal."""
     return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.1f}×"
+
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])

@@ -94,22 +94,19 @@ class ConvFrozenBN2d(nn.Conv2d):
         return self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), shift)
 
 
-def fold_frozen_batchnorm(net: nn.Module) -> int:
+def fold_frozen_batchnorm(net: nn.Module) -> None:
     """Fold every FrozenBatchNorm2d that directly follows a convolution in a torchvision ResNet (stem, block
-    convs, downsample) into that convolution (``ConvFrozenBN2d``); returns how many were folded."""
+    convs, downsample) into that convolution (``ConvFrozenBN2d``)."""
     pairs = [(net, "conv1", "bn1")]
     for module in net.modules():
         if isinstance(module, (models.resnet.BasicBlock, models.resnet.Bottleneck)):
             pairs += [(module, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(module, f"conv{i}")]
             if module.downsample is not None:
                 pairs.append((module.downsample, "0", "1"))
-    folded = 0
     for parent, conv_name, bn_name in pairs:
         conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
         if type(conv) is nn.Conv2d and type(bn) is FrozenBatchNorm2d:
             ConvFrozenBN2d.fold(conv, bn)
-            folded += 1
-    return folded
 
 
 def freeze_resnet_stages(net: nn.Module, trainable_layers: int) -> None:
