@@ -86,18 +86,37 @@ class Detector(L.LightningModule):
     # --- the model -------------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> tuple[dict[str, Tensor], Any]:
         """uint8 (B,3,H,W) → raw head outputs and the priors they are relative to."""
+        features, priors = self.features(images)
+        return self.head(features), priors
+
+    def features(self, images: Tensor) -> tuple[list[Tensor], Any]:
+        """uint8 (B,3,H,W) → the backbone's feature maps and the priors on them."""
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         if self.channels_last:  # convolutions keep the layout of their input, so every feature map follows
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
-        outputs = self.head(features)
         priors = self.priors(tuple(images.shape[-2:]), [tuple(f.shape[-2:]) for f in features], images.device)
-        return outputs, priors
+        return features, priors
+
+    @property
+    def sparse_box_training(self) -> bool:
+        """Whether training runs the box branch only where the loss reads it: the head can
+        (``RetinaNetHead.box_deltas_where``) and the loss says where it reads (``box_deltas_used``)."""
+        return getattr(self.head, "sparse_box_training", False) and hasattr(self.loss, "box_deltas_used")
 
     def compute_losses(self, batch: DetectionBatch) -> dict[str, Tensor]:
-        outputs, priors = self(batch.images)
-        with torch.no_grad():  # YOLO's assignment depends on the current predictions
+        if not self.sparse_box_training:
+            outputs, priors = self(batch.images)
+            with torch.no_grad():  # YOLO's assignment depends on the current predictions
+                assigned = self.assigner(priors, batch, self.num_classes, outputs)
+            return self.loss(outputs, assigned, priors)
+        # the assignment first (RetinaNet's needs no predictions), then box deltas only where the loss reads them
+        features, priors = self.features(batch.images)
+        outputs = {"cls_logits": self.head.classify(features)}
+        with torch.no_grad():
             assigned = self.assigner(priors, batch, self.num_classes, outputs)
+        used = self.loss.box_deltas_used(assigned, self.num_classes)
+        outputs["box_deltas"] = self.head.box_deltas_where(features, used)
         return self.loss(outputs, assigned, priors)
 
     @torch.no_grad()

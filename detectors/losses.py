@@ -132,7 +132,7 @@ class RetinaNetLoss:
     def __call__(self, outputs: dict[str, Tensor], assigned: dict[str, Tensor], priors: Priors) -> dict[str, Tensor]:
         logits, deltas = outputs["cls_logits"], outputs["box_deltas"]
         labels = assigned["labels"]
-        positive = (labels >= 0) & (labels < logits.shape[-1])
+        positive = self.box_deltas_used(assigned, logits.shape[-1])
         num_pos = positive.sum().clamp(min=1).float()
         if self.fused:  # the division inside, so the gradient comes out of the forward pass finished
             loss_cls = focal_loss_sparse(logits, labels, self.gamma, self.alpha, num_pos)
@@ -143,3 +143,9 @@ class RetinaNetLoss:
         loss_box = box_regression_loss(deltas[positive].float(), box_targets, self.box_loss,
                                        self.smooth_l1_beta) / num_pos
         return {"loss_cls": loss_cls, "loss_box": loss_box}
+
+    @staticmethod
+    def box_deltas_used(assigned: dict[str, Tensor], num_classes: int) -> Tensor:
+        """(B, N) the anchors whose box deltas the loss reads: the positives (labelled with a class)."""
+        labels = assigned["labels"]
+        return (labels >= 0) & (labels < num_classes)

@@ -1,5 +1,6 @@
-"""The training-speed switches change no result: folded frozen BatchNorm (``backbone.fold_frozen_bn``) and
-channels-last activations (``model.channels_last``) give the plain formulation's values and gradients.
+"""The training-speed switches change no result: folded frozen BatchNorm (``backbone.fold_frozen_bn``),
+channels-last activations (``model.channels_last``) and RetinaNet's box subnet run only around the positives
+(``model.head.sparse_box_training``) give the plain formulation's values and gradients.
 
 Compared in float64, where a reordered sum differs by ~1e-15, so any real difference in the formula shows."""
 
@@ -13,8 +14,9 @@ from torchvision.ops import FrozenBatchNorm2d
 from bench.training_step import random_samples
 from detectors.backbones import ConvFrozenBN2d, FoldedFrozenBatchNorm2d, ResNetFPN, build_resnet
 from detectors.batch import collate_detection
+from detectors.retinanet import RetinaNetHead
 
-from .conftest import compose
+from .conftest import TINY, compose
 
 
 def _randomise_frozen_statistics(net: torch.nn.Module, seed: int) -> None:
@@ -116,3 +118,89 @@ def test_channels_last_gives_the_same_losses_gradients_and_detections(name):
         assert torch.equal(d["labels"], p["labels"])
         torch.testing.assert_close(d["scores"], p["scores"], rtol=0, atol=1e-6)
         torch.testing.assert_close(d["boxes"], p["boxes"], rtol=0, atol=1e-4)
+
+
+SPARSE_SIZES = [(41, 27), (21, 14), (11, 7), (6, 4), (3, 2)]  # odd sizes: tiles cross every level's edge
+
+
+def _sparse_head(norm: str = "none") -> RetinaNetHead:
+    head = RetinaNetHead(8, num_classes=5, num_anchors=3, norm=norm).double()
+    with torch.no_grad():  # σ=0.01 would leave the deeper layers' values near their biases
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    return head
+
+
+def _features(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 8, h, w, generator=g, dtype=torch.float64).requires_grad_() for h, w in SPARSE_SIZES]
+
+
+def _box_grads(deltas: torch.Tensor, needed: torch.Tensor, head: RetinaNetHead, features: list[torch.Tensor]):
+    weights = torch.linspace(-1, 1, int(needed.sum()) * 4, dtype=torch.float64).view(-1, 4)
+    loss = (deltas[needed] * weights).sum()  # reads only the needed anchors, as the box loss does
+    params = [p for n, p in head.named_parameters() if n.startswith("box")]
+    return torch.autograd.grad(loss, params + features)
+
+
+def test_sparse_box_deltas_equal_the_dense_ones_where_needed():
+    head, features = _sparse_head(), _features()
+    n = 3 * sum(h * w for h, w in SPARSE_SIZES)
+    g = torch.Generator().manual_seed(1)
+    needed = torch.rand(2, n, generator=g) < 0.002
+    needed[0, 0] = needed[1, 3 * 41 * 27 - 1] = needed[1, -1] = True  # corners of the first and last levels
+    dense, sparse = head.box_deltas(features), head.box_deltas_where(features, needed)
+    assert sparse.shape == dense.shape
+    assert bool((sparse == 0).all(-1).any())  # the tile path ran: not every anchor was computed
+    torch.testing.assert_close(sparse[needed], dense[needed], rtol=1e-12, atol=1e-12)
+    computed = (sparse != 0).any(-1)
+    assert bool(needed[computed].any()) and bool((needed <= computed).all())  # only whole tiles beside them
+    torch.testing.assert_close(sparse[computed], dense[computed], rtol=1e-12, atol=1e-12)
+    for got, want in zip(_box_grads(sparse, needed, head, features), _box_grads(dense, needed, head, features),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_sparse_box_deltas_run_whole_maps_when_crowded_and_keep_the_graph_when_empty():
+    head, features = _sparse_head(), _features()
+    n = 3 * sum(h * w for h, w in SPARSE_SIZES)
+    everywhere = torch.ones(2, n, dtype=torch.bool)
+    assert torch.equal(head.box_deltas_where(features, everywhere), head.box_deltas(features))
+    nowhere = torch.zeros(2, n, dtype=torch.bool)
+    deltas = head.box_deltas_where(features, nowhere)
+    deltas[nowhere].sum().backward()  # no positives: DDP still needs every box parameter in the graph
+    assert all(p.grad is not None for n_, p in head.named_parameters() if n_.startswith("box"))
+
+
+def test_sparse_box_training_only_without_groupnorm_and_its_switch():
+    assert _sparse_head().sparse_box_training and not _sparse_head("gn").sparse_box_training
+    cfg = compose("model=retinanet", "data=shapes")
+    assert cfg.model.head.sparse_box_training is True
+    assert instantiate(compose(*TINY, "model.head.norm=none").model).sparse_box_training
+    assert not instantiate(compose(*TINY, "model.head.norm=none", "model.head.sparse_box_training=false").model
+                           ).sparse_box_training
+    assert not instantiate(compose(*TINY).model).sparse_box_training  # make train's GroupNorm head
+
+
+def test_sparse_box_training_gives_the_dense_losses_and_gradients(monkeypatch):
+    # 320 px: P3 is 40×40, where two small objects' tiles are a fraction of the map
+    cfg = compose(*TINY, "model.head.norm=none", "data.image_size=320", "model.priors.size_factor=0.5")
+    size, classes = cfg.data.image_size, len(cfg.data.classes)
+    batch = collate_detection(random_samples(2, size, classes, 2, 16, 48, seed=0), 32)
+    results = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = instantiate(cfg.model).double()
+        assert model.sparse_box_training
+        model.head.sparse_box_training = sparse
+        dense_calls = []
+        monkeypatch.setattr(model.head, "box_deltas", lambda f, m=model: dense_calls.append(1) or
+                            RetinaNetHead.box_deltas(m.head, f))
+        losses = model.compute_losses(batch)
+        assert len(dense_calls) == (0 if sparse else 1)  # the sparse run never computed the whole maps
+        sum(losses.values()).backward()
+        results.append((losses, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
+    (dense_losses, dense_grads), (losses, grads) = results
+    for k in dense_losses:
+        torch.testing.assert_close(losses[k], dense_losses[k], rtol=1e-12, atol=0)
+    _assert_same_gradients(grads, dense_grads)
