@@ -198,7 +198,7 @@ def _active_tiles(needed: Tensor, sizes: Sequence[tuple[int, int]], tile: int) -
         marks = needed[:, start:start + h * w].view(batch, h, w)
         start += h * w
         th, tw = -(-h // tile), -(-w // tile)
-        marks = torch.nn.functional.pad(marks, (0, tw * tile - w, 0, th * tile - h))
+        marks = F.pad(marks, (0, tw * tile - w, 0, th * tile - h))
         hit = marks.view(batch, th, tile, tw, tile).any(4).any(2).nonzero()
         active.append(torch.cat((hit.new_full((len(hit), 1), level), hit), 1))
     return torch.cat(active)
