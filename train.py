@@ -13,7 +13,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -131,7 +130,7 @@ def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbac
     if cfg.model.get("finetune_from") and ckpt_path is None:  # a resumed run restores its own weights instead
         finetune_from(model, cfg.model.finetune_from)
     if cfg.get("compile"):
-        model = torch.compile(model)
+        model.compile_parts()
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

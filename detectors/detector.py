@@ -98,6 +98,15 @@ class Detector(L.LightningModule):
         priors = self.priors(tuple(images.shape[-2:]), [tuple(f.shape[-2:]) for f in features], images.device)
         return features, priors
 
+    def compile_parts(self, **options: Any) -> None:
+        """``torch.compile`` the backbone and each part of the head, in place (``options`` go to torch.compile).
+
+        Not this module's forward: training reaches the parts without it (RetinaNet's sparse box path calls the
+        head's branches apart), so a compiled forward would leave training eager. State-dict keys stay as they are.
+        """
+        for part in (self.backbone, *self.head.children()):
+            part.compile(**options)
+
     @property
     def sparse_box_training(self) -> bool:
         """Whether training runs the box branch only where the loss reads it: the head can

@@ -204,3 +204,28 @@ def test_sparse_box_training_gives_the_dense_losses_and_gradients(monkeypatch):
     for k in dense_losses:
         torch.testing.assert_close(losses[k], dense_losses[k], rtol=1e-12, atol=0)
     _assert_same_gradients(grads, dense_grads)
+
+
+def test_compile_parts_compiles_what_the_sparse_training_path_runs():
+    """``compile=true`` compiles the parts, not the module's forward, which the sparse box path never calls."""
+    cfg = compose(*TINY, "model.head.norm=none", "data.image_size=320", "model.priors.size_factor=0.5")
+    batch = collate_detection(random_samples(2, 320, len(cfg.data.classes), 2, 16, 48, seed=0), 32)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    eager = model.compute_losses(batch)
+    graphs = []
+
+    def record(graph, example_inputs):  # a torch.compile backend: notes each captured graph, runs it as it is
+        inputs = " ".join(n.name for n in graph.graph.nodes if n.op == "placeholder")
+        convs = sum(n.op == "call_function" and "conv2d" in str(n.target) for n in graph.graph.nodes)
+        graphs.append(("body" in inputs, convs))
+        return graph.forward
+
+    model.compile_parts(backend=record)
+    assert set(model.state_dict()) == set(instantiate(cfg.model).state_dict())  # checkpoints keep their keys
+    compiled = model.compute_losses(batch)
+    assert model.sparse_box_training
+    assert any(backbone and convs >= 20 for backbone, convs in graphs)  # ResNet-18's convolutions, in one graph
+    assert (False, 4) in graphs  # the class subnet's four convolutions, called without the head's forward
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-5, atol=0)
