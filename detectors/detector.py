@@ -110,8 +110,10 @@ class Detector(L.LightningModule):
     @property
     def sparse_box_training(self) -> bool:
         """Whether training runs the box branch only where the loss reads it: the head can
-        (``RetinaNetHead.box_deltas_where``) and the loss says where it reads (``box_deltas_used``)."""
-        return getattr(self.head, "sparse_box_training", False) and hasattr(self.loss, "box_deltas_used")
+        (``RetinaNetHead.box_deltas_where``), the loss says where it reads (``box_deltas_used``) and the
+        assignment, which then comes first, needs no predicted boxes (unlike YOLO's)."""
+        return (getattr(self.head, "sparse_box_training", False) and hasattr(self.loss, "box_deltas_used")
+                and not getattr(self.assigner, "uses_predictions", False))
 
     def compute_losses(self, batch: DetectionBatch) -> dict[str, Tensor]:
         if not self.sparse_box_training:

@@ -172,6 +172,8 @@ class ResponsiblePredictorAssigner:
     ``num_classes``.
     """
 
+    uses_predictions = True  # the responsible predictor is the one whose box overlaps the object most
+
     def __init__(self, grid_size: int = 7) -> None:
         self.grid_size = grid_size
 

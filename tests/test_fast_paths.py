@@ -15,6 +15,7 @@ from bench.training_step import random_samples
 from detectors.backbones import ConvFrozenBN2d, FoldedFrozenBatchNorm2d, ResNetFPN, build_resnet
 from detectors.batch import collate_detection
 from detectors.retinanet import RetinaNetHead
+from detectors.yolo import ResponsiblePredictorAssigner
 
 from .conftest import TINY, compose
 
@@ -180,6 +181,9 @@ def test_sparse_box_training_only_without_groupnorm_and_its_switch():
     assert not instantiate(compose(*TINY, "model.head.norm=none", "model.head.sparse_box_training=false").model
                            ).sparse_box_training
     assert not instantiate(compose(*TINY).model).sparse_box_training  # make train's GroupNorm head
+    model = instantiate(compose(*TINY, "model.head.norm=none").model)
+    model.assigner = ResponsiblePredictorAssigner()  # an assignment by the predicted boxes must see them all
+    assert not model.sparse_box_training
 
 
 def test_sparse_box_training_gives_the_dense_losses_and_gradients(monkeypatch):
