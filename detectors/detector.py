@@ -116,18 +116,15 @@ class Detector(L.LightningModule):
                 and not getattr(self.assigner, "uses_predictions", False))
 
     def compute_losses(self, batch: DetectionBatch) -> dict[str, Tensor]:
-        if not self.sparse_box_training:
-            outputs, priors = self(batch.images)
-            with torch.no_grad():  # YOLO's assignment depends on the current predictions
-                assigned = self.assigner(priors, batch, self.num_classes, outputs)
-            return self.loss(outputs, assigned, priors)
-        # the assignment first (RetinaNet's needs no predictions), then box deltas only where the loss reads them
         features, priors = self.features(batch.images)
-        outputs = {"cls_logits": self.head.classify(features)}
-        with torch.no_grad():
+        # sparse: the assignment first (RetinaNet's needs no predictions), box deltas only where the loss reads them
+        sparse = self.sparse_box_training
+        outputs = {"cls_logits": self.head.classify(features)} if sparse else self.head(features)
+        with torch.no_grad():  # YOLO's assignment depends on the current predictions
             assigned = self.assigner(priors, batch, self.num_classes, outputs)
-        used = self.loss.box_deltas_used(assigned, self.num_classes)
-        outputs["box_deltas"] = self.head.box_deltas_where(features, used)
+        if sparse:
+            used = self.loss.box_deltas_used(assigned, self.num_classes)
+            outputs["box_deltas"] = self.head.box_deltas_where(features, used)
         return self.loss(outputs, assigned, priors)
 
     @torch.no_grad()
