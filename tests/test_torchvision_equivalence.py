@@ -1,6 +1,5 @@
 """Same weights, same images, same settings → our RetinaNet gives torchvision's detections."""
 
-import pytest
 import torch
 from hydra.utils import instantiate
 from torchvision.models.detection import retinanet_resnet50_fpn
@@ -8,16 +7,18 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 from detectors.batch import collate_detection
 from detectors.retinanet import torchvision_retinanet_state_dict
 
-from .conftest import assert_same_detections, compose
+from .conftest import assert_same_detections, compose, float32_box_atol
 
 
-# torchvision's own computation (NCHW, BatchNorm apart), and our default fast paths, which reorder float sums
-# (tests/test_fast_paths.py): boxes then differ by a few 1e-3 px after exp() in the decoding
-@pytest.mark.parametrize("fast, box_atol", [(False, 1e-3), (True, 1e-2)], ids=["plain", "folded_bn_channels_last"])
-def test_imported_torchvision_weights_give_torchvision_detections(fast, box_atol):
+# The claim is exact, so both networks run in float64: in float32 the kernels' summation order (NCHW or NHWC,
+# BatchNorm apart or folded, AVX2 or AVX-512) moves boxes by ~3e-3 px after exp() in the decoding, a CPU's rounding
+# rather than a property of the code. What is left is our postprocess's float32 decode (float32_box_atol) and
+# float32 probabilities (a few roundings of a value ≤ 1: 1e-6). The plain path is compared; the default fast paths
+# (NHWC, folded BN) equal it in float64 (tests/test_fast_paths.py), and float64 convolutions cost 5-10× float32's.
+def test_imported_torchvision_weights_give_torchvision_detections():
     size = 192
-    cfg = compose("model=retinanet_torchvision", f"data.image_size={size}", f"model.channels_last={fast}",
-                  f"model.backbone.fold_frozen_bn={fast}")
+    cfg = compose("model=retinanet_torchvision", f"data.image_size={size}", "model.channels_last=false",
+                  "model.backbone.fold_frozen_bn=false")
     ours = instantiate(cfg.model).eval()
     k = ours.num_classes
     theirs = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=k, min_size=size,
@@ -33,7 +34,8 @@ def test_imported_torchvision_weights_give_torchvision_detections(fast, box_atol
     images = [torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8) for _ in range(2)]
     batch = collate_detection([(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
                                      "image_id": torch.tensor(i)}) for i, im in enumerate(images)])
+    ours.double(), theirs.double()
     with torch.no_grad():
-        expected = theirs([im.float() / 255 for im in images])
+        expected = theirs([im.double() / 255 for im in images])
         got = ours.detect(batch)
-    assert_same_detections(got, expected, box_atol=box_atol, score_atol=1e-5 if not fast else 1e-4)
+    assert_same_detections(got, expected, box_atol=float32_box_atol(ours), score_atol=1e-6)
