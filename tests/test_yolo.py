@@ -60,7 +60,8 @@ def paper_loss(box, conf, probs, objects_per_image, s, nb, size, l_coord=5.0, l_
             for j in range(nb):
                 c = conf[b, cell * nb + j]
                 if j == responsible:
-                    t = [((obj[0] + obj[2]) / 2 - col * cell_px) / cell_px, ((obj[1] + obj[3]) / 2 - row * cell_px) / cell_px,
+                    t = [((obj[0] + obj[2]) / 2 - col * cell_px) / cell_px,
+                         ((obj[1] + obj[3]) / 2 - row * cell_px) / cell_px,
                          math.sqrt((obj[2] - obj[0]) / size), math.sqrt((obj[3] - obj[1]) / size)]
                     total = total + l_coord * sum((box[b, cell * nb + j, d] - t[d]) ** 2 for d in range(4))
                     total = total + (c - iou(preds[j], obj)) ** 2
@@ -181,7 +182,8 @@ def test_model_configs_compose():
 
 def test_tiny_yolo_learns_a_fixed_batch():
     cfg = compose("model=yolo", "model/optimizer=adamw", "model.optimizer.lr=0.001", "model/backbone=resnet_c5",
-                  "model.head.hidden=256", "model.head.dropout=0", "data.image_size=128", "data.num_train=16")
+                  "model.head.hidden=256", "model.head.dropout=0", "data.image_size=128", "data.num_train=16",
+                  "data.train_transform.size=224")  # C5 is then 7×7 = S×S; the paper's 448 px took 2.5 min here
     model, data = instantiate(cfg.model), instantiate(cfg.data)
     batch = collate_detection([data.train_set[i] for i in range(8)])
     history = fit_fixed_batch(model, batch, 40)
