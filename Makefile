@@ -1,5 +1,5 @@
 # `make train`: set up .venv if needed, then train RetinaNet on the built-in shapes data (CPU-sized).
-# `make test`: set up, then run the test suite.
+# `make test`: set up, then check the code with ruff and run the test suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,6 +21,7 @@ train: $(STAMP)
 	$(PY) train.py experiment=retinanet_shapes $(ARGS)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)

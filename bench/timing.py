@@ -7,6 +7,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -56,9 +57,22 @@ def step_flops(step: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def describe_machine(device: torch.device) -> str:
+    """The device, and on a CPU its model, the instruction set torch's kernels use (AVX2, AVX512) and threads."""
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        what = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads of {os.cpu_count()} cores"
+        what = (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads of "
+                f"{os.cpu_count()} cores")
     return f"{what}; torch {torch.__version__}; {platform.python_implementation()} {platform.python_version()}"

@@ -54,7 +54,8 @@ def load_coco(path: Path) -> COCO:
             raise COCOFormatError(f"{path}: no {key!r} list; is this a COCO instances file?")
     dup = [i for i, n in Counter(im.get("id") for im in data["images"]).items() if n > 1]
     if dup:
-        raise COCOFormatError(f"{path}: image id {dup[0]} appears {sum(im.get('id') == dup[0] for im in data['images'])} "
+        count = sum(im.get("id") == dup[0] for im in data["images"])
+        raise COCOFormatError(f"{path}: image id {dup[0]} appears {count} "
                               f"times in 'images' ({len(dup)} duplicated ids); ids must be unique")
     for im in data["images"]:
         if not isinstance(im.get("file_name"), str) or not all(_number(im.get(k)) and im[k] > 0

@@ -11,7 +11,8 @@ flip → resize to the network input → drop boxes under 1 px (``drop_small_box
 the paper's Table 2 ablation. ``YOLOAugmentation`` is Redmon et al. 2016, §2.2: random scaling and translation
 up to 20 % of the image size, exposure and saturation up to a factor 1.5 in HSV (``RandomHSVScale``).
 ``ShortSideAugmentation`` / ``ShortSideResize`` are RetinaNet's (§4.1, §5.1): shorter side 800 (or jittered),
-longer side ≤ 1333, aspect ratio kept, flip. It is built from ``torchvision.transforms.v2`` on ``tv_tensors`` except the patch
+longer side ≤ 1333, aspect ratio kept, flip. It is built from ``torchvision.transforms.v2`` on ``tv_tensors`` except
+the patch
 sampler: torchvision's ``RandomIoUCrop`` never crops an image without objects (each trial needs a box centre
 inside) and, when its trials fail, redraws another IoU option instead of keeping the image, which skews the
 options' frequencies. ``ResizeTo`` is the matching validation transform.
@@ -234,7 +235,8 @@ class SSDAugmentation(BoxPipeline):
     """SSD's training augmentation (§2.2, §3.6); each step can be switched off (the paper's Table 2).
 
     photometric: ``PhotometricDistort``, torchvision's ``RandomPhotometricDistort`` on OpenCV's uint8 kernels
-    (brightness, contrast, saturation, hue, channel order, each p=0.5). expand: with p=0.5, the image on a canvas up to ``max_expand_ratio``× its side filled with ``mean``
+    (brightness, contrast, saturation, hue, channel order, each p=0.5). expand: with p=0.5, the image on a canvas up
+    to ``max_expand_ratio``× its side filled with ``mean``
     (in [0, 1], like model.pixel_mean, so the canvas is zero after normalisation). crop: ``MinIoURandomCrop``.
     flip: horizontal, p=0.5. size: the network input (int or (h, w)); ``None`` keeps the size. Last, boxes under
     1 px in width or height are dropped with their per-object fields.

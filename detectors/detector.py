@@ -44,7 +44,8 @@ class Detector(L.LightningModule):
 
     def __init__(self, backbone: nn.Module, head: Callable[..., nn.Module], priors: Any, assigner: Any,
                  loss: Any, postprocess: Any, class_names: Sequence[str],
-                 pixel_mean: Sequence[float] = (0.485, 0.456, 0.406), pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
+                 pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
+                 pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: dict[str, Any] | None = None, num_prediction_layers: int | None = None,
                  class_metrics: bool = True, nonfinite_loss: str = "error", finetune_from: str | None = None,
@@ -191,7 +192,8 @@ class Detector(L.LightningModule):
     # --- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
-            raise ValueError("model.optimizer is not set: give e.g. {_target_: torch.optim.SGD, _partial_: true, lr: 0.01}")
+            raise ValueError("model.optimizer is not set: give e.g. "
+                             "{_target_: torch.optim.SGD, _partial_: true, lr: 0.01}")
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         if not self.scheduler_cfg:

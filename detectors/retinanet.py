@@ -211,7 +211,8 @@ def _torchvision_head_key(key: str) -> str:
         if key.startswith(tv):
             i, _, param = key[len(tv):].split(".")
             return f"{ours}{2 * int(i)}.{param}"
-    return key.replace("classification_head.cls_logits.", "cls_score.").replace("regression_head.bbox_reg.", "box_pred.")
+    key = key.replace("classification_head.cls_logits.", "cls_score.")
+    return key.replace("regression_head.bbox_reg.", "box_pred.")
 
 
 def torchvision_retinanet_state_dict(tv_state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -14,9 +14,10 @@ K = 4
 
 def batch_of(*per_image):
     samples = [(torch.zeros(3, 64, 64, dtype=torch.uint8),
-                {"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(l, dtype=torch.long),
+                {"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
+                 "labels": torch.tensor(labels, dtype=torch.long),
                  "image_id": torch.tensor(i), **extra})
-               for i, (b, l, extra) in enumerate(per_image)]
+               for i, (b, labels, extra) in enumerate(per_image)]
     return collate_detection(samples)
 
 

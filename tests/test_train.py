@@ -80,7 +80,8 @@ def test_train_py_writes_checkpoints_metrics_and_resumes(tmp_path):
 
 
 def test_help_lists_config_groups():
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0
     for group in ("model", "data", "trainer", "logger", "callbacks", "experiment", "debug"):
         assert f"{group}:" in done.stdout

@@ -14,8 +14,9 @@ from torchvision.transforms.v2 import functional as F
 
 from datamodules.browse import main as browse_main
 from datamodules.base import AspectRatioGroupedBatchSampler
-from datamodules.transforms import (MinIoURandomCrop, PhotometricDistort, RandomHSVScale, ResizeTo, ShortSideAugmentation, ShortSideResize,
-                                   SSDAugmentation, YOLOAugmentation, scale_saturation_value)
+from datamodules.transforms import (MinIoURandomCrop, PhotometricDistort, RandomHSVScale, ResizeTo,
+                                    ShortSideAugmentation, ShortSideResize, SSDAugmentation, YOLOAugmentation,
+                                    scale_saturation_value)
 from detectors.batch import collate_detection
 
 from .conftest import compose
