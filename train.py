@@ -1,4 +1,5 @@
 """Train a detector: `python train.py model=retinanet data=shapes trainer.max_epochs=2` (see conf/train.yaml).
+Bare `python train.py` runs experiment=retinanet_shapes, the CPU recipe `make train` runs.
 
 Writes into its run folder: checkpoints/best.ckpt (by val/map) and last.ckpt, the resolved config
 (.hydra/), logs, and metrics.json with the best checkpoint's validation metrics.
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,10 @@ import detectors  # noqa: F401  (registers the ${len:...} resolver)
 from detectors.distributed import SameConfigOnEveryRank, launches_its_own_processes
 from detectors.checkpoints import finetune_from
 from detectors.loggers import finish_loggers
+from engine import memory
+
+BARE_RUN = "experiment=retinanet_shapes"  # what `python train.py` with no arguments runs
+bare_invocation = False
 
 log = logging.getLogger("train")
 
@@ -83,11 +91,12 @@ def refuse_multirun_with_own_processes(trainer: L.Trainer) -> None:
             f"`python train.py` per setting")
 
 
-def scale_learning_rate(cfg: DictConfig, trainer: L.Trainer) -> None:
-    """The linear scaling rule (Goyal et al. 2017): lr × total batch ÷ the batch the recipe's lr was set for."""
+def scale_learning_rate(cfg: DictConfig, trainer: L.Trainer) -> bool:
+    """The linear scaling rule (Goyal et al. 2017): lr × total batch ÷ the batch the recipe's lr was set for.
+    Returns whether it changed cfg.model.optimizer.lr."""
     scaling = cfg.get("lr_scaling") or {}
     if not scaling.get("enabled"):
-        return
+        return False
     base = scaling.get("base_batch_size")
     if not base or base < 1:
         raise ValueError(f"lr_scaling.base_batch_size={base}: give the total batch size model.optimizer.lr was "
@@ -99,6 +108,54 @@ def scale_learning_rate(cfg: DictConfig, trainer: L.Trainer) -> None:
              cfg.model.optimizer.lr)
     with open_dict(cfg):
         cfg.model.optimizer.lr = lr
+    return True
+
+
+def check_memory(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule
+                 ) -> None:
+    """memory_check: estimate the run's peak memory from probe steps (engine/memory.py) and stop before the first
+    step if it cannot fit; data.batch_size=auto becomes the largest batch that fits (in cfg and the datamodule).
+    Processes of a multi-process CPU run share the machine's memory equally; `auto` needs a single process."""
+    auto = cfg.data.batch_size == "auto"
+    if auto and not cfg.get("memory_check", True):
+        raise ValueError("data.batch_size=auto is chosen by the memory check: set memory_check=true or give a number")
+    if auto and trainer.world_size > 1:
+        raise ValueError(f"data.batch_size=auto is chosen by one process's probe; with {trainer.world_size} processes "
+                         f"give a number (run with trainer.devices=1 data.batch_size=auto to see what fits one)")
+    if not cfg.get("memory_check", True) or int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        return  # ranks > 0: local rank 0 checked for the whole machine before it started them
+    start = time.perf_counter()
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    device = trainer.strategy.root_device
+    share = trainer.world_size // trainer.num_nodes if device.type == "cpu" else 1  # processes on this memory
+    available = memory.available_memory(device) / share
+    train_input = memory.input_settings(datamodule.train_transform)
+    common = dict(available=available, autocast=trainer.precision_plugin.forward_context, device=device)
+    estimate = memory.training_estimate(model, datamodule.train_set, datamodule.train_transform,
+                                        datamodule.size_divisible, batch_size=None if auto else cfg.data.batch_size,
+                                        optimizer=model.optimizer_factory, num_workers=datamodule.num_workers,
+                                        **common)
+    if auto:
+        # no more than the training set: drop_last would leave an epoch without a batch
+        batch = min(memory.choose_batch(estimate, available, train_input), len(datamodule.train_set))
+        log.info("data.batch_size=auto: %d, the largest batch whose estimated need (~%s: %s) fits %s available "
+                 "less a %.0f%% margin", batch, memory.gib(estimate.need(batch)), estimate.describe(),
+                 memory.gib(available), 100 * memory.AUTO_MARGIN)
+        cfg.data.batch_size = datamodule.batch_size = batch
+    warnings = [memory.check_batch(estimate, cfg.data.batch_size, available, train_input)]
+    val_key = "data.val_batch_size" if cfg.data.get("val_batch_size") else "data.batch_size"
+    if datamodule.val_set is not None and trainer.limit_val_batches != 0:
+        val = memory.validation_estimate(model, datamodule.val_set, datamodule.val_transform,
+                                         datamodule.size_divisible, batch_size=datamodule.val_batch_size, **common)
+        warnings.append(memory.check_batch(val, datamodule.val_batch_size, available,
+                                           memory.input_settings(datamodule.val_transform, "data.val_transform"),
+                                           key=val_key, auto_hint=False))
+    for warning in filter(None, warnings):
+        log.warning("memory check: %s", warning)
+    log.info("memory check (%.1f s; memory_check=false skips it): data.batch_size=%d needs ~%s of %s available (%s)",
+             time.perf_counter() - start, cfg.data.batch_size, memory.gib(estimate.need(cfg.data.batch_size)),
+             memory.gib(available), estimate.describe())
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -118,12 +175,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbacks: list, loggers: list
                      ) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks.append(SameConfigOnEveryRank(config))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     refuse_multirun_with_own_processes(trainer)
-    scale_learning_rate(cfg, trainer)
     model = instantiate(cfg.model)
+    check_memory(cfg, trainer, model, datamodule)  # before lr_scaling: it reads the batch size auto chooses
+    # every rank's config is compared with rank 0's at setup; added once data.batch_size=auto is resolved
+    trainer.callbacks.append(SameConfigOnEveryRank(OmegaConf.to_container(cfg, resolve=True)))
+    if scale_learning_rate(cfg, trainer):
+        model.optimizer_factory = instantiate(cfg.model.optimizer)
     model.model_config = OmegaConf.to_container(cfg.model, resolve=True)
     model.data_config = OmegaConf.to_container(cfg.data, resolve=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, cfg.paths.output_dir)
@@ -154,9 +213,22 @@ def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbac
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    if bare_invocation:
+        log.info("no arguments: running %s (the CPU recipe `make train` runs); choose another with e.g. "
+                 "`python train.py model=ssd data=voc data.root=...` or `python train.py experiment=<name>`", BARE_RUN)
     metrics = train(cfg)
     return metrics.get(cfg.optimized_metric)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """`python train.py` with no arguments runs BARE_RUN: added to the command line before Hydra reads it, so the
+    run folder's .hydra/overrides.yaml records it (and DDP ranks, which re-run the command line, see it too)."""
+    if len(sys.argv) == 1:
+        global bare_invocation
+        sys.argv.append(BARE_RUN)
+        bare_invocation = True  # main logs it, once Hydra has set up logging
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -96,7 +96,8 @@ class DetectionDataModule(L.LightningDataModule):
                  size_divisible: int = 1, aspect_ratio_grouping: bool = False, bad_images: str = "error") -> None:
         super().__init__()
         self.classes = list(classes)
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        # batch_size may be set after construction (train.py resolves data.batch_size=auto): val follows it unless given
+        self.batch_size, self._val_batch_size = batch_size, val_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers = num_workers > 0 and persistent_workers is not False
         self.train_transform, self.val_transform = train_transform, val_transform
@@ -108,6 +109,14 @@ class DetectionDataModule(L.LightningDataModule):
         self.bad_images = bad_images
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+
+    @property
+    def val_batch_size(self) -> int:
+        return self._val_batch_size or self.batch_size
+
+    @val_batch_size.setter
+    def val_batch_size(self, value: int | None) -> None:
+        self._val_batch_size = value
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         common: dict = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
