@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from .batch import DetectionBatch
 from .visualization import plot_pr_curves, prediction_grid, save_png, wandb_boxes
+
+log = logging.getLogger(__name__)
 
 
 class TrainingTime(L.Callback):
@@ -42,6 +45,104 @@ class TrainingTime(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.elapsed = float(state_dict["elapsed"])
+
+
+class TimeBudget(L.Callback):
+    """Keeps fitting within ``minutes`` of wall time on any machine: where the planned steps would not fit, fewer
+    are trained and the learning-rate schedule, warm-up and decays included, is compressed onto them.
+
+    After ``check_after_steps`` steps and again after every validation, the time a step takes (validations left
+    out) and a validation takes are measured; if the steps left and the validations they bring would end past the
+    budget, the run is cut to the steps that fit and the schedule's remaining part is squeezed linearly onto them,
+    so the last steps still run at the decayed rates. The last step stops the run with a validation (and its
+    checkpoints). Where the plan fits, nothing changes: the run is the same as without a budget. ``minutes: null``
+    turns it off. Kept in checkpoints, so a resumed run keeps its shortened plan.
+    """
+
+    WARM_STEPS = 2  # left out of the step time
+
+    def __init__(self, minutes: float | None = None, check_after_steps: int = 10) -> None:
+        self.minutes, self.check_after_steps = minutes, check_after_steps
+        self.cuts: list[tuple[int, float]] = []  # (step, how many schedule steps one step covers from there on)
+        self.total_steps: int | None = None
+        self._start = self._mark = 0.0
+        self._first_step = self._mark_step = 0
+        self._val_seconds, self._val_count, self._val_start = 0.0, 0, 0.0
+
+    def schedule_step(self, step: int) -> float:
+        """The step of the planned schedule that training step ``step`` runs at."""
+        at, scheduled = 0, 0.0
+        rate = 1.0
+        for cut_step, cut_rate in self.cuts:
+            if step <= cut_step:
+                break
+            scheduled += (cut_step - at) * rate
+            at, rate = cut_step, cut_rate
+        return scheduled + (step - at) * rate
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.minutes is None:
+            return
+        if self.total_steps is None:  # not restored from a checkpoint
+            self.total_steps = int(trainer.estimated_stepping_batches)
+        self._start = self._mark = time.monotonic()
+        self._first_step = self._mark_step = trainer.global_step
+        for config in trainer.lr_scheduler_configs:  # LambdaLR: read the planned schedule through the cuts
+            lambdas = getattr(config.scheduler, "lr_lambdas", None)
+            if lambdas is not None:
+                config.scheduler.lr_lambdas = [self._through_cuts(f) for f in lambdas]
+
+    def _through_cuts(self, planned: Any) -> Any:
+        return lambda step: planned(self.schedule_step(step))
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_start = time.monotonic()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.minutes is None or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._val_seconds += time.monotonic() - self._val_start
+        self._val_count += 1
+        self._plan(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.minutes is None or self.total_steps is None:
+            return
+        step = trainer.global_step
+        if step - self._first_step == self.WARM_STEPS:  # the first steps also create kernels and buffers
+            self._mark, self._mark_step, self._val_seconds, self._val_count = time.monotonic(), step, 0.0, 0
+        elif step - self._mark_step == self.check_after_steps and not self.cuts and not self._val_count:
+            self._plan(trainer)
+        if step >= self.total_steps:
+            trainer.should_stop = True  # Lightning validates (and checkpoints) a run that stops this way
+
+    def _plan(self, trainer: L.Trainer) -> None:
+        now, step = time.monotonic(), trainer.global_step
+        steps = step - self._mark_step
+        if steps <= 0 or self.total_steps is None or step >= self.total_steps:
+            return
+        step_seconds = (now - self._mark - self._val_seconds) / steps
+        val_seconds = self._val_seconds / self._val_count if self._val_count else 0.0
+        per_epoch = max(1, int(trainer.num_training_batches)) if trainer.num_training_batches != float("inf") else 0
+        vals_left = (self.total_steps - step) // per_epoch + 1 if per_epoch else 1
+        left = self.minutes * 60 - (now - self._start) - vals_left * val_seconds
+        fits = max(1, int(left / step_seconds)) if left > 0 else 1
+        if step + fits >= self.total_steps:
+            return
+        planned_left = self.schedule_step(self.total_steps) - self.schedule_step(step)
+        log.warning("time budget %.3g min (callbacks.time_budget.minutes): %.2f s a step and %.1f s a validation "
+                    "here, so the %d steps left would end past it; training %d more (%d in all) with the rest of the "
+                    "learning-rate schedule compressed onto them", self.minutes, step_seconds, val_seconds,
+                    self.total_steps - step, fits, step + fits)
+        self.cuts.append((step, planned_left / fits))
+        self.total_steps = step + fits
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cuts": list(self.cuts), "total_steps": self.total_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.cuts = [(int(s), float(r)) for s, r in state_dict["cuts"]]
+        self.total_steps = state_dict["total_steps"]
 
 
 def _first_loader(loaders: Any) -> Any:

@@ -1,0 +1,76 @@
+"""callbacks.time_budget: a run whose planned steps would not fit stops within the budget, its whole learning-rate
+schedule compressed onto the steps it has; a run that fits is left as planned."""
+
+import time
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from detectors.callbacks import TimeBudget
+from detectors.detector import warmup_multistep
+
+STEP_SECONDS = 0.04
+SCHEDULE = dict(warmup_steps=5, warmup_factor=0.1, milestones=[60, 80], gamma=0.1)  # of 100 planned steps
+
+
+class SlowModule(L.LightningModule):
+    """A step that takes STEP_SECONDS (sleeping, so the CPU's load does not change it) and records its lr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.lrs: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(STEP_SECONDS)
+        self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return self.layer(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        time.sleep(STEP_SECONDS)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=1.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_multistep(**SCHEDULE))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def fit(minutes):
+    data = DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=1)  # 10 steps an epoch, 10 epochs
+    budget = TimeBudget(minutes, check_after_steps=5)
+    trainer = L.Trainer(max_epochs=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[budget], num_sanity_val_steps=0,
+                        limit_val_batches=1)
+    module = SlowModule()
+    start = time.monotonic()
+    trainer.fit(module, data, data)
+    return module, budget, time.monotonic() - start
+
+
+def test_a_plan_that_does_not_fit_is_cut_and_ends_on_the_decayed_rates():
+    # 100 planned steps take ≥ 4 s plus 10 validations; the budget allows ~2 s
+    module, budget, seconds = fit(minutes=2.0 / 60)
+    steps = len(module.lrs)
+    assert 10 < steps < 60, steps
+    assert seconds < 2.0 + 1.5  # a validation and Lightning's start/stop on top of the planned 2 s
+    assert budget.total_steps == steps and budget.cuts
+    planned = warmup_multistep(**SCHEDULE)
+    assert module.lrs[-1] == pytest.approx(planned(99), rel=1e-6)  # both decays reached
+    assert module.lrs[:budget.cuts[0][0]] == pytest.approx([planned(s) for s in range(budget.cuts[0][0])])
+    after = module.lrs[budget.cuts[0][0]:]
+    assert all(b <= a for a, b in zip(after, after[1:]))  # past the warm-up, only decays
+
+
+def test_a_plan_that_fits_is_left_as_it_is():
+    module, budget, _ = fit(minutes=1.0)
+    planned = warmup_multistep(**SCHEDULE)
+    assert not budget.cuts and len(module.lrs) == 100
+    assert module.lrs == pytest.approx([planned(s) for s in range(100)])
+
+
+def test_schedule_steps_follow_each_cut():
+    budget = TimeBudget(1.0)
+    budget.cuts = [(10, 2.0), (20, 4.0)]  # from step 10 each step covers 2 planned steps, from step 20 four
+    assert [budget.schedule_step(s) for s in (5, 10, 15, 20, 25)] == [5, 10, 20, 30, 50]
