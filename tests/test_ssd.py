@@ -261,7 +261,8 @@ def test_ssd_config_errors_name_the_setting():
 
 def test_tiny_ssd_learns_a_fixed_batch():
     cfg = compose("model=ssd", "model/optimizer=adamw", "model.optimizer.lr=0.001", "model.backbone.width=0.125",
-                  "model.num_prediction_layers=4", "data.image_size=128", "data.num_train=16")
+                  "model.num_prediction_layers=4", "data.image_size=128", "data.num_train=16",
+                  "data.train_transform.size=128")  # the shapes' own size: the transform's 300 px took 27 s
     model, data = instantiate(cfg.model), instantiate(cfg.data)
     batch = collate_detection([data.train_set[i] for i in range(8)])
     opt = model.optimizer_factory(model.parameters())
