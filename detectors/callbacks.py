@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,12 @@ class TimeBudget(L.Callback):
     are trained and the learning-rate schedule, warm-up and decays included, is compressed onto them.
 
     After ``check_after_steps`` steps and again after every validation, the time a step takes (validations left
-    out) and a validation takes are measured; if the steps left and the validations they bring would end past the
-    budget, the run is cut to the steps that fit and the schedule's remaining part is squeezed linearly onto them,
-    so the last steps still run at the decayed rates. The last step stops the run with a validation (and its
-    checkpoints). Where the plan fits, nothing changes: the run is the same as without a budget. ``minutes: null``
-    turns it off. Kept in checkpoints, so a resumed run keeps its shortened plan.
+    out) and a validation takes are measured; if the rest of the planned schedule and the validations it brings
+    would end past the budget, the run is cut to the steps that fit and the schedule's remaining part is squeezed
+    linearly onto them, so the last steps still run at the decayed rates; a later measurement (steps got faster)
+    may give steps back, up to the plan. The last step stops the run with a validation (and its checkpoints).
+    Where the plan fits, nothing changes: the run is the same as without a budget. ``minutes: null`` turns it off.
+    Kept in checkpoints, so a resumed run keeps its shortened plan.
     """
 
     WARM_STEPS = 2  # left out of the step time
@@ -64,7 +66,8 @@ class TimeBudget(L.Callback):
     def __init__(self, minutes: float | None = None, check_after_steps: int = 10) -> None:
         self.minutes, self.check_after_steps = minutes, check_after_steps
         self.cuts: list[tuple[int, float]] = []  # (step, how many schedule steps one step covers from there on)
-        self.total_steps: int | None = None
+        self.total_steps: int | None = None  # where training stops
+        self.planned_steps: int | None = None  # the schedule's end, in the planned schedule's steps
         self._start = self._mark = 0.0
         self._first_step = self._mark_step = 0
         self._val_seconds, self._val_count, self._val_start = 0.0, 0, 0.0
@@ -83,8 +86,8 @@ class TimeBudget(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.minutes is None:
             return
-        if self.total_steps is None:  # not restored from a checkpoint
-            self.total_steps = int(trainer.estimated_stepping_batches)
+        if not self.cuts:  # a fresh plan, also on a resume that changed it (more epochs); a cut plan is kept
+            self.total_steps = self.planned_steps = int(trainer.estimated_stepping_batches)
         self._start = self._mark = time.monotonic()
         self._first_step = self._mark_step = trainer.global_step
         for config in trainer.lr_scheduler_configs:  # LambdaLR: read the planned schedule through the cuts
@@ -119,30 +122,32 @@ class TimeBudget(L.Callback):
     def _plan(self, trainer: L.Trainer) -> None:
         now, step = time.monotonic(), trainer.global_step
         steps = step - self._mark_step
-        if steps <= 0 or self.total_steps is None or step >= self.total_steps:
+        if steps <= 0 or self.planned_steps is None or step >= self.total_steps:
             return
         step_seconds = (now - self._mark - self._val_seconds) / steps
         val_seconds = self._val_seconds / self._val_count if self._val_count else 0.0
         per_epoch = max(1, int(trainer.num_training_batches)) if trainer.num_training_batches != float("inf") else 0
-        vals_left = (self.total_steps - step) // per_epoch + 1 if per_epoch else 1
+        planned_left = self.planned_steps - self.schedule_step(step)  # in the planned schedule's steps
+        vals_left = math.ceil(planned_left / per_epoch) if per_epoch else 1
         left = self.minutes * 60 - (now - self._start) - vals_left * val_seconds
         fits = max(1, int(left / step_seconds)) if left > 0 else 1
-        if step + fits >= self.total_steps:
+        rate = max(1.0, planned_left / fits)  # planned steps a step covers from here: never stretched past the plan
+        if self.cuts and self.cuts[-1][1] == rate or not self.cuts and rate == 1.0:
             return
-        planned_left = self.schedule_step(self.total_steps) - self.schedule_step(step)
+        total = step + math.ceil(planned_left / rate - 1e-9)
         log.warning("time budget %.3g min (callbacks.time_budget.minutes): %.2f s a step and %.1f s a validation "
-                    "here, so the %d steps left would end past it; training %d more (%d in all) with the rest of the "
-                    "learning-rate schedule compressed onto them", self.minutes, step_seconds, val_seconds,
-                    self.total_steps - step, fits, step + fits)
-        self.cuts.append((step, planned_left / fits))
-        self.total_steps = step + fits
+                    "here; training %d more steps (%d in all) for the %d planned ones left, the rest of the "
+                    "learning-rate schedule %s", self.minutes, step_seconds, val_seconds, total - step,
+                    total, round(planned_left), "compressed onto them" if rate > 1 else "as planned")
+        self.cuts.append((step, rate))
+        self.total_steps = total
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cuts": list(self.cuts), "total_steps": self.total_steps}
+        return {"cuts": list(self.cuts), "total_steps": self.total_steps, "planned_steps": self.planned_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.cuts = [(int(s), float(r)) for s, r in state_dict["cuts"]]
-        self.total_steps = state_dict["total_steps"]
+        self.total_steps, self.planned_steps = state_dict["total_steps"], state_dict["planned_steps"]
 
 
 def _first_loader(loaders: Any) -> Any:
