@@ -104,9 +104,12 @@ def _paint(img: Tensor, box: list[float], kind: str, g: torch.Generator) -> None
 
 
 class ShapesDataset(Dataset):
+    """``size`` shapes images; with ``cache``, each is drawn once and kept (before the transform, which still
+    draws anew every epoch): drawing costs a few ms an image in Python, a sizeable part of a small model's step."""
+
     def __init__(self, size: int, seed: int, image_size: int, classes: Sequence[str], min_objects: int,
                  max_objects: int, min_object_size: float, max_object_fraction: float,
-                 transform: SampleTransform | None = None) -> None:
+                 transform: SampleTransform | None = None, cache: bool = False) -> None:
         self.size, self.seed, self.image_size = size, seed, image_size
         self.classes = list(classes)
         for c in self.classes:
@@ -114,6 +117,7 @@ class ShapesDataset(Dataset):
         self.min_objects, self.max_objects = min_objects, max_objects
         self.min_object_size, self.max_object_fraction = min_object_size, max_object_fraction
         self.transform = transform
+        self.cache: dict[int, tuple[Tensor, Tensor, Tensor]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return self.size
@@ -124,26 +128,32 @@ class ShapesDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         if not 0 <= index < self.size:
             raise IndexError(index)
-        image, boxes, labels = render_shapes_image(self.seed * 1_000_003 + index, self.image_size, self.classes,
-                                                   self.min_objects, self.max_objects, self.min_object_size,
-                                                   self.max_object_fraction)
+        drawn = self.cache.get(index) if self.cache is not None else None
+        if drawn is None:
+            drawn = render_shapes_image(self.seed * 1_000_003 + index, self.image_size, self.classes,
+                                        self.min_objects, self.max_objects, self.min_object_size,
+                                        self.max_object_fraction)
+            if self.cache is not None:
+                self.cache[index] = drawn
+        image, boxes, labels = (t.clone() for t in drawn)  # transforms may write into what they are given
         target = {"boxes": boxes, "labels": labels, "image_id": torch.tensor(index)}
         return (image, target) if self.transform is None else self.transform(image, target)
 
 
 class ShapesDataModule(DetectionDataModule):
     """Train and val splits of ``shapes`` (disjoint seeds), generated on the fly, then transformed
-    (conf/data/shapes.yaml: horizontal flip for training, ``data/transform=ssd`` for the SSD paper's augmentation)."""
+    (conf/data/shapes.yaml: horizontal flip for training, ``data/transform=ssd`` for the SSD paper's augmentation).
+    ``cache`` keeps every drawn image in memory (3·S² bytes each; each loader worker holds its own copy)."""
 
     def __init__(self, classes: Sequence[str] = SHAPE_CLASSES, image_size: int = 128, num_train: int = 4096,
                  num_val: int = 256, seed: int = 0, min_objects: int = 1, max_objects: int = 6,
                  min_object_size: float = 10.0, max_object_fraction: float = 0.8, batch_size: int = 16,
-                 **loader: Any) -> None:
+                 cache: bool = False, **loader: Any) -> None:
         super().__init__(classes, batch_size, **loader)  # loader and transform settings: DetectionDataModule
         if min_object_size >= max_object_fraction * image_size:
             raise ValueError(f"data.min_object_size={min_object_size} must be below "
                              f"data.max_object_fraction × data.image_size = {max_object_fraction * image_size}")
         common = dict(image_size=image_size, classes=self.classes, min_objects=min_objects, max_objects=max_objects,
-                      min_object_size=min_object_size, max_object_fraction=max_object_fraction)
+                      min_object_size=min_object_size, max_object_fraction=max_object_fraction, cache=cache)
         self.train_set = ShapesDataset(num_train, seed=2 * seed, transform=self.train_transform, **common)
         self.val_set = ShapesDataset(num_val, seed=2 * seed + 1, transform=self.val_transform, **common)

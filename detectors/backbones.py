@@ -22,14 +22,42 @@ _RESNET_STAGE_CHANNELS = {18: (128, 256, 512), 34: (128, 256, 512), 50: (512, 10
 _NORMS = {"bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d}
 
 
-def build_resnet(depth: int, weights: str | None = None, norm: str = "bn", fold_frozen_bn: bool = True) -> nn.Module:
+class WidthScaledResNet(models.ResNet):
+    """torchvision's ResNet with every width × ``width``, the stem's and the four stages': for inputs and data far
+    smaller than ImageNet's, on machines where the full widths cost minutes a step. Same modules and names."""
+
+    def __init__(self, block: type[nn.Module], layers: list[int], width: float, **kwargs) -> None:
+        self.width = width
+        super().__init__(block, layers, **kwargs)
+
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        if not hasattr(self, "layer1"):  # the first stage: torchvision built the stem at 64 just before it
+            self.inplanes = max(1, round(64 * self.width))
+            self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+            self.bn1 = self._norm_layer(self.inplanes)  # initialised with the rest after the stages are built
+        return super()._make_layer(block, max(1, round(planes * self.width)), blocks, stride, dilate)
+
+
+def stage_channels(depth: int, width: float = 1.0) -> tuple[int, int, int]:
+    """Channels of C3, C4, C5 (layer2..layer4) of a ResNet of this depth and width."""
+    return tuple(max(1, round(c // (4 if depth >= 50 else 1) * width)) * (4 if depth >= 50 else 1)
+                 for c in _RESNET_STAGE_CHANNELS[depth])
+
+
+def build_resnet(depth: int, weights: str | None = None, norm: str = "bn", fold_frozen_bn: bool = True,
+                 width: float = 1.0) -> nn.Module:
     """A torchvision ResNet; ``weights`` is a torchvision weights name (e.g. ``IMAGENET1K_V1``), a local
     state-dict file, or None for random initialisation. With ``norm='frozen_bn'`` and ``fold_frozen_bn``, each
-    frozen BatchNorm is computed inside the convolution before it (``fold_frozen_batchnorm``)."""
+    frozen BatchNorm is computed inside the convolution before it (``fold_frozen_batchnorm``). ``width`` scales
+    the stages' channels (``WidthScaledResNet``; random initialisation only)."""
     if depth not in RESNET_DEPTHS:
         raise ValueError(f"backbone.depth={depth} is not a ResNet depth; choose one of {RESNET_DEPTHS}")
     if norm not in _NORMS:
         raise ValueError(f"backbone.norm={norm!r}: choose one of {sorted(_NORMS)}")
+    if width != 1.0 and (width <= 0 or weights):
+        raise ValueError(f"backbone.width={width}: must be > 0, and 1.0 with backbone.weights={weights!r} "
+                         f"(pretrained weights have the full widths)")
     name = f"resnet{depth}"
     tv_weights = None
     local_file = None
@@ -46,7 +74,12 @@ def build_resnet(depth: int, weights: str | None = None, norm: str = "bn", fold_
                 raise ValueError(f"backbone.weights={weights!r} is not a torchvision weights name for {name}; "
                                  f"choose one of {available}, a local .pth file, or null")
             tv_weights = models.get_model_weights(name)[weights]
-    net = models.get_model(name, weights=tv_weights, norm_layer=_NORMS[norm])
+    if width == 1.0:
+        net = models.get_model(name, weights=tv_weights, norm_layer=_NORMS[norm])
+    else:
+        block = models.resnet.BasicBlock if depth < 50 else models.resnet.Bottleneck
+        layers = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
+        net = WidthScaledResNet(block, layers, width, norm_layer=_NORMS[norm])
     if local_file is not None:
         state = torch.load(local_file, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
@@ -131,13 +164,13 @@ class ResNetFPN(nn.Module):
 
     def __init__(self, depth: int = 50, weights: str | None = None, out_channels: int = 256,
                  p6_source: str = "c5", norm: str = "bn", trainable_layers: int = 5,
-                 fold_frozen_bn: bool = True) -> None:
+                 fold_frozen_bn: bool = True, width: float = 1.0) -> None:
         super().__init__()
         if p6_source not in {"c5", "p5"}:
             raise ValueError(f"backbone.p6_source={p6_source!r}: choose 'c5' (paper) or 'p5' (torchvision)")
-        net = build_resnet(depth, weights, norm, fold_frozen_bn)
+        net = build_resnet(depth, weights, norm, fold_frozen_bn, width)
         freeze_resnet_stages(net, trainable_layers)
-        c3, c4, c5 = _RESNET_STAGE_CHANNELS[depth]
+        c3, c4, c5 = stage_channels(depth, width)
         extra = LastLevelP6P7(c5 if p6_source == "c5" else out_channels, out_channels)
         extra.use_P5 = p6_source == "p5"  # set explicitly: torchvision infers it from channel equality
         fpn = BackboneWithFPN(net, {"layer2": "0", "layer3": "1", "layer4": "2"}, [c3, c4, c5],

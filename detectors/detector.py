@@ -17,16 +17,20 @@ log = logging.getLogger(__name__)
 NONFINITE_LOSS = ("error", "skip")
 
 
-def warmup_multistep(warmup_steps: int, warmup_factor: float, milestones: Sequence[int],
-                     gamma: float) -> Callable[[int], float]:
+def warmup_multistep(warmup_steps: int, warmup_factor: float, milestones: Sequence[int] = (),
+                     gamma: float = 0.1, linear_decay_steps: int | None = None) -> Callable[[int], float]:
     """LR multiplier per step: linear ramp from ``warmup_factor`` over ``warmup_steps``, then ×``gamma``
-    at each milestone (the Detectron schedule used by the RetinaNet paper)."""
+    at each milestone (the Detectron schedule used by the RetinaNet paper). With ``linear_decay_steps``, the
+    multiplier also falls linearly from 1 at the end of the warm-up to 0 at that step (for short budgets, where
+    a linear decay to zero beats step decays: Li et al., "Budgeted Training", ICLR 2020)."""
     milestones = sorted(int(m) for m in milestones)
 
-    def factor(step: int) -> float:
+    def factor(step: float) -> float:
         ramp = 1.0
         if step < warmup_steps:
             ramp = warmup_factor + (1 - warmup_factor) * step / warmup_steps
+        elif linear_decay_steps:
+            ramp = max(0.0, 1 - (step - warmup_steps) / max(1, linear_decay_steps - warmup_steps))
         return ramp * gamma ** sum(step >= m for m in milestones)
 
     return factor

@@ -59,3 +59,25 @@ def test_bad_settings_are_clear_errors():
         ShapesDataModule(min_object_size=200)
     with pytest.raises(ValueError, match="hexagon"):
         ShapesDataModule(classes=["hexagon"])
+
+
+def test_cached_images_equal_fresh_ones_and_survive_in_place_transforms():
+    def scribble(image, target):  # a transform that writes into what it is given
+        image.zero_()
+        target["boxes"].add_(1)
+        return image, target
+
+    cached = ShapesDataModule(num_train=4, num_val=4, cache=True)
+    fresh = ShapesDataModule(num_train=4, num_val=4, cache=False)
+    for _ in range(2):  # the second pass reads the cache
+        for i in range(4):
+            (a, ta), (b, tb) = cached.train_set[i], fresh.train_set[i]
+            assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"])
+            assert torch.equal(ta["labels"], tb["labels"])
+    assert len(cached.train_set.cache) == 4 and fresh.train_set.cache is None
+    cached.train_set.transform = scribble
+    scribble_out = cached.train_set[0]
+    cached.train_set.transform = None
+    image, target = cached.train_set[0]
+    assert scribble_out[0].sum() == 0 and image.sum() > 0
+    assert torch.equal(target["boxes"], fresh.train_set[0][1]["boxes"])
