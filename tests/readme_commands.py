@@ -507,8 +507,9 @@ def main(plan_path: str, results_path: str) -> None:
 def make_recipe(target: str) -> list[str]:
     """What `make <target>` runs, as make prints it without running it (`make -n`): its last recipe line."""
     # under `make test` this is a sub-make: without --no-print-directory it adds "Leaving directory" lines
-    done = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "MAKEFLAGS": ""})
+    # ARGS= : the README's command as typed, not with the pytest options of a `make test ARGS=...` around it
+    done = subprocess.run(["make", "--no-print-directory", "-n", target, "ARGS="], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "MAKEFLAGS": ""})
     assert done.returncode == 0, done.stderr
     return shlex.split(done.stdout.strip().splitlines()[-1])
 
