@@ -415,7 +415,7 @@ SHORTEN = [
     ("data.val_transform.min_size", 64, "validation likewise"),
     ("data.val_transform.max_size", 107, "validation likewise"),
     ("model.backbone.depth", 18, "ResNet-18 instead of ResNet-50/101 (where deeper)"),
-    ("model.backbone.width", 0.125, "VGG16 / YOLO's network with an eighth of the channels"),
+    ("model.backbone.width", 0.125, "ResNet, VGG16 or YOLO's network with an eighth of the channels"),
     ("model.head.hidden", 256, "YOLO's first FC layer 256 wide instead of 4096 (205M weights at 448 px)"),
     ("model.backbone.weights", None, "no ImageNet weights: they are a download"),
     ("trainer.accelerator", "cpu", "the CPU instead of GPUs"),
