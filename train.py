@@ -26,7 +26,7 @@ import detectors  # noqa: F401  (registers the ${len:...} resolver)
 from detectors.distributed import SameConfigOnEveryRank, launches_its_own_processes
 from detectors.checkpoints import finetune_from
 from detectors.loggers import finish_loggers
-from engine import memory
+from engine import layout, memory
 
 BARE_RUN = "experiment=retinanet_shapes"  # what `python train.py` with no arguments runs
 bare_invocation = False
@@ -158,6 +158,20 @@ def check_memory(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, 
              memory.gib(available), estimate.describe())
 
 
+def choose_layout(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule,
+                  datamodule: L.LightningDataModule) -> None:
+    """model.channels_last=auto: the faster layout on this machine (engine/layout.py), measured before DDP starts its
+    other processes, which on the same machine then read rank 0's cached answer."""
+    if not getattr(model, "channels_last_auto", False):
+        return
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    layout.choose_channels_last(model, datamodule.train_set, datamodule.train_transform, datamodule.size_divisible,
+                                batch_size=int(cfg.data.batch_size), device=trainer.strategy.root_device,
+                                model_config=OmegaConf.to_container(cfg.model, resolve=True),
+                                autocast=trainer.precision_plugin.forward_context)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -179,6 +193,7 @@ def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbac
     refuse_multirun_with_own_processes(trainer)
     model = instantiate(cfg.model)
     check_memory(cfg, trainer, model, datamodule)  # before lr_scaling: it reads the batch size auto chooses
+    choose_layout(cfg, trainer, model, datamodule)
     # every rank's config is compared with rank 0's at setup; added once data.batch_size=auto is resolved
     trainer.callbacks.append(SameConfigOnEveryRank(OmegaConf.to_container(cfg, resolve=True)))
     if scale_learning_rate(cfg, trainer):

@@ -16,7 +16,8 @@ Both models hold the same weights (torchvision's, mapped by ``torchvision_retina
 torchvision's the same images as float [0, 1] (converted before the step, as its data loader would) at the
 size its transform keeps (min/max size 640 for RetinaNet, its fixed 300×300 for SSD), so neither resizes.
 
-Ours runs with its defaults: channels-last activations (``model.channels_last``), each frozen BatchNorm folded
+Ours runs with its defaults: the faster activation layout on this machine (``model.channels_last=auto``, timed
+on the case's batch as train.py times it before training: ``engine/layout.py``), each frozen BatchNorm folded
 into the convolution before it (``backbone.fold_frozen_bn``) and RetinaNet's box subnet run only on tiles around
 the positive anchors (``head.sparse_box_training``); torchvision's model as it comes (NCHW, BN apart, the box
 subnet over every anchor).
@@ -35,6 +36,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,6 +47,7 @@ from torch import Tensor, nn
 
 import detectors  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 from detectors.batch import DetectionBatch, collate_detection
+from engine import layout
 
 @dataclass
 class StepCase:
@@ -148,13 +151,24 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 def _make_case(ours: nn.Module, theirs: nn.Module, to_ours: Callable[[dict[str, Tensor]], dict[str, Tensor]],
                samples: list[tuple[Tensor, dict[str, Tensor]]], label_offset: int, size_divisible: int,
-               device: torch.device, autocast: torch.dtype | None = None, channels_last: bool = False) -> StepCase:
+               device: torch.device, autocast: torch.dtype | None = None, channels_last: bool | None = None
+               ) -> StepCase:
+    """``channels_last``: None runs ours in its config's layout (``auto``: the faster one, timed here first); True
+    makes both sides NHWC, False both NCHW."""
     ours.load_state_dict(to_ours(theirs.state_dict()), strict=True)
     ours, theirs = ours.to(device).train(), theirs.to(device).train()
+    if channels_last is not None:
+        ours.use_channels_last(channels_last)
     if channels_last:  # both networks' weights NHWC: torchvision's convolutions then return NHWC activations too
-        ours, theirs = ours.to(memory_format=torch.channels_last), theirs.to(memory_format=torch.channels_last)
+        theirs = theirs.to(memory_format=torch.channels_last)
     batch = collate_detection(samples, size_divisible)
     batch = DetectionBatch(**{k: v.to(device) for k, v in vars(batch).items()})
+    if channels_last is None and ours.channels_last_auto:  # the config's `auto`, resolved here as train.py does
+        amp = partial(torch.autocast, device.type, dtype=autocast) if autocast else nullcontext
+        seconds = layout.time_layouts(ours, batch, ours.use_channels_last, amp)
+        ours.use_channels_last(seconds[True] < seconds[False])
+        print(f"  model.channels_last=auto: {ours.channels_last} (a forward and backward took {seconds[True]:.3f} s "
+              f"channels-last, {seconds[False]:.3f} s NCHW)", flush=True)
     images = [img.to(device).float().div_(255) for img, _ in samples]
     targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device) + label_offset} for _, t in samples]
     ours_opt = ours.optimizer_factory(_trainable(ours))
@@ -164,7 +178,7 @@ def _make_case(ours: nn.Module, theirs: nn.Module, to_ours: Callable[[dict[str, 
 
 def retinanet_case(device: torch.device, image_size: int = 640, batch_size: int = 2, num_classes: int = 80,
                    objects: int = 5, seed: int = 0, autocast: torch.dtype | None = None,
-                   channels_last: bool = False) -> StepCase:
+                   channels_last: bool | None = None) -> StepCase:
     from torchvision.models import resnet50
     from torchvision.models.detection import RetinaNet
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -186,7 +200,7 @@ def retinanet_case(device: torch.device, image_size: int = 640, batch_size: int 
 
 
 def ssd_case(device: torch.device, batch_size: int = 8, num_classes: int = 20, objects: int = 5,
-             seed: int = 0, lr: float = 1e-4) -> StepCase:
+             seed: int = 0, lr: float = 1e-4, channels_last: bool | None = None) -> StepCase:
     from torchvision.models.detection import ssd300_vgg16
 
     from detectors.ssd import torchvision_ssd_state_dict
@@ -199,7 +213,7 @@ def ssd_case(device: torch.device, batch_size: int = 8, num_classes: int = 20, o
     ours = instantiate(model_config("model=ssd_torchvision", f"data.classes=[{classes}]", f"model.optimizer.lr={lr}"))
     samples = random_samples(batch_size, 300, num_classes, objects, 16.0, 280.0, seed)
     # torchvision's SSD counts background as class 0
-    return _make_case(ours, theirs, torchvision_ssd_state_dict, samples, 1, 1, device)
+    return _make_case(ours, theirs, torchvision_ssd_state_dict, samples, 1, 1, device, channels_last=channels_last)
 
 
 def alternating_times(theirs: Callable[[], object], ours: Callable[[], object], device: torch.device,

@@ -53,7 +53,7 @@ class Detector(L.LightningModule):
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: dict[str, Any] | None = None, num_prediction_layers: int | None = None,
                  class_metrics: bool = True, nonfinite_loss: str = "error", finetune_from: str | None = None,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool | str = True) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_LOSS:
             raise ValueError(f"model.nonfinite_loss={nonfinite_loss!r}: choose 'error' (stop the run) or 'skip' "
@@ -73,11 +73,14 @@ class Detector(L.LightningModule):
         # mean/std are given for [0, 1] images (torchvision's convention); stored ×255 for uint8 input
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1) * 255, persistent=False)
-        # NHWC activations from the first convolution on: faster convolutions on CPU (oneDNN) and GPU (cuDNN);
-        # the weights NHWC too, so no convolution reorders its weight (and its weight's gradient) every call
-        self.channels_last = channels_last
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
+        # NHWC activations from the first convolution on: faster convolutions on most GPUs (cuDNN) and AVX-512 CPUs
+        # (oneDNN), slower on some AVX2 CPUs; `auto`: train.py measures both (engine/layout.py), NCHW until then
+        if channels_last not in (True, False, "auto"):
+            raise ValueError(f"model.channels_last={channels_last!r}: choose true (NHWC), false (NCHW) or auto "
+                             f"(the faster of the two, measured on this machine before training)")
+        self.channels_last_auto = channels_last == "auto"
+        self.channels_last = False
+        self.use_channels_last(channels_last is True)
         self.optimizer_factory = optimizer
         self.scheduler_cfg = dict(scheduler or {})
         # class_metrics: per-class AP as val/ap/<class>; false keeps logs short with many classes
@@ -102,6 +105,12 @@ class Detector(L.LightningModule):
         features = self.backbone(x)
         priors = self.priors(tuple(images.shape[-2:]), [tuple(f.shape[-2:]) for f in features], images.device)
         return features, priors
+
+    def use_channels_last(self, enabled: bool) -> None:
+        """NHWC (True) or NCHW (False) from here on: the activations from the first convolution on, and the weights
+        too, so that no convolution reorders its weight (and its weight's gradient) every call."""
+        self.channels_last = bool(enabled)
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def compile_parts(self, **options: Any) -> None:
         """``torch.compile`` the backbone and each part of the head, in place (``options`` go to torch.compile).

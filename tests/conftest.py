@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,10 @@ import detectors  # noqa: E402,F401  (registers config resolvers)
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # the default logger is CSV + W&B: no W&B run for every train.py the suite starts (tests/test_logging.py sets its own)
 os.environ.setdefault("WANDB_MODE", "disabled")
+# model.channels_last=auto caches its measurement (engine/layout.py): the suite's runs keep theirs out of ~/.cache
+if "DETECTORS_CACHE_DIR" not in os.environ:
+    os.environ["DETECTORS_CACHE_DIR"] = tempfile.mkdtemp(prefix="detectors-cache-")
+    atexit.register(shutil.rmtree, os.environ["DETECTORS_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -68,3 +75,4 @@ def fit_fixed_batch(model, batch, steps: int) -> list[dict[str, float]]:
         opt.step()
         history.append({k: v.item() for k, v in losses.items()})
     return history
+

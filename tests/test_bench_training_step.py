@@ -16,14 +16,15 @@ def _assert_same_steps(case, steps: int = 2) -> None:
 
 
 def test_retinanet_step_matches_torchvision():
-    case = retinanet_case(torch.device("cpu"), image_size=128, batch_size=1, num_classes=80, objects=3)
+    case = retinanet_case(torch.device("cpu"), image_size=128, batch_size=1, num_classes=80, objects=3,
+                          channels_last=False)  # the layout probe (engine/layout.py) is tested apart
     assert case.batch.images.shape == (1, 3, 128, 128)
     assert not case.theirs.backbone.body.conv1.weight.requires_grad  # fine-tuning build: 3 trainable stages
     _assert_same_steps(case)
 
 
 def test_ssd_step_matches_torchvision():
-    case = ssd_case(torch.device("cpu"), batch_size=1, objects=3)
+    case = ssd_case(torch.device("cpu"), batch_size=1, objects=3, channels_last=False)
     assert case.targets[0]["labels"].min() >= 1  # torchvision's background is class 0
     _assert_same_steps(case)
 
