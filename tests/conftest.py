@@ -76,3 +76,12 @@ def fit_fixed_batch(model, batch, steps: int) -> list[dict[str, float]]:
         history.append({k: v.item() for k, v in losses.items()})
     return history
 
+
+def pytest_collection_finish(session):
+    """Start the preloaded-interpreter server (tests/preloaded.py) as soon as tests that use it are selected: its
+    ~10 s of imports then overlap the tests that run before them."""
+    if not session.config.option.collectonly and any(
+            getattr(getattr(item, "module", None), "run_python", None) for item in session.items):
+        from . import preloaded
+
+        preloaded.start()

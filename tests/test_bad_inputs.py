@@ -6,8 +6,6 @@ import io
 import json
 import logging
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from datamodules.transforms import ResizeTo, ShortSideAugmentation, ShortSideRes
 from datamodules.voc import VOC_CLASSES, VOCDataset, VOCFormatError
 
 from .conftest import ROOT
+from .preloaded import run_python
 from .test_coco import CATEGORIES, ann, image, write_coco
 from .test_voc import obj, rgb, voc_xml, write_devkit
 
@@ -84,8 +83,7 @@ def test_corrupt_png_is_an_error_or_an_image_never_a_crash(tmp_path):
     """A PNG with fewer rows than its header and PNGs with a few bytes changed, read in a fresh process: each gives
     an ImageReadError naming the file, or an image at its declared size (PIL, like libjpeg, conceals damage inside
     the compressed data, e.g. missing rows come out black), and the process lives on."""
-    done = subprocess.run([sys.executable, "-c", CORRUPT_PNGS, str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = run_python(["-c", CORRUPT_PNGS, tmp_path], ROOT, timeout=300)
     assert done.returncode == 0, f"exit code {done.returncode} (-11: segmentation fault) after {done.stdout!r}"
     results = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     assert len(results) == 7 and results["short"] in ("(3, 100, 100)", "ImageReadError")
@@ -198,7 +196,7 @@ image, target = ShortSideResize(800, 1333)(read_image({str(path)!r}), target)
 grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 print(tuple(image.shape), [round(v) for v in target["boxes"][0].tolist()], round(grown))
 """
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_python(["-c", code], ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout.strip().splitlines()[-1]
     assert out.startswith("(3, 800, 800) [80, 160, 240, 200] "), out  # boxes scaled with the image

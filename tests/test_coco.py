@@ -4,8 +4,6 @@ COCOeval on the same files, and fixture sets in tmp_path for the quirks of expor
 import contextlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from datamodules.coco import COCODataModule, COCODataset, COCOFormatError, write
 from detectors.metrics import DetectionMetrics
 
 from .conftest import ROOT, SHARED_DATA, compose
+from .preloaded import run_python
 
 COCO_SAMPLE = SHARED_DATA / "coco2017-sample"
 needs_sample = pytest.mark.skipif(not COCO_SAMPLE.is_dir(), reason="../shared/data/coco2017-sample is absent")
@@ -94,14 +93,14 @@ def test_our_coco_metrics_equal_pycocotools_on_the_same_files(tmp_path):
 
 @needs_sample
 def test_config_trains_a_short_run_on_the_real_sample(tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), "model=ssd", "model.num_prediction_layers=4",
+    cmd = [ROOT / "train.py", "model=ssd", "model.num_prediction_layers=4",
            "model.backbone.width=0.25", "model.backbone.norm=bn", "model/optimizer=adamw", "trainer=cpu",
            "task_name=coco_sample", "data=coco", f"data.root={COCO_SAMPLE}", "data.train_transform.size=128",
            "data.batch_size=8", "data.num_workers=0", "data.pin_memory=false", "trainer.max_epochs=1",
            "model.scheduler.warmup_steps=2", "model.scheduler.milestones=[8,9]",
            "model.postprocess.score_thresh=0.05",  # untrained: 1/81 > 0.01 would send every box to NMS
            f"paths.log_dir={tmp_path}"]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = run_python(cmd, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run,) = (tmp_path / "coco_sample").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())

@@ -2,8 +2,6 @@
 
 import json
 import re
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +13,7 @@ from detectors.distributed import config_differences, flatten
 from train import resolve_ckpt_path, scale_learning_rate
 
 from .conftest import ROOT, TINY, compose
+from .preloaded import run_python
 
 DDP_RUN = (*TINY, "trainer=ddp_sim", "trainer.max_epochs=1", "data.num_train=32", "data.num_val=19",
            "data.val_batch_size=5", "model.scheduler.warmup_steps=0")  # batches of ≥ 2: GroupNorm on the 1×1 P7
@@ -22,9 +21,8 @@ DDP_RUN = (*TINY, "trainer=ddp_sim", "trainer.max_epochs=1", "data.num_train=32"
 
 def run(tmp_path, *overrides, check=True):
     flags = [o for o in overrides if o.startswith("-")]  # Hydra's argparse wants -m before the overrides
-    cmd = [sys.executable, str(ROOT / "train.py"), *flags, f"paths.log_dir={tmp_path}",
-           *(o for o in overrides if not o.startswith("-"))]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = run_python([ROOT / "train.py", *flags, f"paths.log_dir={tmp_path}",
+                       *(o for o in overrides if not o.startswith("-"))], tmp_path)
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done

@@ -10,8 +10,6 @@ import pkgutil
 import re
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +25,7 @@ from detectors.boxes import BoxCoder, batched_box_iou
 from detectors.faults import AtomicModelCheckpoint
 
 from .conftest import ROOT, TINY, compose
+from .preloaded import run_python
 
 
 def tiny(*overrides):
@@ -229,8 +228,7 @@ RUN = ("experiment=ssd_shapes", "data.image_size=64", "model.backbone.width=0.12
 
 def train(log_dir: Path, *overrides: str, returncode: int = 0) -> str:
     log_dir.mkdir(exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "train.py"), *RUN, f"paths.log_dir={log_dir}", *overrides]
-    done = subprocess.run(cmd, cwd=log_dir, capture_output=True, text=True, timeout=600)
+    done = run_python([ROOT / "train.py", *RUN, f"paths.log_dir={log_dir}", *overrides], log_dir)
     assert done.returncode == returncode, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 

@@ -1,8 +1,6 @@
 """eval.py, predict.py, export.py and detectors/checkpoints.py on one tiny checkpoint trained here by train.py."""
 
 import json
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from detectors.batch import collate_detection
 from detectors.checkpoints import (CheckpointError, ClassMismatchError, build_model, finetune_from, load_checkpoint)
 
 from .conftest import ROOT, TINY, compose
+from .preloaded import run_python
 
 TINY_DATA = [o for o in TINY if o.startswith("data.")]
 LOW_THRESHOLD = "model.postprocess.score_thresh=0.001"  # a one-epoch model: many low-score boxes to compare
@@ -32,8 +31,7 @@ def compose_tool(name: str, *overrides: str):
 
 
 def run_tool(script: str, cwd: Path, *args: str) -> str:
-    done = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    done = run_python([ROOT / script, *args], cwd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 

@@ -1,9 +1,6 @@
 """Training end to end: the loss falls, train.py writes its run folder, configs compose."""
 
 import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -12,6 +9,7 @@ from bench.training_curve import plot_run, read_metrics
 from detectors.batch import collate_detection
 
 from .conftest import ROOT, TINY, compose, fit_fixed_batch
+from .preloaded import run_python
 
 
 def tiny_model_and_data(*overrides):
@@ -46,9 +44,8 @@ def test_model_configs_instantiate(model):
 
 
 def run_train(tmp_path, *overrides):
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, f"paths.log_dir={tmp_path}", "trainer.max_epochs=2",
-           "model.scheduler.milestones=[6,7]", "model.scheduler.warmup_steps=2", *overrides]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = run_python([ROOT / "train.py", *TINY, f"paths.log_dir={tmp_path}", "trainer.max_epochs=2",
+                       "model.scheduler.milestones=[6,7]", "model.scheduler.warmup_steps=2", *overrides], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -80,14 +77,13 @@ def test_train_py_writes_checkpoints_metrics_and_resumes(tmp_path):
 
 
 def test_help_lists_config_groups():
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
-                          timeout=120)
+    done = run_python([ROOT / "train.py", "--help"], ROOT, timeout=120)
     assert done.returncode == 0
     for group in ("model", "data", "trainer", "logger", "callbacks", "experiment", "debug"):
         assert f"{group}:" in done.stdout
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, f"paths.log_dir={tmp_path}", "ckpt_path=nope.ckpt"]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = run_python([ROOT / "train.py", *TINY, f"paths.log_dir={tmp_path}", "ckpt_path=nope.ckpt"], tmp_path,
+                      timeout=300)
     assert done.returncode != 0 and "ckpt_path=nope.ckpt: no such file" in done.stderr

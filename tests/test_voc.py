@@ -5,8 +5,6 @@ odd image modes, EXIF rotation)."""
 import io
 import json
 import logging
-import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -20,6 +18,7 @@ from datamodules.images import ImageReadError, read_image
 from datamodules.voc import VOC_CLASSES, VOCDataModule, VOCDataset, VOCFormatError
 
 from .conftest import ROOT, SHARED_DATA, compose
+from .preloaded import run_python
 
 VOC_SAMPLE = SHARED_DATA / "voc2012-sample" / "VOCdevkit"
 needs_sample = pytest.mark.skipif(not VOC_SAMPLE.is_dir(), reason="../shared/data/voc2012-sample is absent")
@@ -77,13 +76,13 @@ def test_training_split_drops_difficult_and_validation_keeps_them_flagged():
 
 @needs_sample
 def test_config_trains_a_short_run_on_the_real_sample(tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), "model=ssd", "model.num_prediction_layers=4",
+    cmd = [ROOT / "train.py", "model=ssd", "model.num_prediction_layers=4",
            "model.backbone.width=0.25", "model.backbone.norm=bn", "model/optimizer=adamw", "model.optimizer.lr=0.001",
            "trainer=cpu", "task_name=voc_sample", "data=voc", f"data.root={VOC_SAMPLE}",
            "data.train_sets=[[2012,train]]", "data.val_sets=[[2012,val]]", "data.train_transform.size=128",
            "data.batch_size=8", "data.num_workers=0", "data.pin_memory=false", "trainer.max_epochs=1",
            "model.scheduler.warmup_steps=2", "model.scheduler.milestones=[8,9]", f"paths.log_dir={tmp_path}"]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = run_python(cmd, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run,) = (tmp_path / "voc_sample").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
