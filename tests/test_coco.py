@@ -97,6 +97,7 @@ def test_config_trains_a_short_run_on_the_real_sample(tmp_path):
            "model.backbone.width=0.25", "model.backbone.norm=bn", "model/optimizer=adamw", "trainer=cpu",
            "task_name=coco_sample", "data=coco", f"data.root={COCO_SAMPLE}", "data.train_transform.size=128",
            "data.batch_size=8", "data.num_workers=0", "data.pin_memory=false", "trainer.max_epochs=1",
+           "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=3", "trainer.log_every_n_steps=1",
            "model.scheduler.warmup_steps=2", "model.scheduler.milestones=[8,9]",
            "model.postprocess.score_thresh=0.05",  # untrained: 1/81 > 0.01 would send every box to NMS
            f"paths.log_dir={tmp_path}"]

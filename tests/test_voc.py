@@ -81,6 +81,7 @@ def test_config_trains_a_short_run_on_the_real_sample(tmp_path):
            "trainer=cpu", "task_name=voc_sample", "data=voc", f"data.root={VOC_SAMPLE}",
            "data.train_sets=[[2012,train]]", "data.val_sets=[[2012,val]]", "data.train_transform.size=128",
            "data.batch_size=8", "data.num_workers=0", "data.pin_memory=false", "trainer.max_epochs=1",
+           "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=3", "trainer.log_every_n_steps=1",
            "model.scheduler.warmup_steps=2", "model.scheduler.milestones=[8,9]", f"paths.log_dir={tmp_path}"]
     done = run_python(cmd, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
