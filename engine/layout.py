@@ -32,7 +32,8 @@ from engine.memory import largest_input, probe_batch, training_step, untouched
 
 log = logging.getLogger(__name__)
 PROBE_PIXELS = 2 * 512 * 512  # the probe batch: at most this many input pixels (and at most the run's batch)
-REPEATS = 2                   # timed steps per layout, interleaved, after one untimed warm-up step each
+REPEATS = 2                   # timed steps per layout at most, interleaved, after one untimed warm-up step each
+SETTLED = (0.05, 0.20)        # after a timed round, a difference under 5 % (a tie) or over 20 % needs no other round
 
 
 def cache_file() -> Path:
@@ -68,7 +69,8 @@ def time_layouts(model: nn.Module, batch: object, set_layout: Callable[[bool], N
                  autocast: Callable[[], AbstractContextManager] = nullcontext, repeats: int = REPEATS,
                  clock: Callable[[], float] = time.perf_counter) -> dict[bool, float]:
     """Median seconds of a training step's forward and backward with channels-last off (False) and on (True),
-    the layouts taking turns so that a machine slowing down mid-probe slows both."""
+    the layouts taking turns so that a machine slowing down mid-probe slows both; up to ``repeats`` timed rounds,
+    fewer where the first already settles it (``SETTLED``: a tie, where either layout will do, or a clear gap)."""
     seconds: dict[bool, list[float]] = {False: [], True: []}
     with untouched(model):
         for round_ in range(repeats + 1):
@@ -80,6 +82,10 @@ def time_layouts(model: nn.Module, batch: object, set_layout: Callable[[bool], N
                     torch.cuda.synchronize(batch.images.device)
                 if round_ > 0:  # the first round warms up each layout (oneDNN primitives, allocator)
                     seconds[layout].append(clock() - start)
+            if round_ > 0:
+                gap = abs(statistics.median(seconds[True]) / statistics.median(seconds[False]) - 1)
+                if gap < SETTLED[0] or gap > SETTLED[1]:
+                    break
     return {layout: statistics.median(times) for layout, times in seconds.items()}
 
 

@@ -185,8 +185,8 @@ def test_tiny_yolo_learns_a_fixed_batch():
                   "model.head.hidden=256", "model.head.dropout=0", "data.image_size=128", "data.num_train=16",
                   "data.train_transform.size=128", "model.priors.grid_size=4")  # C5 4×4 = S×S (448 px: 2.5 min)
     model, data = instantiate(cfg.model), instantiate(cfg.data)
-    batch = collate_detection([data.train_set[i] for i in range(8)])
-    history = fit_fixed_batch(model, batch, 30)  # 30 steps: total ÷13, box ÷50, class ÷4.5 (AVX2)
+    batch = collate_detection([data.train_set[i] for i in range(4)])
+    history = fit_fixed_batch(model, batch, 30)  # 30 steps: total ÷29, box ÷70, class ÷12 (AVX2 EPYC)
     first, last = history[0], history[-1]
     assert sum(last.values()) < 0.3 * sum(first.values())
     assert last["loss_box"] < 0.5 * first["loss_box"] and last["loss_cls"] < 0.5 * first["loss_cls"]
