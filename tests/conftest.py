@@ -1,4 +1,6 @@
 import atexit
+import copy
+import functools
 import os
 import shutil
 import sys
@@ -28,7 +30,13 @@ def _seed():
 
 
 def compose(*overrides: str):
-    """The training config as `python train.py <overrides>` would see it (Hydra's compose API)."""
+    """The training config as `python train.py <overrides>` would see it (Hydra's compose API); each caller gets
+    its own copy of a composition cached by its overrides (Hydra takes ~0.4 s a composition here, the copy ~ms)."""
+    return copy.deepcopy(_composed(overrides))
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]):
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
