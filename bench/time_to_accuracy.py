@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .timing import cpu_model
+from engine.machine import cpu_model
+
 from .training_curve import plot_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -79,7 +79,6 @@ class Detector(L.LightningModule):
             raise ValueError(f"model.channels_last={channels_last!r}: choose true (NHWC), false (NCHW) or auto "
                              f"(the faster of the two, measured on this machine before training)")
         self.channels_last_auto = channels_last == "auto"
-        self.channels_last = False
         self.use_channels_last(channels_last is True)
         self.optimizer_factory = optimizer
         self.scheduler_cfg = dict(scheduler or {})

@@ -35,23 +35,33 @@ PRELOAD = ("torch", "torchvision", "lightning", "hydra", "omegaconf", "train")
 class _Server:
     def __init__(self) -> None:
         self.process = subprocess.Popen([sys.executable, __file__], cwd=ROOT, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, bufsize=1)
+                                        stdout=subprocess.PIPE, bufsize=0)
         self.lock = threading.Lock()
+        self._buffer = b""  # our own: a buffered reader may hold a reply that select() then never sees arrive
 
-    def request(self, message: dict) -> tuple[int, object]:
-        self.process.stdin.write(json.dumps(message) + "\n")
-        self.process.stdin.flush()
-        pid = json.loads(self._line(None))["pid"]
-        return pid, self
+    def run(self, request: dict, timeout: float | None) -> int:
+        """os.waitpid's status of the run; TimeoutError (the run killed) after ``timeout`` seconds."""
+        with self.lock:
+            self.process.stdin.write(json.dumps(request).encode() + b"\n")
+            pid = self._reply(None)["pid"]
+            try:
+                return self._reply(timeout)["status"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                self._reply(None)
+                raise
 
-    def _line(self, timeout: float | None) -> str:
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the preloaded test server exited (code {self.process.poll()})")
-        return line
+    def _reply(self, timeout: float | None) -> dict:
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            if not select.select([fd], [], [], timeout)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"the preloaded test server exited (code {self.process.poll()})")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -77,15 +87,11 @@ def run_python(args: list[str], cwd: str | Path, timeout: float = 600,
     start()
     out_dir = Path(tempfile.mkdtemp(prefix="preloaded-"))
     out, err = out_dir / "stdout", out_dir / "stderr"
-    with _server.lock:
-        pid, server = _server.request({"args": [str(a) for a in args], "cwd": str(cwd), "env": env,
-                                       "stdout": str(out), "stderr": str(err)})
-        try:
-            status = json.loads(server._line(timeout))["status"]
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            server._line(None)
-            raise subprocess.TimeoutExpired(args, timeout) from None
+    request = {"args": [str(a) for a in args], "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+    try:
+        status = _server.run(request, timeout)
+    except TimeoutError:
+        raise subprocess.TimeoutExpired(args, timeout) from None
     stdout, stderr = (p.read_text(errors="replace") for p in (out, err))
     shutil.rmtree(out_dir)
     return subprocess.CompletedProcess(args, os.waitstatus_to_exitcode(status), stdout, stderr)
