@@ -158,20 +158,6 @@ def check_memory(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, 
              memory.gib(available), estimate.describe())
 
 
-def choose_layout(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule,
-                  datamodule: L.LightningDataModule) -> None:
-    """model.channels_last=auto: the faster layout on this machine (engine/layout.py), measured before DDP starts its
-    other processes, which on the same machine then read rank 0's cached answer."""
-    if not getattr(model, "channels_last_auto", False):
-        return
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    layout.choose_channels_last(model, datamodule.train_set, datamodule.train_transform, datamodule.size_divisible,
-                                batch_size=int(cfg.data.batch_size), device=trainer.strategy.root_device,
-                                model_config=OmegaConf.to_container(cfg.model, resolve=True),
-                                autocast=trainer.precision_plugin.forward_context)
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -193,7 +179,9 @@ def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbac
     refuse_multirun_with_own_processes(trainer)
     model = instantiate(cfg.model)
     check_memory(cfg, trainer, model, datamodule)  # before lr_scaling: it reads the batch size auto chooses
-    choose_layout(cfg, trainer, model, datamodule)
+    # model.channels_last=auto: rank 0 measures at setup, every rank takes its answer (engine/layout.py)
+    trainer.callbacks.append(layout.ChannelsLastAuto(int(cfg.data.batch_size),
+                                                     OmegaConf.to_container(cfg.model, resolve=True)))
     # every rank's config is compared with rank 0's at setup; added once data.batch_size=auto is resolved
     trainer.callbacks.append(SameConfigOnEveryRank(OmegaConf.to_container(cfg, resolve=True)))
     if scale_learning_rate(cfg, trainer):

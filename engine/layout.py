@@ -23,6 +23,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
+import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -113,6 +114,27 @@ def choose_channels_last(model: nn.Module, dataset: Dataset, transform: object, 
                   "seconds_nchw": round(seconds[False], 5)}
     _write(cache, known)
     return choice
+
+
+class ChannelsLastAuto(L.Callback):
+    """``model.channels_last=auto`` in ``train.py``: at setup, once the processes are up and before DDP wraps the
+    model, global rank 0 measures (or reads its cache) and every rank takes its answer. Ranks that chose apart
+    would hold parameters of different strides, which DDP refuses; a tie measured twice can fall either way."""
+
+    def __init__(self, batch_size: int, model_config: object) -> None:
+        self.batch_size = batch_size
+        self.model_config = model_config
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or not getattr(pl_module, "channels_last_auto", False):
+            return
+        choice = None
+        if trainer.is_global_zero:
+            data = trainer.datamodule  # set up for "fit" by Lightning before the callbacks
+            choice = choose_channels_last(pl_module, data.train_set, data.train_transform, data.size_divisible,
+                                          self.batch_size, trainer.strategy.root_device, self.model_config,
+                                          autocast=trainer.precision_plugin.forward_context)
+        pl_module.use_channels_last(bool(trainer.strategy.broadcast(choice, src=0)))
 
 
 def _read(path: Path) -> dict:

@@ -94,3 +94,29 @@ def test_a_large_input_is_probed_on_fewer_images():
 def test_a_wrong_value_names_the_key_and_the_choices():
     with pytest.raises(InstantiationException, match=r"model.channels_last='yes'.*true.*false.*auto"):
         tiny("model.channels_last=yes")
+
+
+@pytest.mark.parametrize("global_zero", [True, False])
+def test_every_rank_takes_rank_zeros_choice(monkeypatch, global_zero):
+    """Only global rank 0 measures; what it broadcasts is every rank's layout (two ranks measuring a tie apart
+    would hold parameters of different strides, which DDP refuses)."""
+    from types import SimpleNamespace
+
+    model, data, _ = tiny()
+    measured = []
+    monkeypatch.setattr(layout, "choose_channels_last", lambda *args, **kwargs: measured.append(args) or False)
+    sent = []
+
+    def broadcast(obj, src=0):
+        sent.append(obj)
+        return True  # rank 0's answer, whatever this rank holds
+
+    trainer = SimpleNamespace(is_global_zero=global_zero, datamodule=data,
+                              strategy=SimpleNamespace(root_device=torch.device("cpu"), broadcast=broadcast),
+                              precision_plugin=SimpleNamespace(forward_context=None))
+    callback = layout.ChannelsLastAuto(batch_size=8, model_config={"a": 1})
+    callback.setup(trainer, model, "validate")
+    assert not sent and not model.channels_last  # fitting only
+    callback.setup(trainer, model, "fit")
+    assert len(measured) == int(global_zero) and sent == [False if global_zero else None]
+    assert model.channels_last and is_nhwc(model)
