@@ -22,6 +22,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 if "DETECTORS_CACHE_DIR" not in os.environ:
     os.environ["DETECTORS_CACHE_DIR"] = tempfile.mkdtemp(prefix="detectors-cache-")
     atexit.register(shutil.rmtree, os.environ["DETECTORS_CACHE_DIR"], ignore_errors=True)
+# `pytest -n N` (pytest-xdist, what `make test` runs): the cores shared among the workers, the processes they start
+# (train.py runs, the preloaded server's children) included; more threads than cores slows every one of them
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 
 @pytest.fixture(autouse=True)
