@@ -2,7 +2,7 @@
 
 The model is rebuilt from the checkpoint's own config (inference settings overridable: `model.postprocess.
 score_thresh=0.01`); the data is the checkpoint's training data unless `data=<group>` names another, always
-transformed as the model's validation was (see `detectors.checkpoints.resolve_preprocessing`). Validation runs
+transformed as the model's validation was (see `engine.checkpoint_loading.resolve_preprocessing`). Validation runs
 through Lightning (the trainer group: any device), with the same metric code as train.py. Writes into its run folder
 (runs/eval/<date>_<time>/): metrics.json (train.py's keys), coco_results.json (COCO results format; for a COCO json
 data set, its image and category ids), coco_ground_truth.json (for other data sets: the objects as COCO
@@ -22,12 +22,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import detectors  # noqa: F401  (registers the ${len:...} resolver)
-from datamodules.coco import write_coco_results
+import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
+from datamodules.coco import coco_result_entries, write_coco_results
 from detectors.batch import DetectionBatch
-from detectors.checkpoints import (CheckpointError, build_model, check_classes, coco_result_entries, load_checkpoint,
-                                   resolve_preprocessing, training_data_config)
-from detectors.visualization import plot_pr_curves
+from engine.checkpoint_loading import (CheckpointError, build_model, check_classes, load_checkpoint,
+                                       resolve_preprocessing, training_data_config)
+from evaluation.visualization import plot_pr_curves
 
 log = logging.getLogger("eval")
 

@@ -29,11 +29,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 from torch import Tensor, nn
 
-import detectors  # noqa: F401  (registers the ${len:...} resolver)
+import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
+from datamodules.transforms import Preprocess
 from detectors.batch import DetectionBatch, collate_detection
-from detectors.checkpoints import (Preprocess, build_model, load_checkpoint, resolve_preprocessing,
-                                   training_data_config)
 from detectors.priors import Priors
+from engine.checkpoint_loading import build_model, load_checkpoint, resolve_preprocessing, training_data_config
 
 log = logging.getLogger("export")
 for _name in ("onnx_ir", "onnxscript"):  # their graph passes log every rewrite at INFO, which Hydra's logging shows

@@ -33,11 +33,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import detectors  # noqa: F401  (registers the ${len:...} resolver)
+import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
+from datamodules.coco import coco_result_entries
 from datamodules.images import read_image
+from datamodules.transforms import Preprocess
 from detectors.batch import DetectionBatch, collate_detection
-from detectors.checkpoints import Preprocess, build_model, coco_result_entries, load_checkpoint, resolve_preprocessing
-from detectors.visualization import draw_boxes
+from engine.checkpoint_loading import build_model, load_checkpoint, resolve_preprocessing
+from evaluation.visualization import draw_boxes
 
 log = logging.getLogger("predict")
 

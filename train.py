@@ -22,11 +22,11 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import detectors  # noqa: F401  (registers the ${len:...} resolver)
-from detectors.distributed import SameConfigOnEveryRank, launches_its_own_processes
-from detectors.checkpoints import finetune_from
-from detectors.loggers import finish_loggers
+import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 from engine import layout, memory
+from engine.checkpoint_loading import finetune_from
+from engine.distributed import SameConfigOnEveryRank, launches_its_own_processes
+from engine.loggers import finish_loggers
 
 BARE_RUN = "experiment=retinanet_shapes"  # what `python train.py` with no arguments runs
 bare_invocation = False

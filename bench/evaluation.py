@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from detectors.metrics import DetectionMetrics
+from evaluation.metrics import DetectionMetrics
 
 
 @dataclass

@@ -71,7 +71,7 @@ def synthetic_batches(images: int, detections: int, num_classes: int, per_batch:
 
 
 def evaluation_memory(images: int = 5000, detections: int = 100, epochs: int = 5) -> list[float]:
-    from detectors.metrics import DetectionMetrics
+    from evaluation.metrics import DetectionMetrics
 
     names = [f"class{i}" for i in range(20)]
     batches = synthetic_batches(images, detections, len(names))
@@ -98,7 +98,7 @@ def training_memory(epochs: int = 20) -> list[float]:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
 
-    import detectors  # noqa: F401  (config resolvers)
+    import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 
     class RSSPerEpoch(L.Callback):
         def __init__(self) -> None:

@@ -1,7 +1,7 @@
 """Plot a run's learning curve from its CSV log: ``python -m bench.training_curve RUN_DIR [OUT.png]``.
 
 Left: training loss (and its focal/box parts) by step; right: validation mAP@0.5 and mAP@[.5:.95] against
-wall minutes of training (``time/train_min``, logged by ``detectors.callbacks.TrainingTime``), or by
+wall minutes of training (``time/train_min``, logged by ``engine.callbacks.TrainingTime``), or by
 epoch for runs without it. This is how the README's "mAP@0.5 ≥ 0.7 within 10 minutes" figure is made.
 """
 

@@ -45,7 +45,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-import detectors  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
+import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 from detectors.batch import DetectionBatch, collate_detection
 from engine import layout
 

@@ -1,10 +1,11 @@
-"""COCO: ``<root>/annotations/instances_<split>.json`` and the images under ``<root>/<split>/`` (DESIGN.md §1),
-read with pycocotools, iterating the json (never the folder); ``file_name`` may hold sub-folders.
+"""COCO: ``<root>/annotations/instances_<split>.json`` and the images under ``<root>/<split>/``
+(docs/ARCHITECTURE.md §1), read with pycocotools, iterating the json (never the folder); ``file_name`` may hold
+sub-folders.
 
 Category ids map to contiguous labels 0..K-1 by name, in the order of ``data.classes`` (default: COCO's 80 in
 id order), and back to the json's ids in written results (``write_coco_results``). A category with no
 annotations that is not in ``data.classes`` (a placeholder id 0, as some exporters write) is allowed.
-COCO's ``[x, y, w, h]`` converts at this edge: ``x1 = x + w`` (DESIGN.md §3).
+COCO's ``[x, y, w, h]`` converts at this edge: ``x1 = x + w`` (docs/ARCHITECTURE.md §3).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,18 +137,30 @@ class COCODataset(Dataset):
         return (image, target) if self.transform is None else self.transform(image, target)
 
 
+def coco_result_entries(detections: Sequence[Mapping[str, Tensor]], image_ids: Sequence[int],
+                        category_ids: Mapping[int, int] | None = None,
+                        extra: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """COCO results-format entries (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``) of per-image
+    detections (boxes xyxy in the image's pixels). ``category_ids`` maps labels to the json's ids (default:
+    label + 1, COCO's 1-based convention); ``extra`` adds fields per image (``file_name``). Full precision: the
+    box as the metrics take it (float64 of the float32 corners, w = x1 − x0), so pycocotools re-evaluates a
+    results file to exactly the metrics' numbers."""
+    out = []
+    for i, (det, image_id) in enumerate(zip(detections, image_ids, strict=True)):
+        xyxy = det["boxes"].detach().cpu().double()
+        xywh = torch.cat((xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]), dim=1).tolist()
+        fields = dict(extra[i]) if extra is not None else {}
+        for box, score, label in zip(xywh, det["scores"].detach().cpu().tolist(), det["labels"].cpu().tolist()):
+            category = category_ids[int(label)] if category_ids is not None else int(label) + 1
+            out.append({"image_id": int(image_id), "category_id": category, "bbox": box, "score": float(score),
+                        **fields})
+    return out
+
+
 def coco_results(detections: Sequence[dict[str, Tensor]], dataset: COCODataset, indices: Sequence[int]) -> list[dict]:
     """Detections (boxes xyxy in original pixels, scores, labels) of ``dataset[indices[i]]`` as COCO result
-    entries: the json's image and category ids, ``bbox`` [x, y, w, h]."""
-    out = []
-    for det, index in zip(detections, indices, strict=True):
-        image_id = dataset.image_ids[int(index)]
-        boxes = det["boxes"].detach().double().cpu()
-        xywh = torch.cat((boxes[:, :2], boxes[:, 2:] - boxes[:, :2]), dim=1)
-        for box, score, label in zip(xywh.tolist(), det["scores"].tolist(), det["labels"].tolist()):
-            out.append({"image_id": image_id, "category_id": dataset.category_of_label[int(label)],
-                        "bbox": [round(v, 2) for v in box], "score": round(float(score), 5)})
-    return out
+    entries with the json's image and category ids."""
+    return coco_result_entries(detections, [dataset.image_ids[int(i)] for i in indices], dataset.category_of_label)
 
 
 def write_coco_results(detections: Sequence[dict[str, Tensor]], dataset: COCODataset, indices: Sequence[int],

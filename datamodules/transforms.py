@@ -3,7 +3,7 @@
 A transform is a callable ``(image uint8 (3, h, w), target) -> (image uint8 (3, H, W), target)``; the target
 dict holds ``boxes`` (n, 4) float xyxy in absolute pixels, ``labels`` (n,) long, ``image_id`` and optionally
 ``difficult`` (n,) bool / ``iscrowd`` (n,) long, which are filtered together with the boxes (PER_OBJECT_FIELDS).
-Images stay uint8: the detector normalises on the device (DESIGN.md §2).
+Images stay uint8: the detector normalises on the device (docs/ARCHITECTURE.md §2).
 
 ``SSDAugmentation`` is Liu et al. 2016, §2.2 "Data augmentation" and §3.6, in the order of the original Caffe
 pipeline: photometric distortion → zoom out (expansion) → sampled patch (``MinIoURandomCrop``) → horizontal
@@ -23,12 +23,14 @@ workers=True)`` (train.py) makes a run reproducible, with each loader worker on 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
+from hydra.utils import instantiate
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.ops import box_iou
@@ -411,3 +413,21 @@ class ShortSideAugmentation(BoxPipeline):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(min_sizes={self.min_sizes}, max_size={self.max_size}, flip={self.flip})"
+
+
+class Preprocess:
+    """One image → (network input, target) as the model's validation transform makes it: ``target["scale"]``
+    maps boxes back to the image's own pixels (``DetectionBatch.boxes_in_original_frame``)."""
+
+    def __init__(self, val_transform: Mapping[str, Any] | None, size_divisible: int = 1) -> None:
+        self.config = copy.deepcopy(dict(val_transform)) if val_transform else None
+        self.transform = instantiate(self.config) if self.config else None
+        self.size_divisible = int(size_divisible)
+
+    def __call__(self, image: Tensor, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.long),
+                  "image_id": torch.tensor(index)}
+        return (image, target) if self.transform is None else self.transform(image, target)
+
+    def __repr__(self) -> str:
+        return f"{self.transform!r} (size_divisible {self.size_divisible})"

@@ -1,9 +1,9 @@
 """PASCAL VOC: a VOCdevkit folder (``VOC2007/``, ``VOC2012/``, … each with ``Annotations/``, ``JPEGImages/`` and
-``ImageSets/Main/<split>.txt``) read as any list of ``[year, split]`` pairs (DESIGN.md §1).
+``ImageSets/Main/<split>.txt``) read as any list of ``[year, split]`` pairs (docs/ARCHITECTURE.md §1).
 
 Annotations are parsed once, when the data set is built, so a bad file fails before training starts and every
 problem names its file. The XML comes from users' folders, so it is parsed with ``defusedxml`` (entity
-expansion and external entities refused). VOC's 1-based inclusive pixels convert at this edge (DESIGN.md §3):
+expansion and external entities refused). VOC's 1-based inclusive pixels convert at this edge (docs/ARCHITECTURE.md §3):
 ``x0 = xmin − 1, y0 = ymin − 1, x1 = xmax, y1 = ymax``.
 """
 

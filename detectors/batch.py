@@ -1,4 +1,4 @@
-"""The batch every detector consumes (DESIGN.md §2): uint8 images and padded per-image targets."""
+"""The batch every detector consumes (docs/ARCHITECTURE.md §2): uint8 images and padded per-image targets."""
 
 from __future__ import annotations
 

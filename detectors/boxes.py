@@ -1,6 +1,6 @@
 """Box arithmetic on batched tensors: pairwise IoU and the (dx, dy, dw, dh) box coding.
 
-Boxes are absolute-pixel ``xyxy`` in the network-input frame (DESIGN.md §3).
+Boxes are absolute-pixel ``xyxy`` in the network-input frame (docs/ARCHITECTURE.md §3).
 """
 
 from __future__ import annotations

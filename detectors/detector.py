@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .batch import DetectionBatch
-from .metrics import DetectionMetrics
+from evaluation.metrics import DetectionMetrics
 
 log = logging.getLogger(__name__)
 NONFINITE_LOSS = ("error", "skip")
@@ -37,7 +37,7 @@ def warmup_multistep(warmup_steps: int, warmup_factor: float, milestones: Sequen
 
 
 class Detector(L.LightningModule):
-    """A dense one-stage detector as a composition of parts (DESIGN.md §2).
+    """A dense one-stage detector as a composition of parts (docs/ARCHITECTURE.md §2).
 
     backbone(images) → features; head(features) → {cls_logits (B,N,K), box_deltas (B,N,4)};
     priors(image size, feature sizes) → Priors; assigner(priors, batch, K, outputs) → per-prior targets;
@@ -87,7 +87,7 @@ class Detector(L.LightningModule):
         self.model_config: dict | None = None  # the Hydra config that built this module, saved in checkpoints
         # the data config it was trained with (eval.py/predict.py/export.py read its val_transform), saved too
         self.data_config: dict | None = None
-        # model.finetune_from: train.py loads that checkpoint (detectors/checkpoints.py); kept for the record
+        # model.finetune_from: train.py loads that checkpoint (engine/checkpoint_loading.py); kept for the record
         self.finetune_from = finetune_from
 
     # --- the model -------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ class Priors:
 
 
 class PriorGenerator:
-    """Base of the prior generators: priors depend only on the input and feature sizes (DESIGN.md §3), so
+    """Base of the prior generators: priors depend only on the input and feature sizes (docs/ARCHITECTURE.md §3), so
     they are made once per (sizes, device) by ``_generate`` and cached."""
 
     def __init__(self) -> None:

@@ -1,2 +1,3 @@
-"""Training machinery that is not part of a model: the memory check before fitting (engine/memory.py), the
-activation layout chosen per machine (engine/layout.py), what machine this is (engine/machine.py)."""
+"""Training machinery that is not part of a model (docs/ARCHITECTURE.md §4): the config resolvers (config.py),
+callbacks, checkpoint saving and loading, loggers, guards for multi-process runs, the memory check before fitting,
+the activation layout chosen per machine, and what machine this is."""

@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import detectors  # noqa: E402,F401  (registers config resolvers)
+import engine.config  # noqa: E402,F401  (registers the config resolvers, e.g. ${len:...})
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # the default logger is CSV + W&B: no W&B run for every train.py the suite starts (tests/test_logging.py sets its own)

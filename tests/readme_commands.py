@@ -491,7 +491,7 @@ def main(plan_path: str, results_path: str) -> None:
     os.environ["WANDB_MODE"] = "disabled"
     import torch
 
-    import detectors  # noqa: F401  (registers config resolvers)
+    import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 
     # one thread: on 2 shared cores, two threads per op made these tiny runs 3× slower when the other core was busy
     torch.set_num_threads(1)

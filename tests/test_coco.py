@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from datamodules.coco import COCODataModule, COCODataset, COCOFormatError, write_coco_results
-from detectors.metrics import DetectionMetrics
+from evaluation.metrics import DetectionMetrics
 
 from .conftest import ROOT, SHARED_DATA, compose
 from .preloaded import run_python

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
-from detectors.distributed import config_differences, flatten
+from engine.distributed import config_differences, flatten
 from train import resolve_ckpt_path, scale_learning_rate
 
 from .conftest import ROOT, TINY, compose
@@ -122,7 +122,7 @@ def test_slurm_launcher_gives_one_task_per_device():
 
 
 def test_run_folder_is_keyed_by_the_slurm_job(monkeypatch):
-    from detectors import run_id
+    from engine.config import run_id
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_STEP_ID", "0")

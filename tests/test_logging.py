@@ -14,8 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from PIL import Image
 
-from detectors.loggers import finish_loggers, wandb_logger, wandb_mode
-from detectors.visualization import class_colors, plot_pr_curves, prediction_grid
+from engine.loggers import finish_loggers, wandb_logger, wandb_mode
+from evaluation.visualization import class_colors, plot_pr_curves, prediction_grid
 
 from .conftest import TINY, compose
 
@@ -90,7 +90,7 @@ def test_mode_comes_from_env_and_falls_back_to_offline_without_login(monkeypatch
     monkeypatch.setenv("WANDB_MODE", "dryrun")
     assert wandb_mode() == "offline"
     monkeypatch.delenv("WANDB_MODE")
-    with caplog.at_level(logging.WARNING, logger="detectors.loggers"):
+    with caplog.at_level(logging.WARNING, logger="engine.loggers"):
         assert wandb_mode() == "offline"
     assert "wandb sync" in caplog.text
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)

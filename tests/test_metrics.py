@@ -1,5 +1,5 @@
-"""VOC AP with the devkit's rules on hand-computed cases, the metric names DESIGN.md promises, the COCO suite
-against pycocotools' COCOeval bit for bit, and the precision-recall curves for the dashboards."""
+"""VOC AP with the devkit's rules on hand-computed cases, the metric names docs/ARCHITECTURE.md §1 promises, the
+COCO suite against pycocotools' COCOeval bit for bit, and the precision-recall curves for the dashboards."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.evaluation import coco_dicts
-from detectors.metrics import COCOAveragePrecision, DetectionMetrics, VOCAveragePrecision
+from evaluation.metrics import COCOAveragePrecision, DetectionMetrics, VOCAveragePrecision
 
 
 def box(x0, y0, size=10.0):
@@ -330,7 +330,7 @@ def test_coco_tensors_equal_pycocotools_bit_for_bit(seed):
 
 
 def test_coco_tensors_in_small_blocks_and_with_float64_scores(monkeypatch):
-    from detectors import metrics
+    from evaluation import metrics
 
     detections, targets = random_coco_set(5)
     expected = pycocotools_eval(detections, targets).eval["precision"]

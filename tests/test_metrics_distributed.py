@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from detectors.metrics import DetectionMetrics
+from evaluation.metrics import DetectionMetrics
 
 from .test_metrics import random_coco_set
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from detectors.batch import collate_detection
 from detectors.boxes import BoxCoder, batched_box_iou
-from detectors.faults import AtomicModelCheckpoint
+from engine.checkpoint_saving import AtomicModelCheckpoint
 
 from .conftest import ROOT, TINY, compose
 from .preloaded import run_python
@@ -219,10 +219,10 @@ RUN = ("experiment=ssd_shapes", "data.image_size=64", "model.backbone.width=0.12
        "trainer.max_epochs=3", "trainer.deterministic=true", "model.scheduler.warmup_steps=2",
        "model.scheduler.milestones=[6,9]", "logger=csv", "validate_best=false",
        "~callbacks.prediction_images", "~callbacks.pr_curves",
-       "callbacks.best_checkpoint._target_=detectors.faults.AtomicModelCheckpoint",
-       "callbacks.last_checkpoint._target_=detectors.faults.AtomicModelCheckpoint",
-       "++callbacks.random_state._target_=detectors.faults.RandomStateCheckpoint",
-       "++callbacks.checkpoint_on_signal._target_=detectors.faults.CheckpointOnSignal",
+       "callbacks.best_checkpoint._target_=engine.checkpoint_saving.AtomicModelCheckpoint",
+       "callbacks.last_checkpoint._target_=engine.checkpoint_saving.AtomicModelCheckpoint",
+       "++callbacks.random_state._target_=engine.checkpoint_saving.RandomStateCheckpoint",
+       "++callbacks.checkpoint_on_signal._target_=engine.checkpoint_saving.CheckpointOnSignal",
        "++callbacks.checkpoint_on_signal.dirpath=${paths.output_dir}/checkpoints")
 
 
@@ -241,7 +241,7 @@ def last_checkpoint(log_dir: Path) -> tuple[Path, dict]:
 
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     train(tmp_path / "whole")
-    fault = ("++callbacks.fault._target_=detectors.faults.SignalAtStep", "++callbacks.fault.step=10")
+    fault = ("++callbacks.fault._target_=engine.checkpoint_saving.SignalAtStep", "++callbacks.fault.step=10")
     train(tmp_path / "killed", *fault, returncode=-signal.SIGKILL)  # mid-epoch 3 of 3 (steps 8..11)
     _, at_kill = last_checkpoint(tmp_path / "killed")
     assert (at_kill["global_step"], at_kill["epoch"]) == (8, 1)  # the end of epoch 2, intact
@@ -260,8 +260,8 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_sigterm_saves_last_ckpt_at_the_current_step_and_exits_cleanly(tmp_path):
-    out = train(tmp_path, "++callbacks.fault._target_=detectors.faults.SignalAtStep", "++callbacks.fault.step=6",
-                "++callbacks.fault.signum=15")  # exit code 0: Lightning's graceful stop
+    out = train(tmp_path, "++callbacks.fault._target_=engine.checkpoint_saving.SignalAtStep",
+                "++callbacks.fault.step=6", "++callbacks.fault.signum=15")  # exit code 0: Lightning's graceful stop
     stopped, checkpoint = last_checkpoint(tmp_path)
     assert "SIGTERM: saved" in out and checkpoint["global_step"] == 7  # the batch in flight finishes first
     assert not (stopped / "metrics.json").exists()  # a stopped run reports no final metrics
@@ -274,8 +274,10 @@ def test_sigterm_saves_last_ckpt_at_the_current_step_and_exits_cleanly(tmp_path)
 def test_pil_decompression_bomb_limit_stays_on_after_importing_our_modules():
     import datamodules
     import detectors
+    import engine
+    import evaluation
 
-    for package in (detectors, datamodules):
+    for package in (detectors, datamodules, engine, evaluation):
         for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
             importlib.import_module(module.name)
     importlib.import_module("train")

@@ -80,7 +80,7 @@ def agent_argv(sweep: dict, run_config: dict) -> list[str]:
 @contextmanager
 def composer():
     """compose(overrides) → the training config, as tests/conftest.py's compose, initialised once for many."""
-    import detectors  # noqa: F401  (the ${len:...} resolver)
+    import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         yield lambda overrides: hydra_compose("train", overrides=list(overrides), return_hydra_config=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from detectors.callbacks import TimeBudget
+from engine.callbacks import TimeBudget
 from detectors.detector import warmup_multistep
 
 STEP_SECONDS = 0.04

@@ -1,4 +1,4 @@
-"""eval.py, predict.py, export.py and detectors/checkpoints.py on one tiny checkpoint trained here by train.py."""
+"""eval.py, predict.py, export.py and engine/checkpoint_loading.py on one tiny checkpoint trained here by train.py."""
 
 import json
 from fractions import Fraction
@@ -14,7 +14,7 @@ from PIL import Image
 from datamodules.images import read_image
 from datamodules.shapes import SHAPE_CLASSES, render_shapes_image
 from detectors.batch import collate_detection
-from detectors.checkpoints import (CheckpointError, ClassMismatchError, build_model, finetune_from, load_checkpoint)
+from engine.checkpoint_loading import (CheckpointError, ClassMismatchError, build_model, finetune_from, load_checkpoint)
 
 from .conftest import ROOT, TINY, compose
 from .preloaded import run_python
@@ -238,7 +238,7 @@ def test_finetune_loads_all_but_the_class_dependent_layers(best, classes):
 
 
 def test_checkpoint_configs_may_only_target_this_project_and_torch():
-    from detectors.checkpoints import CheckpointError, check_targets
+    from engine.checkpoint_loading import CheckpointError, check_targets
 
     safe = {"_target_": "detectors.Detector", "backbone": {"_target_": "torchvision.ops.FeaturePyramidNetwork"},
             "steps": [{"_target_": "datamodules.transforms.ResizeTo", "size": 64}]}

@@ -9,7 +9,7 @@
   tools feed the model images transformed as its validation did (``val_transform``, ``size_divisible``).
 * ``check_classes``: a clear error when a checkpoint's classes are not the data's; ``finetune_from``: load a
   checkpoint into a model of other classes, re-initialising only the class-dependent head layers.
-* ``coco_result_entries``: detections as COCO results-format entries, at full precision.
+(An image made into the network's input as the checkpoint's validation did: ``datamodules.transforms.Preprocess``.)
 """
 
 from __future__ import annotations
@@ -249,42 +249,3 @@ def resolve_preprocessing(data: Mapping[str, Any] | DictConfig | None, checkpoin
     # instantiated below: the same _target_ rule as the model's (a transform of elsewhere: data/transform=...)
     check_targets(trained.get("val_transform"), path, where="data_config.val_transform")
     return trained.get("val_transform"), int(given or trained.get("size_divisible", 1) or 1), where
-
-
-class Preprocess:
-    """One image → (network input, target) as the model's validation transform makes it: ``target["scale"]``
-    maps boxes back to the image's own pixels (``DetectionBatch.boxes_in_original_frame``)."""
-
-    def __init__(self, val_transform: Mapping[str, Any] | None, size_divisible: int = 1) -> None:
-        self.config = copy.deepcopy(dict(val_transform)) if val_transform else None
-        self.transform = instantiate(self.config) if self.config else None
-        self.size_divisible = int(size_divisible)
-
-    def __call__(self, image: Tensor, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.long),
-                  "image_id": torch.tensor(index)}
-        return (image, target) if self.transform is None else self.transform(image, target)
-
-    def __repr__(self) -> str:
-        return f"{self.transform!r} (size_divisible {self.size_divisible})"
-
-
-# --- result files ---------------------------------------------------------------------------------------------
-def coco_result_entries(detections: Sequence[Mapping[str, Tensor]], image_ids: Sequence[int],
-                        category_ids: Mapping[int, int] | None = None,
-                        extra: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """COCO results-format entries (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``) of per-image
-    detections (boxes xyxy in the image's pixels). ``category_ids`` maps labels to the json's ids (default:
-    label + 1, COCO's 1-based convention); ``extra`` adds fields per image (``file_name``). Full precision: the
-    box as the metrics take it (float64 of the float32 corners, w = x1 − x0), so pycocotools re-evaluates a
-    results file to exactly the metrics' numbers."""
-    out = []
-    for i, (det, image_id) in enumerate(zip(detections, image_ids, strict=True)):
-        xyxy = det["boxes"].detach().cpu().double()
-        xywh = torch.cat((xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]), dim=1).tolist()
-        fields = dict(extra[i]) if extra is not None else {}
-        for box, score, label in zip(xywh, det["scores"].detach().cpu().tolist(), det["labels"].cpu().tolist()):
-            category = category_ids[int(label)] if category_ids is not None else int(label) + 1
-            out.append({"image_id": int(image_id), "category_id": category, "bbox": box, "score": float(score),
-                        **fields})
-    return out

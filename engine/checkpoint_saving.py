@@ -120,7 +120,7 @@ class RandomStateCheckpoint(Callback):
 class SignalAtStep(Callback):
     """Fault injection: sends ``signum`` (9 SIGKILL, 15 SIGTERM, 10 SIGUSR1) to this process when training reaches
     ``step`` optimizer steps, to rehearse a crash or a cluster's stop, e.g.
-    ``python train.py +callbacks.fault._target_=detectors.faults.SignalAtStep +callbacks.fault.step=100``."""
+    ``python train.py +callbacks.fault._target_=engine.checkpoint_saving.SignalAtStep +callbacks.fault.step=100``."""
 
     def __init__(self, step: int, signum: int = int(signal.SIGKILL)) -> None:
         self.step, self.signum = int(step), int(signum)

@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
-from .batch import DetectionBatch
-from .visualization import plot_pr_curves, prediction_grid, save_png, wandb_boxes
+from detectors.batch import DetectionBatch
+from evaluation.visualization import plot_pr_curves, prediction_grid, save_png, wandb_boxes
 
 log = logging.getLogger(__name__)
 

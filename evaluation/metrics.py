@@ -1,6 +1,6 @@
 """Validation metrics: the COCO AP suite (our tensor implementation of pycocotools' COCOeval, or a COCOeval
 run of faster_coco_eval or pycocotools) and PASCAL VOC AP at IoU 0.5 (VOC07 11-point and area-under-curve),
-under the metric names of DESIGN.md §1.
+under the metric names of docs/ARCHITECTURE.md §1.
 
 Both metrics keep each batch as flat tensors (one row per box, a count per image), so an update costs a
 handful of tensor operations whatever the batch size, and the states gather across processes by "cat"."""
@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .batch import pad_per_image
-from .boxes import batched_box_iou
+from detectors.batch import pad_per_image
+from detectors.boxes import batched_box_iou
 
 logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # it prints the whole COCO table each epoch
 
