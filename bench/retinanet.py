@@ -12,10 +12,8 @@ import torch
 from torch import Tensor
 from torchvision.models.detection import retinanet_resnet50_fpn
 
-from detectors.assigners import MaxIoUAssigner
 from detectors.batch import DetectionBatch
-from detectors.losses import RetinaNetLoss
-from detectors.postprocess import DensePostprocess
+from detectors.retinanet import MaxIoUAssigner, RetinaNetLoss, RetinaNetPostprocess
 from detectors.priors import Priors
 from detectors.retinanet import AnchorGenerator
 
@@ -101,7 +99,7 @@ def postprocess_cases(fx: Fixture, device: torch.device):
     split_outputs = {"cls_logits": list(fx.logits.split(sizes, 1)), "bbox_regression": list(fx.deltas.split(sizes, 1))}
     split_anchors = [list(fx.priors.boxes.split(sizes))] * len(fx.batch)
     image_shapes = [(fx.image_size, fx.image_size)] * len(fx.batch)
-    ours = DensePostprocess(score_thresh=0.05, topk_per_level=1000, nms_thresh=0.5, max_detections=100)
+    ours = RetinaNetPostprocess(score_thresh=0.05, topk_per_level=1000, nms_thresh=0.5, max_detections=100)
     outputs = {"cls_logits": fx.logits, "box_deltas": fx.deltas}
 
     @torch.no_grad()

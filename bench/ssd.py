@@ -13,10 +13,9 @@ import torch
 from torch import Tensor
 from torchvision.models.detection import ssd300_vgg16
 
-from detectors.assigners import BestMatchIoUAssigner
 from detectors.batch import DetectionBatch
 from detectors.priors import Priors
-from detectors.ssd import DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess
+from detectors.ssd import BestMatchIoUAssigner, DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess
 
 SSD300_MAPS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 

@@ -1,4 +1,5 @@
-"""Losses: the α-balanced sigmoid focal loss (plain and fused), box regression, RetinaNet's total."""
+"""Loss kernels any head can use: the α-balanced sigmoid focal loss (plain and fused) and box regression.
+RetinaNet's loss, which sums them, is in ``retinanet.py``; SSD's and YOLO's in theirs."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
-from .boxes import BoxCoder
-from .priors import Priors
 
 
 def focal_loss_dense(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
@@ -115,37 +114,3 @@ def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) ->
     if kind == "l1":
         return F.l1_loss(pred, target, reduction="sum")
     raise ValueError(f"loss.box_loss={kind!r}: choose 'smooth_l1' or 'l1'")
-
-
-class RetinaNetLoss:
-    """Focal loss over all non-ignored anchors + box loss over positives, both ÷ #positive anchors in the
-    batch (paper §3.3/§4: "normalized by the number of anchors assigned to a ground-truth box")."""
-
-    def __init__(self, gamma: float = 2.0, alpha: float = 0.25, box_loss: str = "smooth_l1",
-                 smooth_l1_beta: float = 0.11, box_coder: BoxCoder | None = None, fused: bool = True) -> None:
-        self.gamma, self.alpha = gamma, alpha
-        self.box_loss, self.smooth_l1_beta = box_loss, smooth_l1_beta
-        self.box_coder = box_coder or BoxCoder()
-        self.fused = fused
-        box_regression_loss(torch.zeros(1), torch.zeros(1), box_loss, smooth_l1_beta)  # validate early
-
-    def __call__(self, outputs: dict[str, Tensor], assigned: dict[str, Tensor], priors: Priors) -> dict[str, Tensor]:
-        logits, deltas = outputs["cls_logits"], outputs["box_deltas"]
-        labels = assigned["labels"]
-        positive = self.box_deltas_used(assigned, logits.shape[-1])
-        num_pos = positive.sum().clamp(min=1).float()
-        if self.fused:  # the division inside, so the gradient comes out of the forward pass finished
-            loss_cls = focal_loss_sparse(logits, labels, self.gamma, self.alpha, num_pos)
-        else:
-            loss_cls = focal_loss_dense(logits, labels, self.gamma, self.alpha) / num_pos
-        anchors = priors.boxes.expand(labels.shape[0], -1, -1)[positive]
-        box_targets = self.box_coder.encode(assigned["boxes"][positive], anchors)
-        loss_box = box_regression_loss(deltas[positive].float(), box_targets, self.box_loss,
-                                       self.smooth_l1_beta) / num_pos
-        return {"loss_cls": loss_cls, "loss_box": loss_box}
-
-    @staticmethod
-    def box_deltas_used(assigned: dict[str, Tensor], num_classes: int) -> Tensor:
-        """(B, N) the anchors whose box deltas the loss reads: the positives (labelled with a class)."""
-        labels = assigned["labels"]
-        return (labels >= 0) & (labels < num_classes)

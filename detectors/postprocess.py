@@ -1,4 +1,5 @@
-"""Inference for dense detectors: raw outputs → per-image detections, batched over images."""
+"""Inference primitives the three papers share: segmented top-k, batched NMS per image, clipping.
+Each paper's postprocess that composes them is in its own module."""
 
 from __future__ import annotations
 
@@ -9,46 +10,6 @@ from torch import Tensor
 import torchvision  # noqa: F401  (registers torch.ops.torchvision.nms, used by grouped_nms)
 
 from .batch import pad_per_image
-from .boxes import BoxCoder
-from .priors import Priors
-
-
-class DensePostprocess:
-    """Sigmoid scores > ``score_thresh``, top ``topk_per_level`` (prior, class) pairs per level, decode,
-    clip, class-wise NMS at ``nms_thresh``, keep the ``max_detections`` best per image
-    (RetinaNet §4 "Inference": 0.05, 1k, 0.5, and 100 detections as in Detectron).
-
-    Batched over images with no per-image loop: the threshold comes first (in a trained detector almost no
-    (prior, class) pair passes 0.05), found by one max over classes per prior, so the B·N·K logits are read
-    once; the per-(image, level) top-k is a segmented rank over the few survivors; one NMS call covers all.
-    """
-
-    def __init__(self, score_thresh: float = 0.05, topk_per_level: int = 1000, nms_thresh: float = 0.5,
-                 max_detections: int = 100, box_coder: BoxCoder | None = None) -> None:
-        self.score_thresh, self.topk_per_level = score_thresh, topk_per_level
-        self.nms_thresh, self.max_detections = nms_thresh, max_detections
-        self.box_coder = box_coder or BoxCoder()
-
-    @torch.no_grad()
-    def __call__(self, outputs: dict[str, Tensor], priors: Priors, image_sizes: Tensor) -> list[dict[str, Tensor]]:
-        logits, deltas = outputs["cls_logits"], outputs["box_deltas"]
-        b, n, num_classes = logits.shape
-        # sigmoid(x) > t ⇔ x > logit(t); a hair lower here, the exact test on the survivors' sigmoid below
-        t = min(max(self.score_thresh, 1e-12), 1 - 1e-12)
-        cut = math.log(t / (1 - t)) - 1e-3
-        img, anchor = torch.nonzero(logits.amax(dim=2) > cut, as_tuple=True)
-        rows = logits[img, anchor].float()  # (S, K): the priors with any class above the cut
-        r, label = torch.nonzero(rows > cut, as_tuple=True)
-        scores = torch.sigmoid(rows[r, label])
-        ok = scores > self.score_thresh
-        img, anchor, label, scores = img[r][ok], anchor[r][ok], label[ok], scores[ok]
-        # the top-k of each (image, level)
-        starts = torch.tensor(priors.level_sizes, device=logits.device).cumsum(0)
-        group = img * len(priors.level_sizes) + torch.bucketize(anchor, starts, right=True)
-        keep = topk_per_group(scores, group, self.topk_per_level)
-        img, anchor, label, scores = img[keep], anchor[keep], label[keep], scores[keep]
-        boxes = self.box_coder.decode(deltas[img, anchor].float(), priors.boxes[anchor])
-        return nms_per_image(boxes, scores, label, img, image_sizes, self.nms_thresh, self.max_detections)
 
 
 def topk_per_group(scores: Tensor, group: Tensor, k: int) -> Tensor:

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models
 
-from .boxes import BoxCoder
+from .assigners import CROWD_IOA, IGNORE, ignore_crowd_regions, matched_boxes
+from .batch import DetectionBatch
+from .boxes import BoxCoder, batched_box_iou
 from .postprocess import capped_nms_per_image, nms_per_image, topk_per_group
 from .priors import PriorGenerator, Priors, flatten_predictions
 
@@ -297,6 +299,51 @@ class SSDHead(nn.Module):
         cls = [flatten_predictions(conv(f), self.num_classes) for conv, f in zip(self.cls, features)]
         box = [flatten_predictions(conv(f), 4) for conv, f in zip(self.box, features)]
         return {"cls_logits": torch.cat(cls, 1), "box_deltas": torch.cat(box, 1)}
+
+
+class BestMatchIoUAssigner:
+    """SSD's matching (§2.2 "Matching strategy"): each ground truth first takes the prior it overlaps most
+    (as in MultiBox), then every prior whose best IoU with any ground truth is > ``pos_iou`` (0.5) is a
+    positive of that ground truth; all others are background. No ignored band.
+
+    When two objects claim the same best prior, the one overlapping it more keeps it (the other still gets
+    every prior above the threshold). A claim needs IoU > 0. Crowd boxes never make positives, and background
+    priors more than ``crowd_ioa`` inside one are ignored (no hard negatives there); priors marked ``ignored``
+    (boundary boxes, when dropped) get ``IGNORE``. Same outputs as ``retinanet.MaxIoUAssigner``.
+    """
+
+    def __init__(self, pos_iou: float = 0.5, crowd_ioa: float | None = CROWD_IOA) -> None:
+        self.pos_iou, self.crowd_ioa = pos_iou, crowd_ioa
+
+    @torch.no_grad()
+    def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
+                 outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        gt_ok = targets.valid & ~targets.crowd  # (B, M)
+        iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
+        if priors.ignored is not None:
+            iou.masked_fill_(priors.ignored[None, None, :], -1.0)  # ignored priors are nobody's best match
+        iou.masked_fill_(~gt_ok[..., None], -1.0)
+        best_iou, best_gt = iou.max(dim=1)  # (B, N)
+
+        # each object's best prior; among several claimants of one prior the higher IoU (then the lower index)
+        # wins. Claims are B·M points, so they are resolved by scatters on (B, N), not a (B, M, N) mask
+        best_prior = iou.argmax(dim=2)  # (B, M)
+        claim = torch.gather(iou, 2, best_prior[..., None])[..., 0]  # (B, M)
+        claim = claim.masked_fill(~((claim > 0) & gt_ok), -1.0)
+        claim_iou = torch.full_like(best_iou, -1.0).scatter_reduce_(1, best_prior, claim, "amax")
+        wins = (claim > 0) & (claim == torch.gather(claim_iou, 1, best_prior))
+        gt_index = torch.arange(iou.shape[1], device=iou.device).expand_as(best_prior)
+        claim_gt = torch.full_like(best_gt, iou.shape[1]).scatter_reduce_(
+            1, best_prior, gt_index.masked_fill(~wins, iou.shape[1]), "amin")
+        claimed = claim_iou > 0
+        best_gt = torch.where(claimed, claim_gt, best_gt)
+
+        positive = claimed | (best_iou > self.pos_iou)
+        labels = torch.where(positive, torch.gather(targets.labels, 1, best_gt), num_classes)
+        labels = ignore_crowd_regions(labels, priors.boxes, targets, num_classes, self.crowd_ioa)
+        if priors.ignored is not None:
+            labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
+        return {"labels": labels, "boxes": matched_boxes(targets.boxes, best_gt)}
 
 
 class MultiBoxLoss:

@@ -73,12 +73,30 @@ def load_checkpoint(path: str | Path, trusted: bool = False) -> dict[str, Any]:
     return checkpoint
 
 
+# parts that moved to their paper's module since checkpoints were first written: old checkpoints still build
+MOVED_TARGETS = {
+    "detectors.assigners.MaxIoUAssigner": "detectors.retinanet.MaxIoUAssigner",
+    "detectors.losses.RetinaNetLoss": "detectors.retinanet.RetinaNetLoss",
+    "detectors.postprocess.DensePostprocess": "detectors.retinanet.RetinaNetPostprocess",
+    "detectors.assigners.BestMatchIoUAssigner": "detectors.ssd.BestMatchIoUAssigner",
+}
+
+
+def current_targets(config: Any) -> Any:
+    """``config`` with every ``_target_`` that names a moved part (``MOVED_TARGETS``) renamed to where it lives."""
+    if isinstance(config, Mapping):
+        return {k: MOVED_TARGETS.get(v, v) if k == "_target_" else current_targets(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [current_targets(v) for v in config]
+    return config
+
+
 def model_config_of(checkpoint: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     config = checkpoint.get("model_config")
     if not config:
         raise CheckpointError(f"ckpt_path={path}: the checkpoint holds no 'model_config' (the resolved Hydra model "
                               f"config train.py saves), so the model cannot be rebuilt; use a checkpoint of train.py")
-    return copy.deepcopy(dict(config))
+    return current_targets(copy.deepcopy(dict(config)))
 
 
 def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | DictConfig | None,

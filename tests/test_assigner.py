@@ -4,7 +4,9 @@ from torchvision.ops import box_iou
 
 import pytest
 
-from detectors.assigners import IGNORE, BestMatchIoUAssigner, MaxIoUAssigner
+from detectors.assigners import IGNORE
+from detectors.retinanet import MaxIoUAssigner
+from detectors.ssd import BestMatchIoUAssigner
 from detectors.batch import DetectionBatch, collate_detection
 from detectors.boxes import batched_box_iou
 from detectors.priors import Priors

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from detectors.losses import RetinaNetLoss, focal_loss_dense, focal_loss_sparse
+from detectors.losses import focal_loss_dense, focal_loss_sparse
+from detectors.retinanet import RetinaNetLoss
 from detectors.priors import Priors
 
 

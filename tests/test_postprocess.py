@@ -4,7 +4,8 @@ from torchvision.ops import batched_nms
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from detectors.postprocess import DensePostprocess, capped_nms_per_image, grouped_nms, nms_per_image
+from detectors.postprocess import capped_nms_per_image, grouped_nms, nms_per_image
+from detectors.retinanet import RetinaNetPostprocess
 from detectors.retinanet import AnchorGenerator
 
 
@@ -17,7 +18,7 @@ def test_matches_torchvision_postprocess_detections():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(b, n, k, generator=g) * 2 - 4
     deltas = torch.randn(b, n, 4, generator=g) * 0.3
-    ours = DensePostprocess(0.05, 300, 0.5, 50)({"cls_logits": logits, "box_deltas": deltas}, priors,
+    ours = RetinaNetPostprocess(0.05, 300, 0.5, 50)({"cls_logits": logits, "box_deltas": deltas}, priors,
                                                 torch.tensor([image_size] * b))
 
     model = RetinaNet(resnet_fpn_backbone(backbone_name="resnet18", weights=None), num_classes=k,
@@ -38,7 +39,7 @@ def test_caps_detections_per_image_and_handles_nothing_above_threshold():
     n = priors.boxes.shape[0]
     logits = torch.full((2, n, 3), -10.0)
     logits[0] = torch.randn(n, 3) + 3  # image 0: everything confident
-    out = DensePostprocess(0.05, 1000, 0.5, 7)({"cls_logits": logits, "box_deltas": torch.zeros(2, n, 4)},
+    out = RetinaNetPostprocess(0.05, 1000, 0.5, 7)({"cls_logits": logits, "box_deltas": torch.zeros(2, n, 4)},
                                                priors, torch.tensor([[32, 32], [32, 32]]))
     assert len(out[0]["boxes"]) == 7 and len(out[1]["boxes"]) == 0
     assert (out[0]["scores"][:-1] >= out[0]["scores"][1:]).all()

@@ -10,12 +10,12 @@ from torchvision.models.detection import ssd300_vgg16
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator as TVDefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from detectors.assigners import IGNORE, BestMatchIoUAssigner
+from detectors.assigners import IGNORE
 from detectors.batch import collate_detection
 from detectors.boxes import BoxCoder
 from detectors.priors import Priors
-from detectors.ssd import (SSD300_LAYERS, DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess, VGG16Atrous,
-                           default_box_scales, load_vgg16_weights, torchvision_ssd_state_dict)
+from detectors.ssd import (SSD300_LAYERS, BestMatchIoUAssigner, DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess,
+                           VGG16Atrous, default_box_scales, load_vgg16_weights, torchvision_ssd_state_dict)
 
 from .conftest import assert_same_detections, compose, float32_box_atol
 

@@ -1,5 +1,6 @@
 """eval.py, predict.py, export.py and engine/checkpoint_loading.py on one tiny checkpoint trained here by train.py."""
 
+import copy
 import json
 from fractions import Fraction
 from pathlib import Path
@@ -14,7 +15,8 @@ from PIL import Image
 from datamodules.images import read_image
 from datamodules.shapes import SHAPE_CLASSES, render_shapes_image
 from detectors.batch import collate_detection
-from engine.checkpoint_loading import (CheckpointError, ClassMismatchError, build_model, finetune_from, load_checkpoint)
+from engine.checkpoint_loading import (MOVED_TARGETS, CheckpointError, ClassMismatchError, build_model, finetune_from,
+                                       load_checkpoint)
 
 from .conftest import ROOT, TINY, compose
 from .preloaded import run_python
@@ -218,6 +220,25 @@ def test_checkpoint_loads_weights_only_and_gpu_saved_on_cpu(best, tmp_path, monk
     assert load_checkpoint(tmp_path / "pickled.ckpt", trusted=True)["note"] == Fraction(1, 3)
     with pytest.raises(CheckpointError, match=r"model.postprocess.score_treshold"):
         build_model(loaded, best, {"postprocess": {"score_treshold": 0.1}})
+
+
+def test_a_checkpoint_naming_parts_where_they_used_to_live_still_builds(best, tmp_path):
+    """Checkpoints written before RetinaNet's and SSD's parts moved into their papers' modules name the old
+    places in their model_config: they build the same model, which gives the same detections."""
+    checkpoint = load_checkpoint(best)
+    old = {new: old for old, new in MOVED_TARGETS.items()}
+    renamed = copy.deepcopy(checkpoint)
+    for part in ("assigner", "loss", "postprocess"):
+        target = renamed["model_config"][part]["_target_"]
+        renamed["model_config"][part]["_target_"] = old[target]  # as an old checkpoint holds it
+    torch.save(renamed, tmp_path / "old.ckpt")
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_id": torch.tensor(0)}
+    batch = collate_detection([(render_shapes_image(seed, 64, SHAPE_CLASSES, 2, 5, 10, 0.8)[0], empty)
+                               for seed in (1, 2)])
+    new_model, old_model = (build_model(c, best).eval() for c in (checkpoint, load_checkpoint(tmp_path / "old.ckpt")))
+    assert type(old_model.postprocess) is type(new_model.postprocess)
+    for mine, theirs in zip(old_model.detect(batch), new_model.detect(batch), strict=True):
+        assert all(torch.equal(mine[k], theirs[k]) for k in ("boxes", "scores", "labels"))
 
 
 @pytest.mark.parametrize("classes", [["ellipse", "rectangle", "triangle"], list(reversed(SHAPE_CLASSES))])
