@@ -310,14 +310,29 @@ class BestMatchIoUAssigner:
     every prior above the threshold). A claim needs IoU > 0. Crowd boxes never make positives, and background
     priors more than ``crowd_ioa`` inside one are ignored (no hard negatives there); priors marked ``ignored``
     (boundary boxes, when dropped) get ``IGNORE``. Same outputs as ``retinanet.MaxIoUAssigner``.
+
+    A worked example: objects A and B, default boxes d0..d3, IoUs::
+
+             d0    d1    d2    d3
+        A   0.70  0.55  0.10  0.00
+        B   0.65  0.20  0.40  0.00
+
+    Both objects' best box is d0; A overlaps it more and keeps it. Then d1 (best IoU 0.55 > 0.5, with A) is A's
+    too; d2 (0.40) and d3 are background. B is left without a positive here: its best box went to A.
+
+    ``fast=False`` runs the rule as written above, with a dense (B, M, N) mask of the objects' claims. The default
+    resolves the M claims by scatters onto (B, N) instead; the two give equal labels and boxes
+    (``tests/test_assigner.py``).
     """
 
-    def __init__(self, pos_iou: float = 0.5, crowd_ioa: float | None = CROWD_IOA) -> None:
-        self.pos_iou, self.crowd_ioa = pos_iou, crowd_ioa
+    def __init__(self, pos_iou: float = 0.5, crowd_ioa: float | None = CROWD_IOA, fast: bool = True) -> None:
+        self.pos_iou, self.crowd_ioa, self.fast = pos_iou, crowd_ioa, fast
 
     @torch.no_grad()
     def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
                  outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        if not self.fast:
+            return self.assign_plain(priors, targets, num_classes)
         gt_ok = targets.valid & ~targets.crowd  # (B, M)
         iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
         if priors.ignored is not None:
@@ -344,6 +359,31 @@ class BestMatchIoUAssigner:
         if priors.ignored is not None:
             labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
         return {"labels": labels, "boxes": matched_boxes(targets.boxes, best_gt)}
+
+
+    def assign_plain(self, priors: Priors, targets: DetectionBatch, num_classes: int) -> dict[str, Tensor]:
+        """The matching rule as the paper states it, on a dense (B, M, N) mask of claims: the reference for the
+        scatters above."""
+        gt_ok = targets.valid & ~targets.crowd
+        iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
+        if priors.ignored is not None:
+            iou.masked_fill_(priors.ignored[None, None, :], -1.0)
+        iou.masked_fill_(~gt_ok[..., None], -1.0)
+        # 1. each object claims the box it overlaps most (a claim needs IoU > 0)
+        claims = torch.zeros_like(iou, dtype=torch.bool).scatter_(2, iou.argmax(dim=2, keepdim=True), True)
+        claims &= (iou > 0) & gt_ok[..., None]
+        # of several claims on one box, the highest IoU wins (then the lower object index: max's first)
+        claim_iou, claim_gt = iou.masked_fill(~claims, -1.0).max(dim=1)  # (B, N)
+        # 2. every other box is positive for the object it overlaps most, when that IoU is > pos_iou
+        best_iou, best_gt = iou.max(dim=1)
+        claimed = claim_iou > 0
+        best_gt = torch.where(claimed, claim_gt, best_gt)
+        positive = claimed | (best_iou > self.pos_iou)
+        labels = torch.where(positive, torch.gather(targets.labels, 1, best_gt), num_classes)
+        labels = ignore_crowd_regions(labels, priors.boxes, targets, num_classes, self.crowd_ioa)
+        if priors.ignored is not None:
+            labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
+        return {"labels": labels, "boxes": torch.gather(targets.boxes, 1, best_gt[..., None].expand(-1, -1, 4))}
 
 
 class MultiBoxLoss:

@@ -8,7 +8,6 @@ from detectors.assigners import IGNORE
 from detectors.retinanet import MaxIoUAssigner
 from detectors.ssd import BestMatchIoUAssigner
 from detectors.batch import DetectionBatch, collate_detection
-from detectors.boxes import batched_box_iou
 from detectors.priors import Priors
 
 K = 4
@@ -75,26 +74,9 @@ def test_empty_image_and_crowd_give_no_positives():
     assert ((labels == K) | (labels == IGNORE)).all() and (labels[1] == IGNORE).any()
 
 
-def best_match_dense(priors, targets, num_classes, pos_iou=0.5):
-    """BestMatchIoUAssigner written plainly: the objects' claims as a dense (B, M, N) mask."""
-    gt_ok = targets.valid & ~targets.crowd
-    iou = batched_box_iou(targets.boxes, priors.boxes)
-    if priors.ignored is not None:
-        iou.masked_fill_(priors.ignored[None, None, :], -1.0)
-    iou.masked_fill_(~gt_ok[..., None], -1.0)
-    best_iou, best_gt = iou.max(dim=1)
-    claims = torch.zeros_like(iou, dtype=torch.bool).scatter_(2, iou.argmax(dim=2, keepdim=True), True)
-    claims &= (iou > 0) & gt_ok[..., None]
-    claim_iou, claim_gt = iou.masked_fill(~claims, -1.0).max(dim=1)
-    best_gt = torch.where(claim_iou > 0, claim_gt, best_gt)
-    labels = torch.where((claim_iou > 0) | (best_iou > pos_iou), torch.gather(targets.labels, 1, best_gt), num_classes)
-    if priors.ignored is not None:
-        labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
-    return {"labels": labels, "boxes": torch.gather(targets.boxes, 1, best_gt[..., None].expand(-1, -1, 4))}
-
-
 @pytest.mark.parametrize("seed", range(4))
-def test_best_match_assigner_equals_the_dense_formulation(seed):
+@pytest.mark.parametrize("crowd_ioa", [None, 0.7])
+def test_best_match_assigner_equals_the_dense_formulation(seed, crowd_ioa):
     g = torch.Generator().manual_seed(seed)
     priors = grid_priors()
     if seed % 2:
@@ -111,7 +93,9 @@ def test_best_match_assigner_equals_the_dense_formulation(seed):
                            boxes=boxes, labels=torch.randint(0, K, (b, m), generator=g), valid=valid,
                            difficult=torch.zeros_like(valid), crowd=crowd, scales=torch.ones(b, 2),
                            image_ids=torch.arange(b))
-    out, expected = BestMatchIoUAssigner(0.5, crowd_ioa=None)(priors, batch, K), best_match_dense(priors, batch, K)
+    out = BestMatchIoUAssigner(0.5, crowd_ioa=crowd_ioa)(priors, batch, K)
+    expected = BestMatchIoUAssigner(0.5, crowd_ioa=crowd_ioa, fast=False)(priors, batch, K)
+    assert (out["labels"] < K).sum() > b  # positives from claims and from the threshold
     assert torch.equal(out["labels"], expected["labels"])
     assert torch.equal(out["boxes"], expected["boxes"])
 
@@ -160,3 +144,20 @@ def test_blocks_of_priors_give_the_one_block_result(low_quality):
     if low_quality:  # the big object's best IoU is tied by priors spread over many blocks (156 of them)
         plain = MaxIoUAssigner(0.5, 0.4, False, cpu_block=None)(priors, batch, K)
         assert (plain["labels"] != whole["labels"]).sum() > 100
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_best_match_assigner_on_its_docstrings_worked_example(monkeypatch, fast):
+    """BestMatchIoUAssigner's docstring: A keeps the d0 both claim, d1 (0.55) is A's too, d2 and d3 background."""
+    import detectors.ssd
+
+    table = torch.tensor([[[0.70, 0.55, 0.10, 0.00], [0.65, 0.20, 0.40, 0.00]]])  # (B, M, N): A, B × d0..d3
+    monkeypatch.setattr(detectors.ssd, "batched_box_iou", lambda boxes, priors: table.clone())
+    priors = Priors(torch.tensor([[0.0, 0, 8, 8]]).repeat(4, 1), [4])
+    batch = DetectionBatch(images=torch.zeros(1, 3, 8, 8, dtype=torch.uint8), image_sizes=torch.full((1, 2), 8),
+                           boxes=torch.tensor([[[0.0, 0, 4, 4], [4.0, 4, 8, 8]]]), labels=torch.tensor([[0, 1]]),
+                           valid=torch.ones(1, 2, dtype=torch.bool), difficult=torch.zeros(1, 2, dtype=torch.bool),
+                           crowd=torch.zeros(1, 2, dtype=torch.bool), scales=torch.ones(1, 2),
+                           image_ids=torch.arange(1))
+    out = BestMatchIoUAssigner(0.5, crowd_ioa=None, fast=fast)(priors, batch, num_classes=2)
+    assert out["labels"].tolist() == [[0, 0, 2, 2]]  # A's class 0, background 2: B has no positive
