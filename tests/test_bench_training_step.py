@@ -15,6 +15,7 @@ def _assert_same_steps(case, steps: int = 2) -> None:
         torch.testing.assert_close(case.ours_step(), case.their_step(), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_retinanet_step_matches_torchvision():
     case = retinanet_case(torch.device("cpu"), image_size=128, batch_size=1, num_classes=80, objects=3,
                           channels_last=False)  # the layout probe (engine/layout.py) is tested apart
@@ -23,12 +24,14 @@ def test_retinanet_step_matches_torchvision():
     _assert_same_steps(case)
 
 
+@pytest.mark.slow
 def test_ssd_step_matches_torchvision():
     case = ssd_case(torch.device("cpu"), batch_size=1, objects=3, channels_last=False)
     assert case.targets[0]["labels"].min() >= 1  # torchvision's background is class 0
     _assert_same_steps(case)
 
 
+@pytest.mark.slow
 def test_mixed_precision_channels_last_case_runs_both_sides_alike():
     """The GPU row's settings (bf16 autocast, NHWC weights on both sides), here on the CPU at 64 px (bf16 kernels
     are emulated on CPUs without AVX-512 BF16: 128 px took 30 s)."""

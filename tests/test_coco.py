@@ -91,6 +91,7 @@ def test_our_coco_metrics_equal_pycocotools_on_the_same_files(tmp_path):
         assert ours[f"val/{key}"] == pytest.approx(value, abs=2e-3), key
 
 
+@pytest.mark.slow
 @needs_sample
 def test_config_trains_a_short_run_on_the_real_sample(tmp_path):
     cmd = [ROOT / "train.py", "model=ssd", "model.num_prediction_layers=4",

@@ -28,6 +28,7 @@ def run(tmp_path, *overrides, check=True):
     return done
 
 
+@pytest.mark.slow
 def test_ddp_on_two_processes_writes_one_run_and_evaluates_like_one_process(tmp_path):
     done = run(tmp_path, *DDP_RUN)
     runs = list((tmp_path / "retinanet_shapes").iterdir())
@@ -51,6 +52,7 @@ def test_ddp_on_two_processes_writes_one_run_and_evaluates_like_one_process(tmp_
         assert metrics[key] == pytest.approx(single[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_ranks_with_different_configs_are_stopped(tmp_path):
     # Lightning gives each child its LOCAL_RANK: a config reading it differs between the ranks
     done = run(tmp_path, *DDP_RUN, "+probe=${oc.env:LOCAL_RANK,unset}", check=False)
@@ -58,6 +60,7 @@ def test_ranks_with_different_configs_are_stopped(tmp_path):
     assert "composed different configs" in done.stderr + done.stdout and "probe" in done.stderr + done.stdout
 
 
+@pytest.mark.slow
 def test_multirun_with_ddp_is_refused_before_any_process_starts(tmp_path):
     done = run(tmp_path, "-m", *DDP_RUN, "seed=1,2", check=False)
     out = done.stdout + done.stderr

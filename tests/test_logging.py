@@ -176,6 +176,7 @@ FAST = ("trainer.max_epochs=1", "+trainer.limit_train_batches=1", "trainer.log_e
         "callbacks.prediction_images.num_images=4", "callbacks.progress_bar=null")
 
 
+@pytest.mark.slow
 def test_tiny_training_writes_pictures_and_one_wandb_run_per_job(tmp_path, monkeypatch):
     import train  # train.py's train(), run twice in one process as Hydra runs the jobs of a multirun
 

@@ -250,6 +250,7 @@ def new_files(result: dict, pattern: str) -> list[str]:
     return [f for f in result["new_files"] if re.fullmatch(pattern, f)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("cmd", "spec"), RUN, ids=[c.id for c, _ in RUN])
 def test_runs_shortened(cmd, spec, runners):
     runner = runners[spec["id"]]

@@ -239,6 +239,7 @@ def last_checkpoint(log_dir: Path) -> tuple[Path, dict]:
     return run, torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     train(tmp_path / "whole")
     fault = ("++callbacks.fault._target_=engine.checkpoint_saving.SignalAtStep", "++callbacks.fault.step=10")
@@ -259,6 +260,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
                                        rtol=0, msg=f"{index}.{name}")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_ckpt_at_the_current_step_and_exits_cleanly(tmp_path):
     out = train(tmp_path, "++callbacks.fault._target_=engine.checkpoint_saving.SignalAtStep",
                 "++callbacks.fault.step=6", "++callbacks.fault.signum=15")  # exit code 0: Lightning's graceful stop

@@ -225,6 +225,7 @@ def test_vgg16_imagenet_weights_load_with_fc_subsampling(tmp_path):
 # move boxes by ~2e-3 px on 0–255-scaled VGG activations and can swap near-tied detections. What is left is our
 # postprocess's float32 decode (float32_box_atol) and float32 softmax (a few roundings of a value ≤ 1: 1e-6). The
 # plain NCHW path is compared; channels-last equals it in float64 (tests/test_fast_paths.py).
+@pytest.mark.slow
 def test_imported_torchvision_weights_give_torchvision_detections():
     cfg = compose("model=ssd_torchvision", "model.channels_last=false")
     ours = instantiate(cfg.model).eval()
@@ -259,6 +260,7 @@ def test_ssd_config_errors_name_the_setting():
 
 
 
+@pytest.mark.slow
 def test_tiny_ssd_learns_a_fixed_batch():
     cfg = compose("model=ssd", "model/optimizer=adamw", "model.optimizer.lr=0.001", "model.backbone.width=0.125",
                   "model.num_prediction_layers=4", "data.image_size=128", "data.num_train=16",

@@ -180,6 +180,7 @@ def covering(runs: list[dict]) -> list[dict]:
     return chosen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PAPER_GRIDS))
 def test_every_run_command_composes_with_the_real_config(name):
     """Each run's argv, as the agent builds it, through Hydra's override parser against the real config:

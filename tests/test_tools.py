@@ -21,6 +21,8 @@ from engine.checkpoint_loading import (MOVED_TARGETS, CheckpointError, ClassMism
 from .conftest import ROOT, TINY, compose
 from .preloaded import run_python
 
+pytestmark = pytest.mark.slow  # a module fixture trains the run whose checkpoint every test reads
+
 TINY_DATA = [o for o in TINY if o.startswith("data.")]
 LOW_THRESHOLD = "model.postprocess.score_thresh=0.001"  # a one-epoch model: many low-score boxes to compare
 

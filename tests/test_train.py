@@ -17,6 +17,7 @@ def tiny_model_and_data(*overrides):
     return instantiate(cfg.model), instantiate(cfg.data)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch():
     model, data = tiny_model_and_data()
     batch = collate_detection([data.train_set[i] for i in range(8)])
@@ -50,6 +51,7 @@ def run_train(tmp_path, *overrides):
     return done.stdout
 
 
+@pytest.mark.slow
 def test_train_py_writes_checkpoints_metrics_and_resumes(tmp_path):
     out = run_train(tmp_path)
     run_dirs = list((tmp_path / "retinanet_shapes").iterdir())

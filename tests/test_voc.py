@@ -74,6 +74,7 @@ def test_training_split_drops_difficult_and_validation_keeps_them_flagged():
     assert kept == ref
 
 
+@pytest.mark.slow
 @needs_sample
 def test_config_trains_a_short_run_on_the_real_sample(tmp_path):
     cmd = [ROOT / "train.py", "model=ssd", "model.num_prediction_layers=4",

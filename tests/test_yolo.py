@@ -180,6 +180,7 @@ def test_model_configs_compose():
         assert cfg.model.priors.grid_size == 7 and cfg.model.priors.boxes_per_cell == 2
 
 
+@pytest.mark.slow
 def test_tiny_yolo_learns_a_fixed_batch():
     cfg = compose("model=yolo", "model/optimizer=adamw", "model.optimizer.lr=0.001", "model/backbone=resnet_c5",
                   "model.head.hidden=256", "model.head.dropout=0", "data.image_size=128", "data.num_train=16",
