@@ -161,8 +161,8 @@ class PhotometricDistort(v2.RandomPhotometricDistort):
     torchvision's tensor kernels spend ~15 ms per 500×375 image on the hue step alone (float HSV round trip);
     OpenCV's uint8 HSV conversion does it in under 1 ms. Results match torchvision's to rounding: brightness,
     contrast and saturation round where torchvision truncates (≤ 1 level), and hue moves in steps of 360°/256 on
-    OpenCV's 8-bit HSV (a few levels; ``tests/test_transforms.py`` bounds both). Anything but a uint8 ``Image``
-    goes to torchvision's kernels.
+    OpenCV's 8-bit HSV (a few levels; ``tests/datamodules/test_transforms.py`` bounds both). Anything but a uint8
+    ``Image`` goes to torchvision's kernels.
     """
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:

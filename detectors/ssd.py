@@ -322,7 +322,7 @@ class BestMatchIoUAssigner:
 
     ``fast=False`` runs the rule as written above, with a dense (B, M, N) mask of the objects' claims. The default
     resolves the M claims by scatters onto (B, N) instead; the two give equal labels and boxes
-    (``tests/test_assigner.py``).
+    (``tests/detectors/test_assigner.py``).
     """
 
     def __init__(self, pos_iou: float = 0.5, crowd_ioa: float | None = CROWD_IOA, fast: bool = True) -> None:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 import engine.config  # noqa: E402,F401  (registers the config resolvers, e.g. ${len:...})
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
-# the default logger is CSV + W&B: no W&B run for every train.py the suite starts (tests/test_logging.py sets its own)
+# the default logger is CSV + W&B: no W&B run for every train.py the suite starts (engine/test_logging.py sets its own)
 os.environ.setdefault("WANDB_MODE", "disabled")
 # model.channels_last=auto caches its measurement (engine/layout.py): the suite's runs keep theirs out of ~/.cache
 if "DETECTORS_CACHE_DIR" not in os.environ:

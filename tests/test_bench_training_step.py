@@ -52,7 +52,7 @@ def test_mixed_precision_channels_last_case_runs_both_sides_alike():
 def test_loader_rate_runs_the_projects_voc_loader(tmp_path):
     from PIL import Image
 
-    from .test_voc import obj, voc_xml, write_devkit
+    from .datamodules.test_voc import obj, voc_xml, write_devkit
 
     xml = voc_xml(obj("dog", "5 5 40 30"), size="<size><width>64</width><height>48</height><depth>3</depth></size>")
     root = write_devkit(tmp_path, {f"{i:03d}": xml for i in range(6)},

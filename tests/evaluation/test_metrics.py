@@ -81,7 +81,7 @@ def test_detection_metrics_class_metrics_switch():
 def test_model_class_metrics_setting_reaches_the_detector():
     from hydra.utils import instantiate
 
-    from .conftest import TINY, compose
+    from ..conftest import TINY, compose
 
     assert instantiate(compose(*TINY).model).val_metrics.class_metrics is True
     assert instantiate(compose(*TINY, "model.class_metrics=false").model).val_metrics.class_metrics is False

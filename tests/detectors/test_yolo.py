@@ -11,7 +11,7 @@ from detectors.batch import collate_detection
 from detectors.yolo import (GridCells, ResponsiblePredictorAssigner, YOLOv1Head, YOLOv1Loss, YOLOv1Network,
                             YOLOv1Postprocess)
 
-from .conftest import compose, fit_fixed_batch
+from ..conftest import compose, fit_fixed_batch
 
 
 def batch_of(objects_per_image, size=96):

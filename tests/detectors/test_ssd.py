@@ -17,7 +17,7 @@ from detectors.priors import Priors
 from detectors.ssd import (SSD300_LAYERS, BestMatchIoUAssigner, DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess,
                            VGG16Atrous, default_box_scales, load_vgg16_weights, torchvision_ssd_state_dict)
 
-from .conftest import assert_same_detections, compose, float32_box_atol
+from ..conftest import assert_same_detections, compose, float32_box_atol
 
 SSD300_MAPS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 
@@ -224,7 +224,7 @@ def test_vgg16_imagenet_weights_load_with_fc_subsampling(tmp_path):
 # The claim is exact, so both networks run in float64: in float32, summation orders (NCHW or NHWC, the CPU's ISA)
 # move boxes by ~2e-3 px on 0–255-scaled VGG activations and can swap near-tied detections. What is left is our
 # postprocess's float32 decode (float32_box_atol) and float32 softmax (a few roundings of a value ≤ 1: 1e-6). The
-# plain NCHW path is compared; channels-last equals it in float64 (tests/test_fast_paths.py).
+# plain NCHW path is compared; channels-last equals it in float64 (tests/detectors/test_fast_paths.py).
 @pytest.mark.slow
 def test_imported_torchvision_weights_give_torchvision_detections():
     cfg = compose("model=ssd_torchvision", "model.channels_last=false")

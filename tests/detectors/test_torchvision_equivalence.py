@@ -7,14 +7,14 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 from detectors.batch import collate_detection
 from detectors.retinanet import torchvision_retinanet_state_dict
 
-from .conftest import assert_same_detections, compose, float32_box_atol
+from ..conftest import assert_same_detections, compose, float32_box_atol
 
 
 # The claim is exact, so both networks run in float64: in float32 the kernels' summation order (NCHW or NHWC,
 # BatchNorm apart or folded, AVX2 or AVX-512) moves boxes by ~3e-3 px after exp() in the decoding, a CPU's rounding
 # rather than a property of the code. What is left is our postprocess's float32 decode (float32_box_atol) and
 # float32 probabilities (a few roundings of a value ≤ 1: 1e-6). The plain path is compared; the default fast paths
-# (NHWC, folded BN) equal it in float64 (tests/test_fast_paths.py), and float64 convolutions cost 5-10× float32's.
+# (NHWC, folded BN) equal it in float64 (test_fast_paths.py), and float64 convolutions cost 5-10× float32's.
 def test_imported_torchvision_weights_give_torchvision_detections():
     size = 192
     cfg = compose("model=retinanet_torchvision", f"data.image_size={size}", "model.channels_last=false",

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from engine import layout
 from engine.memory import probe_batch
 
-from .conftest import TINY, compose
+from ..conftest import TINY, compose
 
 
 def tiny(*overrides):

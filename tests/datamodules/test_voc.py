@@ -17,8 +17,8 @@ from PIL import Image
 from datamodules.images import ImageReadError, read_image
 from datamodules.voc import VOC_CLASSES, VOCDataModule, VOCDataset, VOCFormatError
 
-from .conftest import ROOT, SHARED_DATA, compose
-from .preloaded import run_python
+from ..conftest import ROOT, SHARED_DATA, compose
+from ..preloaded import run_python
 
 VOC_SAMPLE = SHARED_DATA / "voc2012-sample" / "VOCdevkit"
 needs_sample = pytest.mark.skipif(not VOC_SAMPLE.is_dir(), reason="../shared/data/voc2012-sample is absent")

@@ -13,8 +13,8 @@ from PIL import Image
 from datamodules.coco import COCODataModule, COCODataset, COCOFormatError, write_coco_results
 from evaluation.metrics import DetectionMetrics
 
-from .conftest import ROOT, SHARED_DATA, compose
-from .preloaded import run_python
+from ..conftest import ROOT, SHARED_DATA, compose
+from ..preloaded import run_python
 
 COCO_SAMPLE = SHARED_DATA / "coco2017-sample"
 needs_sample = pytest.mark.skipif(not COCO_SAMPLE.is_dir(), reason="../shared/data/coco2017-sample is absent")

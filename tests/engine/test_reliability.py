@@ -24,8 +24,8 @@ from detectors.batch import collate_detection
 from detectors.boxes import BoxCoder, batched_box_iou
 from engine.checkpoint_saving import AtomicModelCheckpoint
 
-from .conftest import ROOT, TINY, compose
-from .preloaded import run_python
+from ..conftest import ROOT, TINY, compose
+from ..preloaded import run_python
 
 
 def tiny(*overrides):

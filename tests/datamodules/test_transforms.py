@@ -19,7 +19,7 @@ from datamodules.transforms import (MinIoURandomCrop, PhotometricDistort, Random
                                     scale_saturation_value)
 from detectors.batch import collate_detection
 
-from .conftest import compose
+from ..conftest import compose
 
 ALL_OFF = dict(photometric=False, expand=False, crop=False, flip=False)
 

@@ -12,8 +12,8 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from engine.distributed import config_differences, flatten
 from train import resolve_ckpt_path, scale_learning_rate
 
-from .conftest import ROOT, TINY, compose
-from .preloaded import run_python
+from ..conftest import ROOT, TINY, compose
+from ..preloaded import run_python
 
 DDP_RUN = (*TINY, "trainer=ddp_sim", "trainer.max_epochs=1", "data.num_train=32", "data.num_val=19",
            "data.val_batch_size=5", "model.scheduler.warmup_steps=0")  # batches of ≥ 2: GroupNorm on the 1×1 P7

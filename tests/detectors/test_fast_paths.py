@@ -17,7 +17,7 @@ from detectors.batch import collate_detection
 from detectors.retinanet import RetinaNetHead
 from detectors.yolo import ResponsiblePredictorAssigner
 
-from .conftest import TINY, compose
+from ..conftest import TINY, compose
 
 
 def _randomise_frozen_statistics(net: torch.nn.Module, seed: int) -> None:

@@ -19,8 +19,8 @@ from datamodules.images import ImageReadError, read_image
 from datamodules.transforms import ResizeTo, ShortSideAugmentation, ShortSideResize, SSDAugmentation, YOLOAugmentation
 from datamodules.voc import VOC_CLASSES, VOCDataset, VOCFormatError
 
-from .conftest import ROOT
-from .preloaded import run_python
+from ..conftest import ROOT
+from ..preloaded import run_python
 from .test_coco import CATEGORIES, ann, image, write_coco
 from .test_voc import obj, rgb, voc_xml, write_devkit
 
@@ -59,7 +59,7 @@ CORRUPT_PNGS = """
 import sys, zlib
 import numpy as np
 from datamodules.images import ImageReadError, read_image
-from tests.test_bad_inputs import encoded, noise, png_with_missing_rows
+from tests.datamodules.test_bad_inputs import encoded, noise, png_with_missing_rows
 folder = sys.argv[1]
 files = {"short": png_with_missing_rows(100, 100, rows=10)}
 clean = encoded(noise(), "PNG")

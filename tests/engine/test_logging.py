@@ -17,7 +17,7 @@ from PIL import Image
 from engine.loggers import finish_loggers, wandb_logger, wandb_mode
 from evaluation.visualization import class_colors, plot_pr_curves, prediction_grid
 
-from .conftest import TINY, compose
+from ..conftest import TINY, compose
 
 NAMES = ["ellipse", "rectangle", "triangle", "cross", "diamond"]
 
