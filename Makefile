@@ -23,7 +23,7 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n auto --maxprocesses 4 $(ARGS)
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
