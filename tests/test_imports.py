@@ -1,0 +1,29 @@
+"""Each package imports on its own, in a fresh interpreter, whatever is imported first; the models' parts load no
+Lightning (the suite's own imports hide both: conftest imports everything before any test runs)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+def fresh_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_the_metrics_import_first_without_a_cycle():
+    # evaluation.metrics reads detectors' boxes; the Detector reads the metrics: a cycle while it was eager
+    done = fresh_python("import evaluation.metrics")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_parts_load_no_lightning_and_the_detector_loads_on_first_use():
+    done = fresh_python("import sys, detectors.retinanet, detectors.ssd, detectors.yolo, detectors.boxes\n"
+                        "assert not any(m.startswith('lightning') for m in sys.modules), 'lightning imported'\n"
+                        "from detectors import Detector\n"
+                        "import lightning\n"
+                        "assert issubclass(Detector, lightning.LightningModule)")
+    assert done.returncode == 0, done.stderr[-2000:]
