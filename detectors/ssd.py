@@ -320,9 +320,9 @@ class BestMatchIoUAssigner:
     Both objects' best box is d0; A overlaps it more and keeps it. Then d1 (best IoU 0.55 > 0.5, with A) is A's
     too; d2 (0.40) and d3 are background. B is left without a positive here: its best box went to A.
 
-    ``fast=False`` runs the rule as written above, with a dense (B, M, N) mask of the objects' claims. The default
-    resolves the M claims by scatters onto (B, N) instead; the two give equal labels and boxes
-    (``tests/detectors/test_assigner.py``).
+    ``fast=False`` resolves the claims as written above, with a dense (B, M, N) mask (``resolve_claims_plain``).
+    The default resolves the M claims by scatters onto (B, N) instead (``resolve_claims``); the two give equal
+    labels and boxes (``tests/detectors/test_assigner.py``).
     """
 
     def __init__(self, pos_iou: float = 0.5, crowd_ioa: float | None = CROWD_IOA, fast: bool = True) -> None:
@@ -331,28 +331,18 @@ class BestMatchIoUAssigner:
     @torch.no_grad()
     def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
                  outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        if not self.fast:
-            return self.assign_plain(priors, targets, num_classes)
         gt_ok = targets.valid & ~targets.crowd  # (B, M)
         iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
         if priors.ignored is not None:
             iou.masked_fill_(priors.ignored[None, None, :], -1.0)  # ignored priors are nobody's best match
         iou.masked_fill_(~gt_ok[..., None], -1.0)
+        # 1. each object claims the box it overlaps most (a claim needs IoU > 0); of several claims on one box
+        # the highest IoU wins, then the lower object index
+        claim_iou, claim_gt = (self.resolve_claims if self.fast else self.resolve_claims_plain)(iou, gt_ok)
+        # 2. every other box is positive for the object it overlaps most, when that IoU is > pos_iou
         best_iou, best_gt = iou.max(dim=1)  # (B, N)
-
-        # each object's best prior; among several claimants of one prior the higher IoU (then the lower index)
-        # wins. Claims are B·M points, so they are resolved by scatters on (B, N), not a (B, M, N) mask
-        best_prior = iou.argmax(dim=2)  # (B, M)
-        claim = torch.gather(iou, 2, best_prior[..., None])[..., 0]  # (B, M)
-        claim = claim.masked_fill(~((claim > 0) & gt_ok), -1.0)
-        claim_iou = torch.full_like(best_iou, -1.0).scatter_reduce_(1, best_prior, claim, "amax")
-        wins = (claim > 0) & (claim == torch.gather(claim_iou, 1, best_prior))
-        gt_index = torch.arange(iou.shape[1], device=iou.device).expand_as(best_prior)
-        claim_gt = torch.full_like(best_gt, iou.shape[1]).scatter_reduce_(
-            1, best_prior, gt_index.masked_fill(~wins, iou.shape[1]), "amin")
         claimed = claim_iou > 0
         best_gt = torch.where(claimed, claim_gt, best_gt)
-
         positive = claimed | (best_iou > self.pos_iou)
         labels = torch.where(positive, torch.gather(targets.labels, 1, best_gt), num_classes)
         labels = ignore_crowd_regions(labels, priors.boxes, targets, num_classes, self.crowd_ioa)
@@ -360,30 +350,28 @@ class BestMatchIoUAssigner:
             labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
         return {"labels": labels, "boxes": matched_boxes(targets.boxes, best_gt)}
 
-
-    def assign_plain(self, priors: Priors, targets: DetectionBatch, num_classes: int) -> dict[str, Tensor]:
-        """The matching rule as the paper states it, on a dense (B, M, N) mask of claims: the reference for the
-        scatters above."""
-        gt_ok = targets.valid & ~targets.crowd
-        iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
-        if priors.ignored is not None:
-            iou.masked_fill_(priors.ignored[None, None, :], -1.0)
-        iou.masked_fill_(~gt_ok[..., None], -1.0)
-        # 1. each object claims the box it overlaps most (a claim needs IoU > 0)
+    @staticmethod
+    def resolve_claims_plain(iou: Tensor, gt_ok: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, N) the winning claim's IoU on each box (−1: unclaimed) and its object, from a dense (B, M, N) mask
+        of the objects' claims: the rule as written, the reference for ``resolve_claims``."""
         claims = torch.zeros_like(iou, dtype=torch.bool).scatter_(2, iou.argmax(dim=2, keepdim=True), True)
         claims &= (iou > 0) & gt_ok[..., None]
-        # of several claims on one box, the highest IoU wins (then the lower object index: max's first)
-        claim_iou, claim_gt = iou.masked_fill(~claims, -1.0).max(dim=1)  # (B, N)
-        # 2. every other box is positive for the object it overlaps most, when that IoU is > pos_iou
-        best_iou, best_gt = iou.max(dim=1)
-        claimed = claim_iou > 0
-        best_gt = torch.where(claimed, claim_gt, best_gt)
-        positive = claimed | (best_iou > self.pos_iou)
-        labels = torch.where(positive, torch.gather(targets.labels, 1, best_gt), num_classes)
-        labels = ignore_crowd_regions(labels, priors.boxes, targets, num_classes, self.crowd_ioa)
-        if priors.ignored is not None:
-            labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
-        return {"labels": labels, "boxes": torch.gather(targets.boxes, 1, best_gt[..., None].expand(-1, -1, 4))}
+        return iou.masked_fill(~claims, -1.0).max(dim=1)  # max: the first (lowest) object of equal claims
+
+    @staticmethod
+    def resolve_claims(iou: Tensor, gt_ok: Tensor) -> tuple[Tensor, Tensor]:
+        """``resolve_claims_plain`` without the (B, M, N) mask: the claims are B·M points, resolved by scatters on
+        (B, N). Where no claim wins, the object index is M (unused: such boxes are not claimed)."""
+        best_prior = iou.argmax(dim=2)  # (B, M)
+        claim = torch.gather(iou, 2, best_prior[..., None])[..., 0]  # (B, M)
+        claim = claim.masked_fill(~((claim > 0) & gt_ok), -1.0)
+        num_gt = iou.shape[1]
+        claim_iou = iou.new_full((iou.shape[0], iou.shape[2]), -1.0).scatter_reduce_(1, best_prior, claim, "amax")
+        wins = (claim > 0) & (claim == torch.gather(claim_iou, 1, best_prior))
+        gt_index = torch.arange(num_gt, device=iou.device).expand_as(best_prior)
+        claim_gt = torch.full_like(claim_iou, num_gt, dtype=torch.long).scatter_reduce_(
+            1, best_prior, gt_index.masked_fill(~wins, num_gt), "amin")
+        return claim_iou, claim_gt
 
 
 class MultiBoxLoss:

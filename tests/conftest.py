@@ -70,6 +70,18 @@ def assert_same_detections(ours, theirs, label_offset: int = 0, min_detections: 
         assert torch.equal(o["labels"] + label_offset, t["labels"])
 
 
+def detections_in_float64(ours, theirs, images: list) -> tuple[list, list]:
+    """(our detections, torchvision's) of uint8 ``images`` with both models in float64: ours reads the uint8 batch,
+    torchvision's the same pixels as float [0, 1], as its data loader would give them."""
+    from detectors.batch import collate_detection
+
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    batch = collate_detection([(im, {**empty, "image_id": torch.tensor(i)}) for i, im in enumerate(images)])
+    ours.double(), theirs.double()
+    with torch.no_grad():
+        return ours.detect(batch), theirs([im.double() / 255 for im in images])
+
+
 def float32_box_atol(model) -> float:
     """The box tolerance for a float64 ``model`` whose detections passed through our float32 decode: a few float32
     roundings of the largest coordinate involved, its priors' (those of the one input size it has seen)."""

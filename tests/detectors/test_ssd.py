@@ -17,7 +17,7 @@ from detectors.priors import Priors
 from detectors.ssd import (SSD300_LAYERS, BestMatchIoUAssigner, DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess,
                            VGG16Atrous, default_box_scales, load_vgg16_weights, torchvision_ssd_state_dict)
 
-from ..conftest import assert_same_detections, compose, float32_box_atol
+from ..conftest import assert_same_detections, compose, detections_in_float64, float32_box_atol
 
 SSD300_MAPS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 
@@ -236,12 +236,7 @@ def test_imported_torchvision_weights_give_torchvision_detections():
     ours.load_state_dict(torchvision_ssd_state_dict(theirs.state_dict()), strict=True)
     g = torch.Generator().manual_seed(5)
     images = [torch.randint(0, 256, (3, 300, 300), generator=g, dtype=torch.uint8)]  # one: float64 VGG16 is slow
-    batch = collate_detection([(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
-                                     "image_id": torch.tensor(i)}) for i, im in enumerate(images)])
-    ours.double(), theirs.double()
-    with torch.no_grad():
-        expected = theirs([im.double() / 255 for im in images])
-        got = ours.detect(batch)
+    got, expected = detections_in_float64(ours, theirs, images)
     assert_same_detections(got, expected, label_offset=1, min_detections=20,  # torchvision: background = 0
                            box_atol=float32_box_atol(ours), score_atol=1e-6)
 

@@ -4,10 +4,9 @@ import torch
 from hydra.utils import instantiate
 from torchvision.models.detection import retinanet_resnet50_fpn
 
-from detectors.batch import collate_detection
 from detectors.retinanet import torchvision_retinanet_state_dict
 
-from ..conftest import assert_same_detections, compose, float32_box_atol
+from ..conftest import assert_same_detections, compose, detections_in_float64, float32_box_atol
 
 
 # The claim is exact, so both networks run in float64: in float32 the kernels' summation order (NCHW or NHWC,
@@ -32,10 +31,5 @@ def test_imported_torchvision_weights_give_torchvision_detections():
 
     g = torch.Generator().manual_seed(3)
     images = [torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8) for _ in range(2)]
-    batch = collate_detection([(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
-                                     "image_id": torch.tensor(i)}) for i, im in enumerate(images)])
-    ours.double(), theirs.double()
-    with torch.no_grad():
-        expected = theirs([im.double() / 255 for im in images])
-        got = ours.detect(batch)
+    got, expected = detections_in_float64(ours, theirs, images)
     assert_same_detections(got, expected, box_atol=float32_box_atol(ours), score_atol=1e-6)
