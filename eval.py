@@ -57,38 +57,32 @@ def eval_data_config(data: DictConfig | None, checkpoint: dict[str, Any], ckpt_p
 
 
 class RecordDetections(L.Callback):
-    """Keeps, for the result files, what each validation batch gave the metrics: the detections of the same forward
-    pass (``pl_module.detect`` is wrapped for the validation, as ``validation_step`` passes them straight to the
-    metrics), the data set indices, original image sizes and targets. Gathered onto every rank at the end."""
+    """Keeps, for the result files, what each validation batch gave the metrics: the detections
+    ``validation_step`` returns (the same forward pass), the data set indices, original image sizes and targets.
+    Gathered onto every rank at the end."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.records = []
-        detect = pl_module.detect
 
-        def recording(batch: DetectionBatch) -> list[dict[str, torch.Tensor]]:
-            detections = detect(batch)
-            targets = batch.targets_in_original_frame()
-            # the original size: input size ÷ scale (the image's own pixels, which boxes are reported in)
-            sizes = (batch.image_sizes.double() / batch.scales.double().to(batch.image_sizes.device)).round().long()
-            for i, det in enumerate(detections):
-                self.records.append({"index": int(batch.image_ids[i]), "size": sizes[i].tolist(),
-                                     "detection": {k: v.detach().cpu() for k, v in det.items()},
-                                     "target": {k: v.detach().cpu() for k, v in targets[i].items()}})
-            return detections
-
-        pl_module.detect = recording
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                outputs: list[dict[str, torch.Tensor]], batch: DetectionBatch, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        targets = batch.targets_in_original_frame()
+        # the original size: input size ÷ scale (the image's own pixels, which boxes are reported in)
+        sizes = (batch.image_sizes.double() / batch.scales.double().to(batch.image_sizes.device)).round().long()
+        for i, det in enumerate(outputs):
+            self.records.append({"index": int(batch.image_ids[i]), "size": sizes[i].tolist(),
+                                 "detection": {k: v.detach().cpu() for k, v in det.items()},
+                                 "target": {k: v.detach().cpu() for k, v in targets[i].items()}})
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size > 1:  # each rank validated its own images (the data module never repeats one)
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, self.records)
             self.records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        del pl_module.detect  # the class's method again
 
 
 def coco_ground_truth(records: list[dict[str, Any]], class_names: list[str]) -> dict[str, Any]:
@@ -165,7 +159,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if not trainer.is_global_zero:
         return metrics
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    written = write_results(recorder.records, datamodule.val_set, list(model.class_names), output_dir)
+    written = write_results(recorder.records, datamodule.val_set, list(model.net.class_names), output_dir)
     curves = model.val_metrics.pr_curves
     if cfg.get("plot", True) and curves:
         plot_pr_curves(curves, output_dir / "pr_curve.png",

@@ -1,7 +1,7 @@
 """Export a checkpoint: `python export.py ckpt_path=<file.ckpt> format=onnx|torchscript [input_size=[h,w]]`.
 
 What is in the file: the network, uint8 images (B, 3, H, W) at the fixed input size → the head's raw outputs
-(named as `Detector.forward` returns them: `cls_logits`/`box_deltas`, or YOLO's `box`/`confidence`/`class_probs`)
+(named as `DenseDetector.forward` returns them: `class_scores`, `box_deltas` and YOLO's `objectness`)
 and `priors` (N, 4), the prior boxes of that input size (a constant). The batch size is free. Normalisation is
 inside; class names, input size, preprocessing and post-processing settings are in the file's metadata (ONNX
 metadata_props / TorchScript extra file "detector.json").
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 from datamodules.transforms import Preprocess
+from detectors import DenseDetector
 from detectors.batch import DetectionBatch, collate_detection
 from detectors.priors import Priors
 from engine.checkpoint_loading import build_model, load_checkpoint, resolve_preprocessing, training_data_config
@@ -41,28 +42,28 @@ for _name in ("onnx_ir", "onnxscript"):  # their graph passes log every rewrite 
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 METADATA_KEY = "detector"  # the ONNX metadata_props key; TorchScript: extra file "detector.json"
+# files exported before the heads' outputs had one set of names for the three papers
+RENAMED_OUTPUTS = {"cls_logits": "class_scores", "box": "box_deltas", "confidence": "objectness",
+                   "class_probs": "class_scores"}
 CHECK_TOLERANCE = 1e-3  # |exported − PyTorch| ≤ tol · (1 + |PyTorch|) on the raw outputs: float32 re-ordering only
 
 
 class ExportableNetwork(nn.Module):
-    """The detector up to its raw outputs, for one input size: normalise, backbone, head; plus the priors of
-    that size, computed once here (a buffer, so the file holds them as a constant)."""
+    """The network's forward (normalise, backbone, head, in its layout) for one input size, its outputs as a tuple
+    in name order, plus the priors of that size, computed once here (a buffer: the file holds them as a constant)."""
 
-    def __init__(self, model: nn.Module, input_size: tuple[int, int]) -> None:
+    def __init__(self, net: DenseDetector, input_size: tuple[int, int]) -> None:
         super().__init__()
-        self.backbone, self.head = model.backbone, model.head
-        self.register_buffer("pixel_mean", model.pixel_mean.detach().clone())
-        self.register_buffer("pixel_std", model.pixel_std.detach().clone())
+        self.net = net
         with torch.no_grad():  # one pass tells the output names and the feature sizes the priors depend on
-            probe = torch.zeros((2, 3, *input_size), dtype=torch.uint8, device=model.pixel_mean.device)
-            outputs, priors = model(probe)
+            probe = torch.zeros((2, 3, *input_size), dtype=torch.uint8, device=net.pixel_mean.device)
+            outputs, priors = net(probe)
         self.output_names = sorted(outputs)
         self.level_sizes = [int(n) for n in priors.level_sizes]
         self.register_buffer("prior_boxes", priors.boxes.detach().float().clone())
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        x = (images.float() - self.pixel_mean) / self.pixel_std
-        outputs = self.head(self.backbone(x))
+        outputs, _ = self.net(images)
         # the priors as a computed output (not the bare buffer): ONNX graph outputs must be produced by a node
         return (*(outputs[name] for name in self.output_names), self.prior_boxes * 1.0)
 
@@ -128,7 +129,7 @@ def export_torchscript(network: ExportableNetwork, example: Tensor, path: Path, 
 
 
 class ExportedDetector:
-    """Runs an exported file like ``Detector.detect``: ``detect(images)`` takes uint8 (3, h, w) images of any
+    """Runs an exported file like ``DenseDetector.detect``: ``detect(images)`` takes uint8 (3, h, w) images of any
     size and gives per-image ``boxes`` (xyxy, the image's own pixels), ``scores``, ``labels``. The validation
     transform, padding to the input size and the post-processing run in Python from the file's metadata
     (``postprocess`` overrides merge onto its settings, e.g. ``{"score_thresh": 0.3}``). ONNX runs on
@@ -162,7 +163,7 @@ class ExportedDetector:
         self.postprocess = instantiate({**self.meta["postprocess"], **(postprocess or {})})
 
     def run(self, images: Tensor) -> tuple[dict[str, Tensor], Priors]:
-        """uint8 (B, 3, H, W) at the input size → raw outputs by name and the priors (``Detector.forward``'s)."""
+        """uint8 (B, 3, H, W) at the input size → raw outputs by name and the priors (``DenseDetector.forward``'s)."""
         if tuple(images.shape[-2:]) != self.input_size or images.dtype != torch.uint8:
             raise ValueError(f"{self.path} takes uint8 images of {list(self.input_size)}; got {images.dtype} "
                              f"{list(images.shape[-2:])}")
@@ -171,7 +172,8 @@ class ExportedDetector:
                 values = [v.cpu() for v in self.module(images.cpu())]
         else:
             values = [torch.from_numpy(v) for v in self.session.run(None, {"images": images.cpu().numpy()})]
-        outputs = dict(zip(self.meta["outputs"], values[:-1], strict=True))
+        names = [RENAMED_OUTPUTS.get(name, name) for name in self.meta["outputs"]]
+        outputs = dict(zip(names, values[:-1], strict=True))
         return outputs, Priors(values[-1], list(self.meta["level_sizes"]))
 
     def batch(self, images: Sequence[Tensor]) -> DetectionBatch:
@@ -226,9 +228,9 @@ def export(cfg: DictConfig) -> Path:
     if input_size != size:
         log.info("input_size %s padded to %s (size_divisible %d)", list(size), list(input_size), size_divisible)
     model = build_model(checkpoint, ckpt_path, cfg.get("model"), trusted=bool(cfg.get("trust_checkpoint")))
-    network = ExportableNetwork(model, input_size).eval()
+    network = ExportableNetwork(model.net, input_size).eval()
     metadata = json.dumps({
-        "class_names": list(model.class_names), "input_size": list(input_size), "outputs": network.output_names,
+        "class_names": list(model.net.class_names), "input_size": list(input_size), "outputs": network.output_names,
         "level_sizes": network.level_sizes, "val_transform": transform, "size_divisible": size_divisible,
         "postprocess": model.model_config["postprocess"], "checkpoint": str(ckpt_path), "format": fmt})
     path = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / f"model{FORMATS[fmt]}"

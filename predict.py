@@ -139,8 +139,9 @@ def predict(cfg: DictConfig) -> Path:
     transform, size_divisible, source = resolve_preprocessing(cfg.get("data"), checkpoint, ckpt_path)
     preprocess = Preprocess(transform, size_divisible)
     device = pick_device(str(cfg.device))
-    model = build_model(checkpoint, ckpt_path, cfg.get("model"), trusted=bool(cfg.get("trust_checkpoint"))).to(device)
-    names = list(model.class_names)
+    detector = build_model(checkpoint, ckpt_path, cfg.get("model"), trusted=bool(cfg.get("trust_checkpoint"))).net
+    detector.to(device)
+    names = list(detector.class_names)
     log.info("%d image(s) from %s; transform %s (from %s); %s on %s", len(files), cfg.input, preprocess, source,
              Path(ckpt_path).name, device)
 
@@ -151,7 +152,7 @@ def predict(cfg: DictConfig) -> Path:
     drawn = 0
     with tqdm(total=len(files), unit="img", desc="predict") as bar:
         for batch, originals in loader:
-            detections = model.detect(move_data_to_device(batch, device))
+            detections = detector.detect(move_data_to_device(batch, device))
             for i, det in enumerate(detections):
                 index = int(batch.image_ids[i])
                 det = {k: v.detach().cpu() for k, v in det.items()}

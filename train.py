@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 from engine import layout, memory
 from engine.checkpoint_loading import finetune_from
+from engine.detection_module import DetectionModule
 from engine.distributed import SameConfigOnEveryRank, launches_its_own_processes
 from engine.loggers import finish_loggers
 
@@ -111,7 +112,7 @@ def scale_learning_rate(cfg: DictConfig, trainer: L.Trainer) -> bool:
     return True
 
 
-def check_memory(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule
+def check_memory(cfg: DictConfig, trainer: L.Trainer, model: DetectionModule, datamodule: L.LightningDataModule
                  ) -> None:
     """memory_check: estimate the run's peak memory from probe steps (engine/memory.py) and stop before the first
     step if it cannot fit; data.batch_size=auto becomes the largest batch that fits (in cfg and the datamodule).
@@ -132,7 +133,7 @@ def check_memory(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, 
     available = memory.available_memory(device) / share
     train_input = memory.input_settings(datamodule.train_transform)
     common = dict(available=available, autocast=trainer.precision_plugin.forward_context, device=device)
-    estimate = memory.training_estimate(model, datamodule.train_set, datamodule.train_transform,
+    estimate = memory.training_estimate(model.net, datamodule.train_set, datamodule.train_transform,
                                         datamodule.size_divisible, batch_size=None if auto else cfg.data.batch_size,
                                         optimizer=model.optimizer_factory, num_workers=datamodule.num_workers,
                                         **common)
@@ -146,7 +147,7 @@ def check_memory(cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, 
     warnings = [memory.check_batch(estimate, cfg.data.batch_size, available, train_input)]
     val_key = "data.val_batch_size" if cfg.data.get("val_batch_size") else "data.batch_size"
     if datamodule.val_set is not None and trainer.limit_val_batches != 0:
-        val = memory.validation_estimate(model, datamodule.val_set, datamodule.val_transform,
+        val = memory.validation_estimate(model.net, datamodule.val_set, datamodule.val_transform,
                                          datamodule.size_divisible, batch_size=datamodule.val_batch_size, **common)
         warnings.append(memory.check_batch(val, datamodule.val_batch_size, available,
                                            memory.input_settings(datamodule.val_transform, "data.val_transform"),
@@ -177,7 +178,7 @@ def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbac
     output_dir = Path(cfg.paths.output_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     refuse_multirun_with_own_processes(trainer)
-    model = instantiate(cfg.model)
+    model = DetectionModule.from_config(OmegaConf.to_container(cfg.model, resolve=True))
     check_memory(cfg, trainer, model, datamodule)  # before lr_scaling: it reads the batch size auto chooses
     # model.channels_last=auto: rank 0 measures at setup, every rank takes its answer (engine/layout.py)
     trainer.callbacks.append(layout.ChannelsLastAuto(int(cfg.data.batch_size),
@@ -185,14 +186,13 @@ def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbac
     # every rank's config is compared with rank 0's at setup; added once data.batch_size=auto is resolved
     trainer.callbacks.append(SameConfigOnEveryRank(OmegaConf.to_container(cfg, resolve=True)))
     if scale_learning_rate(cfg, trainer):
-        model.optimizer_factory = instantiate(cfg.model.optimizer)
-    model.model_config = OmegaConf.to_container(cfg.model, resolve=True)
-    model.data_config = OmegaConf.to_container(cfg.data, resolve=True)
+        model.use_optimizer(OmegaConf.to_container(cfg.model.optimizer, resolve=True))
+    model.data_config = OmegaConf.to_container(cfg.data, resolve=True)  # with the batch size auto chose
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, cfg.paths.output_dir)
     if cfg.model.get("finetune_from") and ckpt_path is None:  # a resumed run restores its own weights instead
         finetune_from(model, cfg.model.finetune_from)
     if cfg.get("compile"):
-        model.compile_parts()
+        model.net.compile_parts()
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

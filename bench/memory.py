@@ -2,7 +2,7 @@
 show that nothing accumulates from one epoch to the next (slow: a few minutes on 2 CPU cores; not a test).
 
 * evaluation: ``DetectionMetrics`` fed 5,000 images × 100 detections per "epoch", then ``compute`` and ``reset``,
-  as ``Detector.on_validation_epoch_end`` does; RSS after each of 5 evaluations.
+  as ``DetectionModule.on_validation_epoch_end`` does; RSS after each of 5 evaluations.
 * training: the tiny RetinaNet of tests/conftest.py (``TINY``) for 20 short epochs, each with its validation, in a
   Lightning ``Trainer`` with the CSV logger; RSS at the end of each epoch.
 

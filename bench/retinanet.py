@@ -85,7 +85,7 @@ def loss_cases(fx: Fixture, device: torch.device):
         deltas = fx.deltas.detach().requires_grad_()
         with torch.no_grad():
             assigned = assigner(fx.priors, fx.batch, fx.num_classes)
-        losses = loss({"cls_logits": logits, "box_deltas": deltas}, assigned, fx.priors)
+        losses = loss({"class_scores": logits, "box_deltas": deltas}, assigned, fx.priors)
         sum(losses.values()).backward()
 
     # the floor: read the logits twice (forward, backward) and write their gradient once
@@ -100,7 +100,7 @@ def postprocess_cases(fx: Fixture, device: torch.device):
     split_anchors = [list(fx.priors.boxes.split(sizes))] * len(fx.batch)
     image_shapes = [(fx.image_size, fx.image_size)] * len(fx.batch)
     ours = RetinaNetPostprocess(score_thresh=0.05, topk_per_level=1000, nms_thresh=0.5, max_detections=100)
-    outputs = {"cls_logits": fx.logits, "box_deltas": fx.deltas}
+    outputs = {"class_scores": fx.logits, "box_deltas": fx.deltas}
 
     @torch.no_grad()
     def run_torchvision():

@@ -85,7 +85,7 @@ def loss_cases(fx: Fixture, device: torch.device):
         deltas = fx.deltas.detach().requires_grad_()
         with torch.no_grad():
             assigned = assigner(fx.priors, fx.batch, fx.num_classes)
-        losses = loss({"cls_logits": logits, "box_deltas": deltas}, assigned, fx.priors)
+        losses = loss({"class_scores": logits, "box_deltas": deltas}, assigned, fx.priors)
         sum(losses.values()).backward()
 
     floor_bytes = 3 * fx.logits.numel() * fx.logits.element_size()
@@ -104,6 +104,6 @@ def postprocess_cases(fx: Fixture, device: torch.device):
         return tv.postprocess_detections({"cls_logits": fx.logits, "bbox_regression": fx.deltas}, anchors, shapes)
 
     def run_ours():
-        return ours({"cls_logits": fx.logits, "box_deltas": fx.deltas}, fx.priors, fx.batch.image_sizes)
+        return ours({"class_scores": fx.logits, "box_deltas": fx.deltas}, fx.priors, fx.batch.image_sizes)
 
     return run_torchvision, run_ours

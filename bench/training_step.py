@@ -48,6 +48,7 @@ from torch import Tensor, nn
 import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 from detectors.batch import DetectionBatch, collate_detection
 from engine import layout
+from engine.detection_module import DetectionModule
 
 @dataclass
 class StepCase:
@@ -149,12 +150,13 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _make_case(ours: nn.Module, theirs: nn.Module, to_ours: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+def _make_case(module: DetectionModule, theirs: nn.Module, to_ours: Callable[[dict[str, Tensor]], dict[str, Tensor]],
                samples: list[tuple[Tensor, dict[str, Tensor]]], label_offset: int, size_divisible: int,
                device: torch.device, autocast: torch.dtype | None = None, channels_last: bool | None = None
                ) -> StepCase:
     """``channels_last``: None runs ours in its config's layout (``auto``: the faster one, timed here first); True
     makes both sides NHWC, False both NCHW."""
+    ours = module.net
     ours.load_state_dict(to_ours(theirs.state_dict()), strict=True)
     ours, theirs = ours.to(device).train(), theirs.to(device).train()
     if channels_last is not None:
@@ -163,7 +165,7 @@ def _make_case(ours: nn.Module, theirs: nn.Module, to_ours: Callable[[dict[str, 
         theirs = theirs.to(memory_format=torch.channels_last)
     batch = collate_detection(samples, size_divisible)
     batch = DetectionBatch(**{k: v.to(device) for k, v in vars(batch).items()})
-    if channels_last is None and ours.channels_last_auto:  # the config's `auto`, resolved here as train.py does
+    if channels_last is None and module.channels_last_auto:  # the config's `auto`, resolved here as train.py does
         amp = partial(torch.autocast, device.type, dtype=autocast) if autocast else nullcontext
         seconds = layout.time_layouts(ours, batch, ours.use_channels_last, amp)
         ours.use_channels_last(seconds[True] < seconds[False])
@@ -171,7 +173,7 @@ def _make_case(ours: nn.Module, theirs: nn.Module, to_ours: Callable[[dict[str, 
               f"channels-last, {seconds[False]:.3f} s NCHW)", flush=True)
     images = [img.to(device).float().div_(255) for img, _ in samples]
     targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device) + label_offset} for _, t in samples]
-    ours_opt = ours.optimizer_factory(_trainable(ours))
+    ours_opt = module.optimizer_factory(_trainable(ours))
     return StepCase(ours, theirs, batch, images, targets, ours_opt, _sgd_like(ours_opt, _trainable(theirs)), to_ours,
                     label_offset, autocast)
 

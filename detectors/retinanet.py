@@ -18,6 +18,7 @@ from .boxes import BoxCoder, batched_box_iou
 from .losses import box_regression_loss, focal_loss_dense, focal_loss_sparse
 from .postprocess import nms_per_image, topk_per_group
 from .priors import PriorGenerator, Priors, flatten_predictions
+from .protocols import HeadOutputs
 
 
 class AnchorGenerator(PriorGenerator):
@@ -121,8 +122,8 @@ class RetinaNetHead(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_probability) / prior_probability))
 
-    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
-        return {"cls_logits": self.classify(features), "box_deltas": self.box_deltas(features)}
+    def forward(self, features: list[Tensor]) -> HeadOutputs:
+        return {"class_scores": self.classify(features), "box_deltas": self.box_deltas(features)}
 
     def classify(self, features: list[Tensor]) -> Tensor:
         """Class logits (B, N, K) of every anchor."""
@@ -221,6 +222,8 @@ class MaxIoUAssigner:
     ignored; and ``boxes`` (B, N, 4): the matched ground-truth box of every prior (meaningful for positives).
     """
 
+    uses_predictions = False
+
     def __init__(self, pos_iou: float = 0.5, neg_iou: float = 0.4, low_quality_matches: bool = True,
                  crowd_ioa: float | None = CROWD_IOA, cpu_block: int | None = 4096) -> None:
         if neg_iou > pos_iou:
@@ -233,7 +236,7 @@ class MaxIoUAssigner:
 
     @torch.no_grad()
     def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
-                 outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+                 outputs: HeadOutputs | None = None) -> dict[str, Tensor]:
         gt_ok = targets.valid & ~targets.crowd  # (B, M)
         n = priors.boxes.shape[0]
         block = n if self.cpu_block is None or priors.boxes.device.type != "cpu" else self.cpu_block
@@ -292,8 +295,8 @@ class RetinaNetLoss:
         self.fused = fused
         box_regression_loss(torch.zeros(1), torch.zeros(1), box_loss, smooth_l1_beta)  # validate early
 
-    def __call__(self, outputs: dict[str, Tensor], assigned: dict[str, Tensor], priors: Priors) -> dict[str, Tensor]:
-        logits, deltas = outputs["cls_logits"], outputs["box_deltas"]
+    def __call__(self, outputs: HeadOutputs, assigned: dict[str, Tensor], priors: Priors) -> dict[str, Tensor]:
+        logits, deltas = outputs["class_scores"], outputs["box_deltas"]
         labels = assigned["labels"]
         positive = self.box_deltas_used(assigned, logits.shape[-1])
         num_pos = positive.sum().clamp(min=1).float()
@@ -331,8 +334,8 @@ class RetinaNetPostprocess:
         self.box_coder = box_coder or BoxCoder()
 
     @torch.no_grad()
-    def __call__(self, outputs: dict[str, Tensor], priors: Priors, image_sizes: Tensor) -> list[dict[str, Tensor]]:
-        logits, deltas = outputs["cls_logits"], outputs["box_deltas"]
+    def __call__(self, outputs: HeadOutputs, priors: Priors, image_sizes: Tensor) -> list[dict[str, Tensor]]:
+        logits, deltas = outputs["class_scores"], outputs["box_deltas"]
         b, n, num_classes = logits.shape
         # sigmoid(x) > t ⇔ x > logit(t); a hair lower here, the exact test on the survivors' sigmoid below
         t = min(max(self.score_thresh, 1e-12), 1 - 1e-12)
@@ -364,7 +367,7 @@ def _torchvision_head_key(key: str) -> str:
 
 
 def torchvision_retinanet_state_dict(tv_state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map a ``torchvision.models.detection.retinanet_resnet50_fpn`` state dict onto our ``Detector``.
+    """Map a ``torchvision.models.detection.retinanet_resnet50_fpn`` state dict onto our ``DenseDetector``.
 
     Fine-tune from torchvision's COCO weights with::
 

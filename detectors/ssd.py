@@ -22,6 +22,7 @@ from .batch import DetectionBatch
 from .boxes import BoxCoder, batched_box_iou
 from .postprocess import capped_nms_per_image, nms_per_image, topk_per_group
 from .priors import PriorGenerator, Priors, flatten_predictions
+from .protocols import HeadOutputs
 
 # Source layers in the order the paper lists them (Fig. 2); SSD512 adds conv12_2.
 SSD300_LAYERS = ("conv4_3", "conv7", "conv8_2", "conv9_2", "conv10_2", "conv11_2")
@@ -284,6 +285,8 @@ class SSDHead(nn.Module):
     """One 3×3 convolution per source layer for the K+1 class scores and one for the 4 offsets of each of
     its default boxes (§2.1 "Convolutional predictors"); background is class 0."""
 
+    sparse_box_training = False  # training computes every default box's offsets (a cheap 3×3 conv per layer)
+
     def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], num_classes: int) -> None:
         super().__init__()
         self.num_classes = num_classes + 1
@@ -295,10 +298,10 @@ class SSDHead(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
+    def forward(self, features: list[Tensor]) -> HeadOutputs:
         cls = [flatten_predictions(conv(f), self.num_classes) for conv, f in zip(self.cls, features)]
         box = [flatten_predictions(conv(f), 4) for conv, f in zip(self.box, features)]
-        return {"cls_logits": torch.cat(cls, 1), "box_deltas": torch.cat(box, 1)}
+        return {"class_scores": torch.cat(cls, 1), "box_deltas": torch.cat(box, 1)}
 
 
 class BestMatchIoUAssigner:
@@ -325,12 +328,14 @@ class BestMatchIoUAssigner:
     labels and boxes (``tests/detectors/test_assigner.py``).
     """
 
+    uses_predictions = False
+
     def __init__(self, pos_iou: float = 0.5, crowd_ioa: float | None = CROWD_IOA, fast: bool = True) -> None:
         self.pos_iou, self.crowd_ioa, self.fast = pos_iou, crowd_ioa, fast
 
     @torch.no_grad()
     def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
-                 outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+                 outputs: HeadOutputs | None = None) -> dict[str, Tensor]:
         gt_ok = targets.valid & ~targets.crowd  # (B, M)
         iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
         if priors.ignored is not None:
@@ -391,8 +396,8 @@ class MultiBoxLoss:
         self.smooth_l1_beta = smooth_l1_beta
         self.box_coder = BoxCoder(tuple(1.0 / v for v in variances))
 
-    def __call__(self, outputs: dict[str, Tensor], assigned: dict[str, Tensor], priors: Priors) -> dict[str, Tensor]:
-        logits, deltas = outputs["cls_logits"], outputs["box_deltas"]
+    def __call__(self, outputs: HeadOutputs, assigned: dict[str, Tensor], priors: Priors) -> dict[str, Tensor]:
+        logits, deltas = outputs["class_scores"], outputs["box_deltas"]
         labels = assigned["labels"]
         num_classes = logits.shape[-1] - 1
         positive = (labels >= 0) & (labels < num_classes)
@@ -419,6 +424,12 @@ class MultiBoxLoss:
                                     reduction="sum") / n
         return {"loss_cls": loss_cls, "loss_box": self.alpha * loss_box}
 
+    @staticmethod
+    def box_deltas_used(assigned: dict[str, Tensor], num_classes: int) -> Tensor:
+        """(B, N) the default boxes whose offsets L_loc reads: the positives."""
+        labels = assigned["labels"]
+        return (labels >= 0) & (labels < num_classes)
+
 
 class SSDPostprocess:
     """SSD inference (§3 "Inference"; released model): softmax scores per class, score > ``score_thresh``
@@ -439,34 +450,12 @@ class SSDPostprocess:
         self.fast = fast
 
     @torch.no_grad()
-    def __call__(self, outputs: dict[str, Tensor], priors: Priors, image_sizes: Tensor) -> list[dict[str, Tensor]]:
-        logits, deltas = outputs["cls_logits"].float(), outputs["box_deltas"]
-        log_t = math.log(max(self.score_thresh, 1e-30))
-        if self.fast:
-            # p_c ≤ e^x_c / (e^x_0 + e^x_c), so p_c > t needs x_c − x_0 > logit t: boxes where no class
-            # beats the background by that much (nearly all) need no softmax at all
-            t = min(max(self.score_thresh, 1e-30), 1 - 1e-7)
-            margin = logits[..., 1:].amax(dim=-1) - logits[..., 0]
-            may_pass = margin > math.log(t / (1 - t)) - 1e-3
-            if priors.ignored is not None:
-                may_pass &= ~priors.ignored[None, :]
-            box_img, box = torch.nonzero(may_pass, as_tuple=True)
-            rows = logits.reshape(-1, logits.shape[-1]).index_select(0, box_img * logits.shape[1] + box)  # (S, K + 1)
-            log_norm = torch.logsumexp(rows, dim=-1)
-            r, label = torch.nonzero(rows[:, 1:] > (log_norm + log_t - 1e-4)[:, None], as_tuple=True)
-            img, prior = box_img[r], box[r]
-            score = torch.exp(rows[r, label + 1] - log_norm[r])
-        else:
-            # softmax(x)_c > t ⇔ x_c > log t + logsumexp(x): threshold the logits, exponentiate the survivors only
-            log_norm = torch.logsumexp(logits, dim=-1)  # (B, N)
-            if priors.ignored is not None:
-                log_norm = log_norm.masked_fill(priors.ignored[None, :], math.inf)  # no score passes
-            cut = (log_norm + log_t - 1e-4)[..., None]
-            img, prior, label = torch.nonzero(logits[..., 1:] > cut, as_tuple=True)  # labels without background
-            score = torch.exp(logits[img, prior, label + 1] - log_norm[img, prior])
-        ok = score > self.score_thresh  # the exact test (the cut above is a hair lower)
+    def __call__(self, outputs: HeadOutputs, priors: Priors, image_sizes: Tensor) -> list[dict[str, Tensor]]:
+        logits, deltas = outputs["class_scores"].float(), outputs["box_deltas"]
+        img, prior, label, score = (self.candidates_fast if self.fast else self.candidates)(logits, priors)
+        ok = score > self.score_thresh  # the exact test (the candidates' cut is a hair lower)
         img, prior, label, score = img[ok], prior[ok], label[ok], score[ok]
-        # the top-k of each (image, class) among the survivors
+        # the top-k of each (image, class) among the survivors (fast: only when some class has more than k)
         group = img * (logits.shape[-1] - 1) + label
         if not self.fast or (len(group) and int(torch.bincount(group).max()) > self.topk_per_class):
             keep = topk_per_group(score, group, self.topk_per_class)
@@ -480,9 +469,34 @@ class SSDPostprocess:
         return capped_nms_per_image(boxes, score, label, img, image_sizes, self.nms_thresh, self.max_detections,
                                     2 * self.max_detections)
 
+    def candidates(self, logits: Tensor, priors: Priors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(image, prior, label, score) of every class score above about ``score_thresh``, the softmax of every
+        box computed: softmax(x)_c > t ⇔ x_c > log t + logsumexp(x), so only the survivors are exponentiated."""
+        log_norm = torch.logsumexp(logits, dim=-1)  # (B, N)
+        if priors.ignored is not None:
+            log_norm = log_norm.masked_fill(priors.ignored[None, :], math.inf)  # no score passes
+        cut = (log_norm + math.log(max(self.score_thresh, 1e-30)) - 1e-4)[..., None]
+        img, prior, label = torch.nonzero(logits[..., 1:] > cut, as_tuple=True)  # labels without background
+        return img, prior, label, torch.exp(logits[img, prior, label + 1] - log_norm[img, prior])
+
+    def candidates_fast(self, logits: Tensor, priors: Priors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``candidates``, the softmax normaliser computed only for the boxes where some class can pass:
+        p_c ≤ e^x_c / (e^x_0 + e^x_c), so p_c > t needs x_c − x_0 > logit t, which nearly all boxes miss."""
+        t = min(max(self.score_thresh, 1e-30), 1 - 1e-7)
+        margin = logits[..., 1:].amax(dim=-1) - logits[..., 0]
+        may_pass = margin > math.log(t / (1 - t)) - 1e-3
+        if priors.ignored is not None:
+            may_pass &= ~priors.ignored[None, :]
+        box_img, box = torch.nonzero(may_pass, as_tuple=True)
+        rows = logits.reshape(-1, logits.shape[-1]).index_select(0, box_img * logits.shape[1] + box)  # (S, K + 1)
+        log_norm = torch.logsumexp(rows, dim=-1)
+        cut = (log_norm + math.log(max(self.score_thresh, 1e-30)) - 1e-4)[:, None]
+        r, label = torch.nonzero(rows[:, 1:] > cut, as_tuple=True)
+        return box_img[r], box[r], label, torch.exp(rows[r, label + 1] - log_norm[r])
+
 
 def torchvision_ssd_state_dict(tv_state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Map a ``torchvision.models.detection.ssd300_vgg16`` state dict onto our SSD300 ``Detector``::
+    """Map a ``torchvision.models.detection.ssd300_vgg16`` state dict onto our SSD300 ``DenseDetector``::
 
         tv = torchvision.models.detection.ssd300_vgg16(weights="COCO_V1")
         detector.load_state_dict(torchvision_ssd_state_dict(tv.state_dict()))

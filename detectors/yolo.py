@@ -16,6 +16,7 @@ from .backbones import build_resnet, freeze_resnet_stages
 from .batch import DetectionBatch
 from .postprocess import nms_per_image
 from .priors import PriorGenerator, Priors
+from .protocols import HeadOutputs
 
 # Paper Fig. 3: (kernel, filters, stride) per conv, "M" = 2×2 max-pool stride 2; 24 convolutional layers
 YOLO_LAYERS = ((7, 64, 2), "M", (3, 192, 1), "M",
@@ -102,12 +103,14 @@ class GridCells(PriorGenerator):
 class YOLOv1Head(nn.Module):
     """Paper §2.2: two fully connected layers on the last S×S map (leaky ReLU, dropout 0.5 after the first),
     the last linear, giving S×S×(B·5 + C). Feature maps of another size (a ResNet at stride 32) are
-    average-pooled to S×S first. Outputs: ``box`` (batch, S·S·B, 4) as (x, y, √w, √h), ``confidence``
-    (batch, S·S·B), ``class_probs`` (batch, S·S, C).
+    average-pooled to S×S first. Outputs: ``box_deltas`` (batch, S·S·B, 4) as (x, y, √w, √h), ``objectness``
+    (batch, S·S·B), the confidence of each box, and ``class_scores`` (batch, S·S, C), the class probabilities.
 
     ``fully_connected=False`` makes both layers convolutions (3×3 then 1×1, each cell predicted from its own
     neighbourhood, as YOLOv2 later did): not the paper, but it learns much faster from scratch (CPU recipe).
     """
+
+    sparse_box_training = False  # boxes, confidences and classes come out of one layer
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, grid_size: int = 7,
                  hidden: int = 4096, dropout: float = 0.5, fully_connected: bool = True) -> None:
@@ -124,14 +127,14 @@ class YOLOv1Head(nn.Module):
             self.fc = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.LeakyReLU(0.1, inplace=True),
                                     nn.Dropout(dropout), nn.Conv2d(hidden, per_cell, 1))
 
-    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
+    def forward(self, features: list[Tensor]) -> HeadOutputs:
         out = self.fc(self.pool(features[-1]))
         b, s, nb = out.shape[0], self.grid_size, self.boxes_per_cell
         if not self.fully_connected:  # (batch, per_cell, S, S) → cells row-major
             out = out.flatten(2).transpose(1, 2)
         out = out.reshape(b, s * s, nb * 5 + self.num_classes)
         boxes = out[..., : nb * 5].reshape(b, s * s * nb, 5)
-        return {"box": boxes[..., :4], "confidence": boxes[..., 4], "class_probs": out[..., nb * 5:]}
+        return {"box_deltas": boxes[..., :4], "objectness": boxes[..., 4], "class_scores": out[..., nb * 5:]}
 
 
 def decode_boxes(box: Tensor, priors: Priors, image_size: tuple[int, int], grid_size: int) -> Tensor:
@@ -179,7 +182,7 @@ class ResponsiblePredictorAssigner:
 
     @torch.no_grad()
     def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
-                 outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+                 outputs: HeadOutputs | None = None) -> dict[str, Tensor]:
         if outputs is None:
             raise ValueError("ResponsiblePredictorAssigner needs the current predictions (outputs)")
         s = self.grid_size
@@ -205,7 +208,7 @@ class ResponsiblePredictorAssigner:
         cell_labels = torch.where(has_obj, torch.gather(targets.labels, 1, cell_gt.clamp(min=0)), num_classes)
 
         nb = priors.boxes.shape[0] // (s * s)
-        pred = decode_boxes(outputs["box"].detach().float(), priors, (h, w), s).view(batch, s * s, nb, 4)
+        pred = decode_boxes(outputs["box_deltas"].detach().float(), priors, (h, w), s).view(batch, s * s, nb, 4)
         iou = aligned_box_iou(pred, gt_of_cell[:, :, None, :])  # (batch, S·S, B)
         responsible = torch.zeros_like(iou, dtype=torch.bool)
         responsible.scatter_(2, iou.argmax(dim=2, keepdim=True), True)  # ties: the first predictor
@@ -234,8 +237,8 @@ class YOLOv1Loss:
         self.lambda_coord, self.lambda_noobj = lambda_coord, lambda_noobj
         self.confidence_target, self.grid_size = confidence_target, grid_size
 
-    def __call__(self, outputs: dict[str, Tensor], assigned: dict[str, Tensor], priors: Priors) -> dict[str, Tensor]:
-        box, conf, probs = outputs["box"].float(), outputs["confidence"].float(), outputs["class_probs"].float()
+    def __call__(self, outputs: HeadOutputs, assigned: dict[str, Tensor], priors: Priors) -> dict[str, Tensor]:
+        box, conf, probs = outputs["box_deltas"].float(), outputs["objectness"].float(), outputs["class_scores"].float()
         batch, _, num_classes = probs.shape
         s = self.grid_size
         responsible = assigned["labels"] < num_classes  # (batch, N)
@@ -257,6 +260,12 @@ class YOLOv1Loss:
         return {"loss_box": loss_box / batch, "loss_obj": loss_obj / batch, "loss_noobj": loss_noobj / batch,
                 "loss_cls": loss_cls / batch}
 
+    @staticmethod
+    def box_deltas_used(assigned: dict[str, Tensor], num_classes: int) -> Tensor:
+        """(B, N) the predictors whose box the loss reads: the responsible ones (the confidence is read everywhere,
+        so YOLOv1's head, one layer for both, has no sparse path)."""
+        return assigned["labels"] < num_classes
+
 
 class YOLOv1Postprocess:
     """Paper §2 "at test time": class-specific confidence Pr(class | object) · confidence per box, above
@@ -269,8 +278,8 @@ class YOLOv1Postprocess:
         self.max_detections, self.grid_size = max_detections, grid_size
 
     @torch.no_grad()
-    def __call__(self, outputs: dict[str, Tensor], priors: Priors, image_sizes: Tensor) -> list[dict[str, Tensor]]:
-        box, conf, probs = outputs["box"].float(), outputs["confidence"].float(), outputs["class_probs"].float()
+    def __call__(self, outputs: HeadOutputs, priors: Priors, image_sizes: Tensor) -> list[dict[str, Tensor]]:
+        box, conf, probs = outputs["box_deltas"].float(), outputs["objectness"].float(), outputs["class_scores"].float()
         batch, cells, _ = probs.shape
         nb = conf.shape[1] // cells
         # the network input frame is the padded batch; every image of a YOLO batch has the model's input size

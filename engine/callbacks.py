@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from detectors.batch import DetectionBatch
+from engine.detection_module import DetectionModule
 from evaluation.visualization import plot_pr_curves, prediction_grid, save_png, wandb_boxes
 
 log = logging.getLogger(__name__)
@@ -197,14 +198,14 @@ class ValidationPredictions(L.Callback):
                                                 for f in dataclasses.fields(batch)})
         return self._batch
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: DetectionModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self.num_images <= 0:
             return
         batch = self.fixed_batch(trainer)
         if batch is None:
             return
         with torch.no_grad(), trainer.precision_plugin.val_step_context():
-            detections = pl_module.detect(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
+            detections = pl_module.net.detect(pl_module.transfer_batch_to_device(batch, pl_module.device, 0))
         images, targets, predictions = [], [], []
         for i, det in enumerate(detections):
             h, w = batch.image_sizes[i].tolist()
@@ -215,7 +216,7 @@ class ValidationPredictions(L.Callback):
             # detect() gives original-image pixels: back to the input frame the image and targets are in
             predictions.append({"boxes": det["boxes"].float().cpu() * torch.tensor([sx, sy, sx, sy]),
                                 "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()})
-        names = list(pl_module.class_names)
+        names = list(pl_module.net.class_names)
         grid = prediction_grid(images, targets, predictions, names, self.score_threshold, self.tile_size,
                                self.images_per_row)
         fitting = trainer.state.fn == TrainerFn.FITTING
@@ -246,10 +247,10 @@ class PrecisionRecallCurves(L.Callback):
                  table_key: str = "val/ap_per_class") -> None:
         self.dirpath, self.filename, self.key, self.table_key = dirpath, filename, key, table_key
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: DetectionModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        curves = getattr(getattr(pl_module, "val_metrics", None), "pr_curves", None) or {}
+        curves = pl_module.val_metrics.pr_curves or {}
         step = trainer.global_step
         if curves:
             picture = plot_pr_curves(curves, Path(self.dirpath or trainer.default_root_dir, self.filename))
@@ -258,7 +259,7 @@ class PrecisionRecallCurves(L.Callback):
             for lg in _loggers_of(trainer, TensorBoardLogger):
                 lg.experiment.add_image(self.key, picture, step, dataformats="HWC")
         rows = []
-        for name in getattr(pl_module, "class_names", []):
+        for name in pl_module.net.class_names:
             ap = trainer.callback_metrics.get(f"val/ap/{name}")
             curve = curves.get(name)
             # COCO's AP@0.5 is the mean precision over its 101 recall points; -1 marks a class without objects

@@ -3,8 +3,8 @@
 * ``load_checkpoint``: on the CPU whatever device saved it, with ``torch.load(weights_only=True)`` (a Lightning
   checkpoint of ours holds only tensors and plain containers); a file holding anything else is refused with the
   type it holds, unless the user trusts it (``trust_checkpoint=true``).
-* ``build_model``: the ``Detector`` rebuilt from the checkpoint's ``model_config`` (inference settings such as
-  ``postprocess.score_thresh`` may be overridden) with its weights.
+* ``build_model``: the ``DetectionModule`` rebuilt from the checkpoint's ``model_config`` (inference settings such
+  as ``postprocess.score_thresh`` may be overridden) with its weights; the tools use its network, ``.net``.
 * ``training_data_config`` / ``resolve_preprocessing``: the data settings the checkpoint was trained with, so the
   tools feed the model images transformed as its validation did (``val_transform``, ``size_divisible``).
 * ``check_classes``: a clear error when a checkpoint's classes are not the data's; ``finetune_from``: load a
@@ -26,6 +26,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+
+from engine.detection_module import NET_PREFIX, DetectionModule, with_net_prefix
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,9 @@ def load_checkpoint(path: str | Path, trusted: bool = False) -> dict[str, Any]:
     return checkpoint
 
 
-# parts that moved to their paper's module since checkpoints were first written: old checkpoints still build
+# parts that moved since checkpoints were first written: old checkpoints still build
 MOVED_TARGETS = {
+    "detectors.Detector": "engine.detection_module.DetectionModule",
     "detectors.assigners.MaxIoUAssigner": "detectors.retinanet.MaxIoUAssigner",
     "detectors.losses.RetinaNetLoss": "detectors.retinanet.RetinaNetLoss",
     "detectors.postprocess.DensePostprocess": "detectors.retinanet.RetinaNetPostprocess",
@@ -122,7 +125,7 @@ def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | DictC
 
 
 # a checkpoint's config is instantiated: its _target_s may only name this project's parts and the libraries' own
-SAFE_TARGET_PREFIXES = ("detectors.", "datamodules.", "torch.", "torchvision.")
+SAFE_TARGET_PREFIXES = ("detectors.", "datamodules.", "engine.detection_module.", "torch.", "torchvision.")
 
 
 def check_targets(config: Any, path: str | Path, trusted: bool = False, where: str = "model_config") -> None:
@@ -141,23 +144,20 @@ def check_targets(config: Any, path: str | Path, trusted: bool = False, where: s
 
 
 def build_model(checkpoint: Mapping[str, Any], path: str | Path,
-                overrides: Mapping[str, Any] | DictConfig | None = None, trusted: bool = False) -> nn.Module:
-    """The checkpoint's ``Detector``, in eval mode on the CPU, with ``overrides`` applied to its model config
-    (``{"postprocess": {"score_thresh": 0.01}}``); ``model.model_config`` is the config used."""
+                overrides: Mapping[str, Any] | DictConfig | None = None, trusted: bool = False) -> DetectionModule:
+    """The checkpoint's ``DetectionModule``, in eval mode on the CPU, with ``overrides`` applied to its model config
+    (``{"postprocess": {"score_thresh": 0.01}}``); ``module.model_config`` is the config used, ``module.net`` the
+    network. The backbone's pretrained weights are not fetched: the checkpoint's replace them."""
     config = apply_overrides(model_config_of(checkpoint, path), overrides)
     check_targets(config, path, trusted)
-    built = copy.deepcopy(config)
-    built.pop("finetune_from", None)  # the weights come from this checkpoint, not the one it was fine-tuned from
-    if isinstance(built.get("backbone"), dict) and built["backbone"].get("weights"):
-        built["backbone"]["weights"] = None  # pretrained weights are replaced below: no download, no file needed
-    model = instantiate(built)
+    module = DetectionModule.from_config(config, pretrained=False)
+    module.data_config = checkpoint.get("data_config")
     try:
-        model.load_state_dict(checkpoint["state_dict"])
+        module.load_state_dict(with_net_prefix(checkpoint["state_dict"]))
     except RuntimeError as e:
         raise CheckpointError(f"ckpt_path={path}: its weights do not fit the model its config builds "
                               f"(overrides: {dict(overrides or {})}): {e}") from None
-    model.model_config = config
-    return model.eval()
+    return module.eval()
 
 
 # --- the classes --------------------------------------------------------------------------------------------
@@ -176,32 +176,33 @@ def check_classes(checkpoint_classes: Sequence[str], data_classes: Sequence[str]
         f"that order), or fine-tune it on these classes: python train.py ... model.finetune_from={path}")
 
 
-def class_dependent_keys(model: nn.Module) -> set[str]:
-    """The model's state-dict keys whose shape depends on the number of classes (the classifier layers; YOLO's
-    last layer, which mixes boxes and classes): its head built again from ``model.model_config`` with one
+def class_dependent_keys(module: DetectionModule) -> set[str]:
+    """The module's state-dict keys whose shape depends on the number of classes (the classifier layers; YOLO's
+    last layer, which mixes boxes and classes): its head built again from ``module.model_config`` with one
     class more, compared tensor by tensor. Shapes against the old checkpoint would miss a list of other names
     of the same length."""
-    config = (getattr(model, "model_config", None) or {}).get("head")
+    config = (module.model_config or {}).get("head")
     if not isinstance(config, Mapping) or "num_classes" not in config:
-        raise CheckpointError("fine-tuning needs model.model_config with head.num_classes (train.py sets "
-                              "model.model_config = the resolved model config before loading)")
+        raise CheckpointError("fine-tuning needs the module's model_config with head.num_classes: build it with "
+                              "DetectionModule.from_config(<the resolved model config>)")
+    net = module.net
     with torch.random.fork_rng():  # the probe's initialisation must not shift the training run's random stream
         probe = instantiate({**config, "num_classes": int(config["num_classes"]) + 1})
-        if not isinstance(probe, nn.Module):  # a factory, completed as Detector.__init__ does
-            probe = probe(in_channels=model.backbone.out_channels,
-                          num_anchors=model.priors.num_anchors_per_location)
+        if not isinstance(probe, nn.Module):  # a factory, completed as DenseDetector.__init__ does
+            probe = probe(in_channels=net.backbone.out_channels, num_anchors=net.priors.num_anchors_per_location)
     theirs = probe.state_dict()
-    return {f"head.{k}" for k, v in model.head.state_dict().items() if k not in theirs or theirs[k].shape != v.shape}
+    return {f"{NET_PREFIX}head.{k}" for k, v in net.head.state_dict().items()
+            if k not in theirs or theirs[k].shape != v.shape}
 
 
-def finetune_from(model: nn.Module, path: str | Path, trusted: bool = False) -> dict[str, list[str]]:
+def finetune_from(model: DetectionModule, path: str | Path, trusted: bool = False) -> dict[str, list[str]]:
     """Load the weights of checkpoint ``path`` into ``model`` (``model.finetune_from=<ckpt>``). Same classes:
     every weight. Other classes: every weight but the class-dependent head layers, which keep the model's fresh
     initialisation (RetinaNet's prior-probability bias included). Returns the keys ``loaded`` and
     ``reinitialised``; any other difference between the two models is an error naming the keys."""
     checkpoint = load_checkpoint(path, trusted)
-    state: dict[str, Tensor] = checkpoint["state_dict"]
-    old, new = checkpoint.get("class_names"), list(model.class_names)
+    state: dict[str, Tensor] = with_net_prefix(checkpoint["state_dict"])
+    old, new = checkpoint.get("class_names"), list(model.net.class_names)
     if old is None:
         raise CheckpointError(f"model.finetune_from={path}: the checkpoint holds no 'class_names', so it is unknown "
                               f"which head layers fit these classes; use a checkpoint of train.py")

@@ -1,11 +1,11 @@
 """Surviving faults in a training run: checkpoints that are never half-written, a checkpoint when the job is told
 to stop (SIGTERM: SLURM's time limit or scancel), and the random state a resumed run needs to draw the same data
-order and augmentation as an uninterrupted one (conf/callbacks/default.yaml uses all three).
+order and augmentation as an uninterrupted one (conf/trainer/default.yaml and conf/callbacks/default.yaml).
 
 Lightning 2.6 writes a checkpoint to a temporary file in the system's temp folder and moves it into place
 (fsspec's local transaction): a rename when both are on one filesystem, but a copy straight into the final file
 when they are not (``/tmp`` on a node's local disk, checkpoints on a shared one), so a kill during that copy leaves
-a truncated ``last.ckpt``. ``save_atomically`` writes next to the final file and ``os.replace``s it.
+a truncated ``last.ckpt``. ``AtomicCheckpointIO`` writes next to the final file and ``os.replace``s it.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import os
 import random
 import signal
 from typing import Any
-from weakref import proxy
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -34,39 +34,28 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def save_atomically(trainer: L.Trainer, filepath: str, weights_only: bool = False) -> None:
-    """``trainer.save_checkpoint`` into ``<filepath>.part``, then renamed over ``filepath``: a reader (or a resumed
-    run) sees the old checkpoint or the new one, never a partial file. Call it on every rank, as the trainer's."""
-    filepath = os.fspath(filepath)
-    if "://" in filepath:  # object stores (s3://, gs://) replace whole objects; there is no rename to do
-        trainer.save_checkpoint(filepath, weights_only)
-        return
-    partial = f"{filepath}.part"
-    trainer.save_checkpoint(partial, weights_only)  # the strategy writes on rank 0 and waits for the others
-    if trainer.is_global_zero:
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer (a ``trainer.plugins`` entry, conf/trainer/default.yaml) that writes
+    ``<path>.part`` and renames it over ``path``: a reader, or a resumed run, sees the old checkpoint or the new
+    one, never a partial file. Every file the trainer saves goes through it (``ModelCheckpoint``'s,
+    ``CheckpointOnSignal``'s, ``trainer.save_checkpoint``), on the rank that writes."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        path = os.fspath(path)
+        if "://" in path:  # object stores (s3://, gs://) replace whole objects; there is no rename to do
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        partial = f"{path}.part"
+        super().save_checkpoint(checkpoint, partial, storage_options)
         _fsync(partial)  # the bytes are on disk before the name points at them (a power cut after the rename)
-        os.replace(partial, filepath)
-        _fsync(os.path.dirname(os.path.abspath(filepath)))  # and the rename itself is on disk
-    trainer.strategy.barrier("save_atomically")
-
-
-class AtomicModelCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose files are written with ``save_atomically``: a kill or a full disk during a save
-    leaves the previous ``last.ckpt`` / ``best.ckpt`` intact. Same arguments as ``ModelCheckpoint``."""
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        # Lightning 2.6's body of this method, with the write made atomic; loggers are told once the file is in place
-        save_atomically(trainer, filepath, self.save_weights_only)
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(proxy(self))
+        os.replace(partial, path)
+        _fsync(os.path.dirname(os.path.abspath(path)))  # and the rename itself is on disk
 
 
 class CheckpointOnSignal(Callback):
     """On SIGTERM (SLURM sends it at the time limit and on scancel/preemption; Lightning then stops after the current
-    batch) save ``<dirpath>/<filename>.ckpt`` atomically, so ``ckpt_path=last`` or ``auto`` resumes from that step
+    batch) save ``<dirpath>/<filename>.ckpt``, so ``ckpt_path=last`` or ``auto`` resumes from that step
     rather than from the last epoch end. The process then exits with code 0, as Lightning's SIGTERM stop does.
 
     The checkpoint is mid-epoch: the resumed run keeps step count, optimiser and lr schedule exact, but the rest of
@@ -81,7 +70,7 @@ class CheckpointOnSignal(Callback):
             return
         path = os.path.join(self.dirpath, f"{self.filename}.ckpt")
         os.makedirs(self.dirpath, exist_ok=True)
-        save_atomically(trainer, path)
+        trainer.save_checkpoint(path)  # atomic through the trainer's AtomicCheckpointIO
         log.warning("SIGTERM: saved %s at step %d (epoch %d); resume with ckpt_path=last (or auto)", path,
                     trainer.global_step, trainer.current_epoch)
 

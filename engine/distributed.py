@@ -61,7 +61,9 @@ def _all_gather_object(obj: Any) -> list[Any]:
 def launches_its_own_processes(trainer: L.Trainer) -> bool:
     """True when Lightning will start the other ranks by re-running this command (local DDP), as opposed to a
     cluster (SLURM, torchrun) that started every rank itself, or to ``ddp_spawn`` which forks this process."""
-    launcher = getattr(trainer.strategy, "launcher", None)
+    launcher = trainer.strategy.launcher
+    # the launchers have no public names (lightning.pytorch.strategies.launchers exports only `_`-prefixed ones) and
+    # no public property tells the command re-run from ddp_spawn (is_interactive_compatible is False for both)
     if launcher is None or type(launcher).__name__ != "_SubprocessScriptLauncher":
         return False
     return trainer.world_size > 1 and not launcher.cluster_environment.creates_processes_externally

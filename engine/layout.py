@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from engine.detection_module import DetectionModule
 from engine.machine import cpu_model
 from engine.memory import largest_input, probe_batch, training_step, untouched
 
@@ -87,7 +88,7 @@ def choose_channels_last(model: nn.Module, dataset: Dataset, transform: object, 
                          batch_size: int, device: torch.device, model_config: object,
                          autocast: Callable[[], AbstractContextManager] = nullcontext,
                          cache: Path | None = None) -> bool:
-    """Whether ``model`` (a Detector: ``use_channels_last``) trains faster channels-last here; measured or cached.
+    """Whether ``model`` (a ``DenseDetector``) trains faster channels-last here; measured or cached.
     The model is left in the chosen layout."""
     shape = largest_input(transform, dataset, size_divisible)
     images = max(1, min(batch_size, PROBE_PIXELS // (shape[0] * shape[1])))
@@ -125,16 +126,16 @@ class ChannelsLastAuto(L.Callback):
         self.batch_size = batch_size
         self.model_config = model_config
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or not getattr(pl_module, "channels_last_auto", False):
+    def setup(self, trainer: L.Trainer, pl_module: DetectionModule, stage: str) -> None:
+        if stage != "fit" or not pl_module.channels_last_auto:
             return
         choice = None
         if trainer.is_global_zero:
             data = trainer.datamodule  # set up for "fit" by Lightning before the callbacks
-            choice = choose_channels_last(pl_module, data.train_set, data.train_transform, data.size_divisible,
+            choice = choose_channels_last(pl_module.net, data.train_set, data.train_transform, data.size_divisible,
                                           self.batch_size, trainer.strategy.root_device, self.model_config,
                                           autocast=trainer.precision_plugin.forward_context)
-        pl_module.use_channels_last(bool(trainer.strategy.broadcast(choice, src=0)))
+        pl_module.net.use_channels_last(bool(trainer.strategy.broadcast(choice, src=0)))
 
 
 def _read(path: Path) -> dict:

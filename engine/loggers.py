@@ -81,10 +81,13 @@ def wandb_logger(project: str, name: str | None = None, save_dir: str = ".", ent
 
 
 def finish_loggers(loggers: Iterable[Logger], exit_code: int | None = None) -> None:
-    """Finish the W&B run of each WandbLogger that started one (``exit_code`` 1 marks it failed), so the next
-    Hydra multirun job in this process starts its own run instead of reusing this one. A no-op for other
-    loggers, for a WandbLogger whose run never started, on ranks other than 0, and when called twice."""
-    for lg in loggers:
-        run = getattr(lg, "_experiment", None) if isinstance(lg, WandbLogger) else None
-        if run is not None and hasattr(run, "finish"):
-            run.finish(exit_code=exit_code)
+    """Finish the W&B run a WandbLogger started (``exit_code`` 1 marks it failed), so the next Hydra multirun job
+    in this process starts its own run instead of reusing this one. A no-op without a WandbLogger, when its run
+    never started, on ranks other than 0 (they start none), and when called twice. Through wandb's own
+    ``wandb.run``/``wandb.finish``: the logger's handle on its run is private."""
+    if not any(isinstance(lg, WandbLogger) for lg in loggers):
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=exit_code)

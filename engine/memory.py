@@ -2,7 +2,7 @@
 
 The rule: need(B) = fixed + B × per_image, a line through the peak memory of two probe steps on real training
 samples at the largest input the training transform can produce: batch 1 and batch 2, each a forward and backward
-pass as training runs it (``Detector.compute_losses`` + backward); plus what the probes do not hold: the
+pass as training runs it (``DenseDetector.compute_losses`` + backward); plus what the probes do not hold: the
 optimizer's state (Adam/AdamW: 2 tensors per parameter, SGD with momentum: 1) and the loader workers (their
 prefetched uint8 batches and their own processes). Validation (no gradients) is probed the same way at its input.
 
@@ -208,7 +208,7 @@ def untouched(model: nn.Module) -> Iterator[None]:
 
 
 def training_step(model: nn.Module, batch: DetectionBatch, autocast: Callable[[], AbstractContextManager]) -> None:
-    """One training step's forward and backward, as Lightning runs ``Detector.training_step`` (backward outside
+    """One training step's forward and backward, as Lightning runs ``DetectionModule.training_step`` (backward outside
     autocast); gradients are set to None first, as ``optimizer.zero_grad()`` leaves them."""
     model.train()
     for p in model.parameters():

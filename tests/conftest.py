@@ -90,12 +90,13 @@ def float32_box_atol(model) -> float:
 
 
 def fit_fixed_batch(model, batch, steps: int) -> list[dict[str, float]]:
-    """Train ``model`` on one batch for ``steps`` steps with its own optimiser; the loss terms at each step."""
+    """Train ``model`` (a DetectionModule) on one batch for ``steps`` steps with its own optimiser; the loss terms at
+    each step."""
     opt = model.optimizer_factory(model.parameters())
     model.train()
     history = []
     for _ in range(steps):
-        losses = model.compute_losses(batch)
+        losses = model.net.compute_losses(batch)
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()

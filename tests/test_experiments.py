@@ -40,11 +40,11 @@ def test_ssd_recipes_keep_the_papers_augmentation_and_decay():
                                               ("ssd512_voc0712", 24564)])
 def test_recipe_models_build(name, priors):
     cfg = compose(f"experiment={name}", "data.root=/data", "model.backbone.weights=null")
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model).net
     assert model.num_classes == len(cfg.data.classes)
     if priors is not None:  # SSD300: 8,732 default boxes (§2.3); SSD512: 24,564 (Table 7's released model)
         size = cfg.data.train_transform.size
         import torch
 
         outputs, boxes = model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
-        assert outputs["cls_logits"].shape[1] == priors
+        assert outputs["class_scores"].shape[1] == priors

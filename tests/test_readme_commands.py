@@ -139,8 +139,8 @@ def run_spec(cmd: Command) -> dict | None:
     spec = {"id": cmd.id, "env": cmd.env}
     if cmd.lang == "python":
         # the loaded weights equal torchvision's, mapped: what the block is for
-        check = ("[sum(__import__('torch').equal(detector.state_dict()[k], v) for k, v in "
-                 "torchvision_retinanet_state_dict(tv.state_dict()).items()), len(detector.state_dict())]")
+        check = ("[sum(__import__('torch').equal(module.net.state_dict()[k], v) for k, v in "
+                 "torchvision_retinanet_state_dict(tv.state_dict()).items()), len(module.net.state_dict())]")
         return {**spec, "kind": "python-block", "args": [], "code": cmd.text, "check": check}
     argv = cmd.argv
     if argv[0] == "make":

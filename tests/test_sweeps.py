@@ -222,11 +222,11 @@ def test_every_ssd_layer_count_builds_and_runs_at_the_sweep_input_size():
         for run in grid(sweep):
             cfg = compose(agent_argv(sweep, run)[3:])
             n = run["model.num_prediction_layers"]["value"]
-            model = instantiate(cfg.model).eval()
+            model = instantiate(cfg.model).net.eval()
             size = cfg.data.image_size
             outputs, priors = model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
             assert len(model.backbone.layers) == n
-            assert outputs["cls_logits"].shape[1] == len(priors.boxes)
+            assert outputs["class_scores"].shape[1] == len(priors.boxes)
             assert abs(len(priors.boxes) - 8732) / 8732 < 0.1  # Table 3 keeps ~8,732 boxes per model
 
 

@@ -17,6 +17,7 @@ from datamodules.shapes import SHAPE_CLASSES, render_shapes_image
 from detectors.batch import collate_detection
 from engine.checkpoint_loading import (MOVED_TARGETS, CheckpointError, ClassMismatchError, build_model, finetune_from,
                                        load_checkpoint)
+from engine.detection_module import DetectionModule
 
 from .conftest import ROOT, TINY, compose
 from .preloaded import run_python
@@ -136,7 +137,7 @@ def test_predict_draws_each_image_at_its_size_and_writes_model_detections(best, 
             assert changed.mean() > 0.02  # box outlines and captions, far beyond JPEG re-encoding
     entries = json.loads((out / "detections.json").read_text())
 
-    model = build_model(load_checkpoint(best), best, {"postprocess": {"score_thresh": 0.001}})
+    model = build_model(load_checkpoint(best), best, {"postprocess": {"score_thresh": 0.001}}).net
     images = [read_image(p) for p in inputs]
     expected = []
     for pair in (images[:2], images[2:]):  # predict.py's batches
@@ -167,7 +168,7 @@ def assert_export_matches(path: Path, best: Path, tolerance: float) -> None:
 
     exported = ExportedDetector(path, postprocess={"score_thresh": 0.001})
     assert exported.class_names == list(SHAPE_CLASSES) and exported.input_size == (64, 64)
-    model = build_model(load_checkpoint(best), best, {"postprocess": {"score_thresh": 0.001}})
+    model = build_model(load_checkpoint(best), best, {"postprocess": {"score_thresh": 0.001}}).net
     data = instantiate(compose(*TINY).data)
     images = [data.val_set[i][0] for i in range(3)]
     batch = exported.batch(images)
@@ -195,7 +196,7 @@ def test_export_round_trip(best, tmp_path, capsys, fmt, suffix, tolerance):
     path = tmp_path / f"tiny.{suffix}"
     # in-process (what `python export.py` runs, without another interpreter start), its own check included
     export(compose_tool("export", f"ckpt_path={best}", f"format={fmt}", f"output={path}"))
-    assert "outputs box_deltas, cls_logits, priors" in capsys.readouterr().out
+    assert "outputs box_deltas, class_scores, priors" in capsys.readouterr().out
     assert_export_matches(path, best, tolerance)
 
 
@@ -213,7 +214,7 @@ def test_checkpoint_loads_weights_only_and_gpu_saved_on_cpu(best, tmp_path, monk
     loaded = load_checkpoint(tmp_path / "gpu.ckpt")
     assert all(v.device.type == "cpu" for v in loaded["state_dict"].values())
     model = build_model(loaded, tmp_path / "gpu.ckpt")
-    assert torch.equal(model.head.cls_score.weight, checkpoint["state_dict"]["head.cls_score.weight"])
+    assert torch.equal(model.net.head.cls_score.weight, checkpoint["state_dict"]["net.head.cls_score.weight"])
 
     checkpoint["note"] = Fraction(1, 3)  # an object weights_only loading refuses
     torch.save(checkpoint, tmp_path / "pickled.ckpt")
@@ -224,49 +225,69 @@ def test_checkpoint_loads_weights_only_and_gpu_saved_on_cpu(best, tmp_path, monk
         build_model(loaded, best, {"postprocess": {"score_treshold": 0.1}})
 
 
-def test_a_checkpoint_naming_parts_where_they_used_to_live_still_builds(best, tmp_path):
-    """Checkpoints written before RetinaNet's and SSD's parts moved into their papers' modules name the old
-    places in their model_config: they build the same model, which gives the same detections."""
+def old_layout_checkpoint(best: Path, path: Path) -> Path:
+    """``best`` as checkpoints were written before the parts moved into their papers' modules and the network
+    into its own module: the old ``_target_``s in the model config, the state dict without the ``net.`` prefix."""
     checkpoint = load_checkpoint(best)
     old = {new: old for old, new in MOVED_TARGETS.items()}
     renamed = copy.deepcopy(checkpoint)
+    renamed["model_config"]["_target_"] = old[renamed["model_config"]["_target_"]]
     for part in ("assigner", "loss", "postprocess"):
         target = renamed["model_config"][part]["_target_"]
         renamed["model_config"][part]["_target_"] = old[target]  # as an old checkpoint holds it
-    torch.save(renamed, tmp_path / "old.ckpt")
+    renamed["state_dict"] = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()}
+    torch.save(renamed, path)
+    return path
+
+
+def test_a_checkpoint_of_the_old_layout_still_builds_and_resumes(best, tmp_path):
+    """An old checkpoint builds the same model for the tools, which gives the same detections, and Lightning
+    restores it into the module (``on_load_checkpoint`` renames the keys before the state dict is loaded)."""
+    checkpoint = load_checkpoint(best)
+    old_ckpt = old_layout_checkpoint(best, tmp_path / "old.ckpt")
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_id": torch.tensor(0)}
     batch = collate_detection([(render_shapes_image(seed, 64, SHAPE_CLASSES, 2, 5, 10, 0.8)[0], empty)
                                for seed in (1, 2)])
-    new_model, old_model = (build_model(c, best).eval() for c in (checkpoint, load_checkpoint(tmp_path / "old.ckpt")))
+    new_model, old_model = (build_model(c, best).net.eval() for c in (checkpoint, load_checkpoint(old_ckpt)))
     assert type(old_model.postprocess) is type(new_model.postprocess)
     for mine, theirs in zip(old_model.detect(batch), new_model.detect(batch), strict=True):
         assert all(torch.equal(mine[k], theirs[k]) for k in ("boxes", "scores", "labels"))
+
+    module = instantiate(compose(*TINY).model)
+    trainer = instantiate(compose(*TINY).trainer, logger=False, callbacks=[], enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=1, default_root_dir=str(tmp_path))
+    trainer.validate(module, datamodule=instantiate(compose(*TINY).data), ckpt_path=old_ckpt, verbose=False,
+                     weights_only=True)
+    assert torch.equal(module.net.head.cls_score.weight, checkpoint["state_dict"]["net.head.cls_score.weight"])
 
 
 @pytest.mark.parametrize("classes", [["ellipse", "rectangle", "triangle"], list(reversed(SHAPE_CLASSES))])
 def test_finetune_loads_all_but_the_class_dependent_layers(best, classes):
     cfg = compose(*TINY, f"data.classes=[{','.join(classes)}]")
-    model = instantiate(cfg.model)
-    model.model_config = OmegaConf.to_container(cfg.model, resolve=True)  # what train.py sets
+    model = DetectionModule.from_config(OmegaConf.to_container(cfg.model, resolve=True))  # as train.py builds it
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     report = finetune_from(model, best)
-    assert report["reinitialised"] == ["head.cls_score.bias", "head.cls_score.weight"]  # even with 5 names reordered
+    assert report["reinitialised"] == ["net.head.cls_score.bias", "net.head.cls_score.weight"]  # 5 names reordered too
     trained = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, fresh[key] if key in report["reinitialised"] else trained[key]), key
 
-    same = instantiate(compose(*TINY).model)
-    same.model_config = OmegaConf.to_container(compose(*TINY).model, resolve=True)
+    same = DetectionModule.from_config(OmegaConf.to_container(compose(*TINY).model, resolve=True))
     assert finetune_from(same, best)["reinitialised"] == []
 
 
 def test_checkpoint_configs_may_only_target_this_project_and_torch():
     from engine.checkpoint_loading import CheckpointError, check_targets
 
-    safe = {"_target_": "detectors.Detector", "backbone": {"_target_": "torchvision.ops.FeaturePyramidNetwork"},
+    safe = {"_target_": "engine.detection_module.DetectionModule",
+            "backbone": {"_target_": "torchvision.ops.FeaturePyramidNetwork"},
             "steps": [{"_target_": "datamodules.transforms.ResizeTo", "size": 64}]}
     check_targets(safe, "x.ckpt")
     crafted = {**safe, "steps": [{"_target_": "os.system", "_args_": ["echo pwned"]}]}
     with pytest.raises(CheckpointError, match=r"model_config\.steps\.0\._target_ is 'os.system'.*trust_checkpoint"):
         check_targets(crafted, "x.ckpt")
+    # of the training machinery only the module is safe: a callback that signals the process is not
+    signal = {**safe, "steps": [{"_target_": "engine.checkpoint_saving.SignalAtStep", "step": 0}]}
+    with pytest.raises(CheckpointError, match=r"SignalAtStep"):
+        check_targets(signal, "x.ckpt")
     check_targets(crafted, "x.ckpt", trusted=True)  # the user's explicit choice

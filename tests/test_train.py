@@ -31,7 +31,7 @@ def test_image_without_objects_trains():
     image, _ = data.train_set[0]
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_id": torch.tensor(0)}
     batch = collate_detection([(image, empty), (image, empty)])
-    losses = model.compute_losses(batch)
+    losses = model.net.compute_losses(batch)
     assert losses["loss_box"] == 0 and torch.isfinite(losses["loss_cls"]) and losses["loss_cls"] > 0
     sum(losses.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -40,7 +40,7 @@ def test_image_without_objects_trains():
 @pytest.mark.parametrize("model", ["retinanet", "retinanet_torchvision"])
 def test_model_configs_instantiate(model):
     cfg = compose(f"model={model}", "model.backbone.depth=18")
-    detector = instantiate(cfg.model)
+    detector = instantiate(cfg.model).net
     assert detector.head.num_anchors == 9 and detector.num_classes == len(cfg.data.classes)
 
 

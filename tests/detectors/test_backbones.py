@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from detectors.backbones import ResNetFPN, build_resnet, stage_channels
-from detectors.detector import warmup_multistep
+from engine.detection_module import warmup_multistep
 
 
 @pytest.mark.parametrize("depth", [18, 50])

@@ -95,7 +95,7 @@ def test_channels_last_gives_the_same_losses_gradients_and_detections(name):
     results, models = [], []
     for channels_last in (False, True):
         torch.manual_seed(0)
-        model = instantiate(cfg.model, channels_last=channels_last).double()
+        model = instantiate(cfg.model, channels_last=channels_last).net.double()
         if name == "yolo":
             model.eval()  # dropout draws differ with the layout
         losses = model.compute_losses(batch)
@@ -177,11 +177,11 @@ def test_sparse_box_training_only_without_groupnorm_and_its_switch():
     assert _sparse_head().sparse_box_training and not _sparse_head("gn").sparse_box_training
     cfg = compose("model=retinanet", "data=shapes")
     assert cfg.model.head.sparse_box_training is True
-    assert instantiate(compose(*TINY, "model.head.norm=none").model).sparse_box_training
+    assert instantiate(compose(*TINY, "model.head.norm=none").model).net.sparse_box_training
     assert not instantiate(compose(*TINY, "model.head.norm=none", "model.head.sparse_box_training=false").model
-                           ).sparse_box_training
-    assert not instantiate(compose(*TINY).model).sparse_box_training  # make train's GroupNorm head
-    model = instantiate(compose(*TINY, "model.head.norm=none").model)
+                           ).net.sparse_box_training
+    assert not instantiate(compose(*TINY).model).net.sparse_box_training  # make train's GroupNorm head
+    model = instantiate(compose(*TINY, "model.head.norm=none").model).net
     model.assigner = ResponsiblePredictorAssigner()  # an assignment by the predicted boxes must see them all
     assert not model.sparse_box_training
 
@@ -194,7 +194,7 @@ def test_sparse_box_training_gives_the_dense_losses_and_gradients(monkeypatch):
     results = []
     for sparse in (False, True):
         torch.manual_seed(0)
-        model = instantiate(cfg.model).double()
+        model = instantiate(cfg.model).net.double()
         assert model.sparse_box_training
         model.head.sparse_box_training = sparse
         dense_calls = []
@@ -215,7 +215,7 @@ def test_compile_parts_compiles_what_the_sparse_training_path_runs():
     cfg = compose(*TINY, "model.head.norm=none", "data.image_size=320", "model.priors.size_factor=0.5")
     batch = collate_detection(random_samples(2, 320, len(cfg.data.classes), 2, 16, 48, seed=0), 32)
     torch.manual_seed(0)
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model).net
     eager = model.compute_losses(batch)
     graphs = []
 
@@ -226,7 +226,7 @@ def test_compile_parts_compiles_what_the_sparse_training_path_runs():
         return graph.forward
 
     model.compile_parts(backend=record)
-    assert set(model.state_dict()) == set(instantiate(cfg.model).state_dict())  # checkpoints keep their keys
+    assert set(model.state_dict()) == set(instantiate(cfg.model).net.state_dict())  # checkpoints keep their keys
     compiled = model.compute_losses(batch)
     assert model.sparse_box_training
     assert any(backbone and convs >= 20 for backbone, convs in graphs)  # ResNet-18's convolutions, in one graph

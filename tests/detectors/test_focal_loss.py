@@ -67,7 +67,7 @@ def test_retinanet_loss_normalises_by_positives_and_ignores_ignored():
     labels[1, 5] = 1
     labels[1, 10:20] = -1
     boxes = priors.boxes[None].repeat(b, 1, 1) + 1.0
-    outputs, assigned = {"cls_logits": logits, "box_deltas": deltas}, {"labels": labels, "boxes": boxes}
+    outputs, assigned = {"class_scores": logits, "box_deltas": deltas}, {"labels": labels, "boxes": boxes}
     losses = RetinaNetLoss(fused=True)(outputs, assigned, Priors(priors.boxes, [n]))
     plain = RetinaNetLoss(fused=False)(outputs, assigned, Priors(priors.boxes, [n]))
     torch.testing.assert_close(losses["loss_cls"], plain["loss_cls"])

@@ -18,7 +18,7 @@ def test_matches_torchvision_postprocess_detections():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(b, n, k, generator=g) * 2 - 4
     deltas = torch.randn(b, n, 4, generator=g) * 0.3
-    ours = RetinaNetPostprocess(0.05, 300, 0.5, 50)({"cls_logits": logits, "box_deltas": deltas}, priors,
+    ours = RetinaNetPostprocess(0.05, 300, 0.5, 50)({"class_scores": logits, "box_deltas": deltas}, priors,
                                                 torch.tensor([image_size] * b))
 
     model = RetinaNet(resnet_fpn_backbone(backbone_name="resnet18", weights=None), num_classes=k,
@@ -39,7 +39,7 @@ def test_caps_detections_per_image_and_handles_nothing_above_threshold():
     n = priors.boxes.shape[0]
     logits = torch.full((2, n, 3), -10.0)
     logits[0] = torch.randn(n, 3) + 3  # image 0: everything confident
-    out = RetinaNetPostprocess(0.05, 1000, 0.5, 7)({"cls_logits": logits, "box_deltas": torch.zeros(2, n, 4)},
+    out = RetinaNetPostprocess(0.05, 1000, 0.5, 7)({"class_scores": logits, "box_deltas": torch.zeros(2, n, 4)},
                                                priors, torch.tensor([[32, 32], [32, 32]]))
     assert len(out[0]["boxes"]) == 7 and len(out[1]["boxes"]) == 0
     assert (out[0]["scores"][:-1] >= out[0]["scores"][1:]).all()

@@ -17,7 +17,7 @@ from detectors.priors import Priors
 from detectors.ssd import (SSD300_LAYERS, BestMatchIoUAssigner, DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess,
                            VGG16Atrous, default_box_scales, load_vgg16_weights, torchvision_ssd_state_dict)
 
-from ..conftest import assert_same_detections, compose, detections_in_float64, float32_box_atol
+from ..conftest import assert_same_detections, compose, detections_in_float64, fit_fixed_batch, float32_box_atol
 
 SSD300_MAPS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 
@@ -177,7 +177,7 @@ def test_multibox_loss_equals_the_papers_formula(min_negatives):
     logits = torch.randn(b, n, k + 1, generator=g, requires_grad=True)
     deltas = torch.randn(b, n, 4, generator=g, requires_grad=True)
     loss = MultiBoxLoss(neg_pos_ratio=3, min_negatives=min_negatives)
-    ours = loss({"cls_logits": logits, "box_deltas": deltas}, {"labels": labels, "boxes": gt}, Priors(priors, [n]))
+    ours = loss({"class_scores": logits, "box_deltas": deltas}, {"labels": labels, "boxes": gt}, Priors(priors, [n]))
     ref_cls, ref_box = reference_multibox_loss(logits, deltas, labels, gt, priors, 3, min_negatives,
                                                (0.1, 0.1, 0.2, 0.2))
     torch.testing.assert_close(ours["loss_cls"], ref_cls, rtol=1e-5, atol=1e-6)
@@ -195,7 +195,7 @@ def test_hard_negatives_never_exceed_the_background_boxes():
     labels = torch.tensor([[0, 1, 0, 2, 2, IGNORE]])
     logits = torch.randn(1, 6, 3, requires_grad=True)
     priors = Priors(torch.tensor([[0, 0, 10, 10]] * 6, dtype=torch.float32), [6])
-    out = MultiBoxLoss()({"cls_logits": logits, "box_deltas": torch.zeros(1, 6, 4)},
+    out = MultiBoxLoss()({"class_scores": logits, "box_deltas": torch.zeros(1, 6, 4)},
                          {"labels": labels, "boxes": priors.boxes[None]}, priors)
     target = torch.tensor([1, 2, 1, 0, 0])
     expected = F.cross_entropy(logits[0, :5], target, reduction="sum") / 3
@@ -228,7 +228,7 @@ def test_vgg16_imagenet_weights_load_with_fc_subsampling(tmp_path):
 @pytest.mark.slow
 def test_imported_torchvision_weights_give_torchvision_detections():
     cfg = compose("model=ssd_torchvision", "model.channels_last=false")
-    ours = instantiate(cfg.model).eval()
+    ours = instantiate(cfg.model).net.eval()
     theirs = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=ours.num_classes + 1).eval()
     with torch.no_grad():  # xavier init saturates the softmax at 1.0 (ties); soften it so the order is defined
         for conv in theirs.head.classification_head.module_list:
@@ -262,18 +262,10 @@ def test_tiny_ssd_learns_a_fixed_batch():
                   "data.train_transform.size=128")  # the shapes' own size: the transform's 300 px took 27 s
     model, data = instantiate(cfg.model), instantiate(cfg.data)
     batch = collate_detection([data.train_set[i] for i in range(8)])
-    opt = model.optimizer_factory(model.parameters())
-    history = []
-    for _ in range(60):
-        losses = model.compute_losses(batch)
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-        history.append({k: v.item() for k, v in losses.items()})
+    history = fit_fixed_batch(model, batch, 60)
     assert history[-1]["loss_cls"] < 0.5 * history[0]["loss_cls"]
     assert history[-1]["loss_box"] < 0.5 * history[0]["loss_box"]
-    model.eval()
-    detections = model.detect(batch)
+    detections = model.net.eval().detect(batch)
     assert len(detections) == 8 and all(d["boxes"].shape[1] == 4 for d in detections)
 
 
@@ -289,7 +281,7 @@ def test_fast_postprocess_equals_the_plain_one(score_thresh, boundary):
     logits[..., 0] += 5.0  # mostly background, as a trained SSD
     logits[1, :50] = 0.0  # equal scores in every class
     deltas = torch.randn(3, n, 4, generator=g) * 0.5
-    outputs, sizes = {"cls_logits": logits, "box_deltas": deltas}, torch.tensor([[300, 300]] * 3)
+    outputs, sizes = {"class_scores": logits, "box_deltas": deltas}, torch.tensor([[300, 300]] * 3)
     kw = dict(score_thresh=score_thresh, topk_per_class=100, nms_thresh=0.45, max_detections=50)
     fast = SSDPostprocess(**kw)(outputs, priors, sizes)
     plain = SSDPostprocess(**kw, fast=False)(outputs, priors, sizes)

@@ -18,7 +18,7 @@ def test_imported_torchvision_weights_give_torchvision_detections():
     size = 192
     cfg = compose("model=retinanet_torchvision", f"data.image_size={size}", "model.channels_last=false",
                   "model.backbone.fold_frozen_bn=false")
-    ours = instantiate(cfg.model).eval()
+    ours = instantiate(cfg.model).net.eval()
     k = ours.num_classes
     theirs = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=k, min_size=size,
                                     max_size=size).eval()

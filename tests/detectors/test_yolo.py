@@ -81,7 +81,7 @@ def test_loss_equals_the_papers_formula_value_and_gradient():
     box = (torch.rand(2, s * s * nb, 4, generator=g) * 1.2 - 0.1).requires_grad_()  # some √w < 0
     conf = torch.rand(2, s * s * nb, generator=g).requires_grad_()
     probs = torch.rand(2, s * s, k, generator=g).requires_grad_()
-    outputs = {"box": box, "confidence": conf, "class_probs": probs}
+    outputs = {"box_deltas": box, "objectness": conf, "class_scores": probs}
     priors = GridCells(s, nb)((size, size), [(s, s)])
     assigned = ResponsiblePredictorAssigner(s)(priors, batch_of(objects, size), k, outputs)
     ours = sum(YOLOv1Loss(grid_size=s)(outputs, assigned, priors).values())
@@ -96,8 +96,8 @@ def test_loss_equals_the_papers_formula_value_and_gradient():
 def test_two_objects_in_one_cell_the_largest_takes_it():
     s, nb, k, size = 2, 2, 3, 100
     priors = GridCells(s, nb)((size, size), [(s, s)])
-    outputs = {"box": torch.zeros(1, s * s * nb, 4), "confidence": torch.zeros(1, s * s * nb),
-               "class_probs": torch.zeros(1, s * s, k)}
+    outputs = {"box_deltas": torch.zeros(1, s * s * nb, 4), "objectness": torch.zeros(1, s * s * nb),
+               "class_scores": torch.zeros(1, s * s, k)}
     # both centres in cell 0; the second is larger and takes the cell whatever the order
     for objects in ([(10, 10, 20, 20, 0), (5, 5, 40, 40, 2)], [(5, 5, 40, 40, 2), (10, 10, 20, 20, 0)]):
         out = ResponsiblePredictorAssigner(s)(priors, batch_of([objects], size), k, outputs)
@@ -111,7 +111,7 @@ def test_the_predictor_with_the_higher_iou_is_responsible():
     box = torch.zeros(1, s * s * nb, 4)
     box[0, 2] = torch.tensor([0.5, 0.5, 0.2, 0.2])  # cell 1 (top right), predictor 0: a small box
     box[0, 3] = torch.tensor([0.5, 0.5, 0.5, 0.5])  # predictor 1: the object's size
-    outputs = {"box": box, "confidence": torch.zeros(1, 8), "class_probs": torch.zeros(1, 4, k)}
+    outputs = {"box_deltas": box, "objectness": torch.zeros(1, 8), "class_scores": torch.zeros(1, 4, k)}
     out = ResponsiblePredictorAssigner(s)(priors, batch_of([[(62.5, 12.5, 87.5, 37.5, 1)]], size), k, outputs)
     assert out["labels"][0].tolist() == [2, 2, 2, 1, 2, 2, 2, 2]
     assert out["iou"][0, 3] == pytest.approx(1.0, abs=1e-5)
@@ -120,8 +120,8 @@ def test_the_predictor_with_the_higher_iou_is_responsible():
 def test_negative_sqrt_predictions_give_finite_loss_and_gradients():
     s, nb, k, size = 3, 2, 2, 96
     box = torch.full((1, s * s * nb, 4), -0.5, requires_grad=True)
-    outputs = {"box": box, "confidence": torch.zeros(1, s * s * nb, requires_grad=True),
-               "class_probs": torch.zeros(1, s * s, k)}
+    outputs = {"box_deltas": box, "objectness": torch.zeros(1, s * s * nb, requires_grad=True),
+               "class_scores": torch.zeros(1, s * s, k)}
     priors = GridCells(s, nb)((size, size), [(s, s)])
     assigned = ResponsiblePredictorAssigner(s)(priors, batch_of([[(10, 10, 50, 50, 1)]], size), k, outputs)
     total = sum(YOLOv1Loss(grid_size=s)(outputs, assigned, priors).values())
@@ -134,7 +134,8 @@ def test_negative_sqrt_predictions_give_finite_loss_and_gradients():
 def test_confidence_target_one_by_setting():
     s, nb, k, size = 2, 1, 2, 100
     priors = GridCells(s, nb)((size, size), [(s, s)])
-    outputs = {"box": torch.zeros(1, 4, 4), "confidence": torch.zeros(1, 4), "class_probs": torch.zeros(1, 4, k)}
+    outputs = {"box_deltas": torch.zeros(1, 4, 4), "objectness": torch.zeros(1, 4),
+               "class_scores": torch.zeros(1, 4, k)}
     assigned = ResponsiblePredictorAssigner(s)(priors, batch_of([[(10, 10, 30, 30, 0)]], size), k, outputs)
     assert YOLOv1Loss(confidence_target="one", grid_size=s)(outputs, assigned, priors)["loss_obj"] == 1.0
     assert YOLOv1Loss(confidence_target="iou", grid_size=s)(outputs, assigned, priors)["loss_obj"] == 0.0
@@ -151,8 +152,8 @@ def test_class_specific_confidence_and_boxes_in_image_pixels():
     conf[0, 6] = 0.9
     probs = torch.zeros(1, 4, k)
     probs[0, 3] = torch.tensor([0.1, 0.8, 0.1])
-    det = YOLOv1Postprocess(score_thresh=0.05, grid_size=s)({"box": box, "confidence": conf, "class_probs": probs},
-                                                             priors, torch.tensor([[size, size]]))[0]
+    outputs = {"box_deltas": box, "objectness": conf, "class_scores": probs}
+    det = YOLOv1Postprocess(score_thresh=0.05, grid_size=s)(outputs, priors, torch.tensor([[size, size]]))[0]
     assert det["labels"].tolist() == [1, 0, 2]
     torch.testing.assert_close(det["scores"], torch.tensor([0.72, 0.09, 0.09]))
     w, h = 0.4 ** 2 * size, 0.6 ** 2 * size
@@ -174,7 +175,7 @@ def test_networks_have_the_papers_layers_and_a_7x7x30_output(variant, convs, cha
 def test_model_configs_compose():
     for name, convs in (("yolo", 24), ("yolo_fast", 9)):
         cfg = compose(f"model={name}", "model.backbone.width=0.0625", "model.head.hidden=16")
-        detector = instantiate(cfg.model)
+        detector = instantiate(cfg.model).net
         assert sum(isinstance(m, torch.nn.Conv2d) for m in detector.backbone.modules()) == convs
         assert cfg.model.loss.lambda_coord == 5 and cfg.model.loss.lambda_noobj == 0.5
         assert cfg.model.priors.grid_size == 7 and cfg.model.priors.boxes_per_cell == 2
@@ -205,8 +206,8 @@ def test_convolutional_head_keeps_cells_row_major():
     feature = (torch.arange(s * s, dtype=torch.float32) + 1).view(1, 1, s, s)  # cell r·S + c holds r·S + c + 1
     out = head([feature])
     cells = torch.arange(s * s, dtype=torch.float32) + 1
-    torch.testing.assert_close(out["class_probs"][0], cells[:, None].expand(-1, 2))
-    torch.testing.assert_close(out["confidence"][0], cells.repeat_interleave(2))
+    torch.testing.assert_close(out["class_scores"][0], cells[:, None].expand(-1, 2))
+    torch.testing.assert_close(out["objectness"][0], cells.repeat_interleave(2))
 
 
 def test_paper_recipe_composes_with_the_papers_schedule():

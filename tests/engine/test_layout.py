@@ -29,8 +29,9 @@ def is_nhwc(model) -> bool:
 
 @pytest.mark.parametrize("nhwc_seconds, expected, rounds", [(1.0, True, 1), (3.0, False, 1), (1.8, True, 2)])
 def test_the_faster_layout_is_kept_and_the_model_left_untouched(nhwc_seconds, expected, rounds):
-    model, data, _ = tiny()
-    assert model.channels_last is False and model.channels_last_auto  # NCHW until measured
+    module, data, _ = tiny()
+    model = module.net
+    assert model.channels_last is False and module.channels_last_auto  # NCHW until measured
     before = {k: v.clone() for k, v in model.state_dict().items()}
     now = [0.0]
 
@@ -54,7 +55,8 @@ def test_the_faster_layout_is_kept_and_the_model_left_untouched(nhwc_seconds, ex
 
 
 def test_choice_is_cached_per_machine_and_config_and_a_damaged_cache_is_remeasured(tmp_path, monkeypatch):
-    model, data, cfg = tiny()
+    module, data, cfg = tiny()
+    model = module.net
     cache = tmp_path / "memory_format.json"
     calls = []
 
@@ -116,7 +118,7 @@ def test_every_rank_takes_rank_zeros_choice(monkeypatch, global_zero):
                               precision_plugin=SimpleNamespace(forward_context=None))
     callback = layout.ChannelsLastAuto(batch_size=8, model_config={"a": 1})
     callback.setup(trainer, model, "validate")
-    assert not sent and not model.channels_last  # fitting only
+    assert not sent and not model.net.channels_last  # fitting only
     callback.setup(trainer, model, "fit")
     assert len(measured) == int(global_zero) and sent == [False if global_zero else None]
-    assert model.channels_last and is_nhwc(model)
+    assert model.net.channels_last and is_nhwc(model.net)

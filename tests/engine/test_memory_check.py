@@ -30,19 +30,20 @@ def test_estimate_matches_the_measured_peak_of_real_steps():
     is killed), over-estimated by at most 30 % (more would waste batches). The probe leaves weights, BatchNorm
     statistics and the random stream as they were."""
     cfg = compose(*TINY, "data.image_size=256", "data.batch_size=4")
-    data, model = instantiate(cfg.data), instantiate(cfg.model)
+    data, module = instantiate(cfg.data), instantiate(cfg.model)
+    model = module.net
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     memory._malloc_trim()  # free heap earlier tests left in this process is not memory in use
     base = memory.rss()
     estimate = memory.training_estimate(model, data.train_set, data.train_transform, data.size_divisible,
-                                        memory.available_memory(), optimizer=model.optimizer_factory)
+                                        memory.available_memory(), optimizer=module.optimizer_factory)
     assert estimate.measured and estimate.shape == (256, 256)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
     assert all(p.grad is None for p in model.parameters())
 
-    optimizer = model.optimizer_factory(model.parameters())
+    optimizer = module.optimizer_factory(model.parameters())
     batch = memory.probe_batch(data.train_set, 4, estimate.shape)
     memory.training_step(model, batch, memory.nullcontext)
     optimizer.step()  # creates the optimizer's state, held through the next step

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from engine.callbacks import TimeBudget
-from detectors.detector import warmup_multistep
+from engine.detection_module import warmup_multistep
 
 STEP_SECONDS = 0.04
 SCHEDULE = dict(warmup_steps=5, warmup_factor=0.1, milestones=[60, 80], gamma=0.1)  # of 100 planned steps

@@ -1,0 +1,31 @@
+"""The LightningModule around the network (engine/detection_module.py): built from a config, checkpoints of the
+layout before it still load."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from engine.detection_module import DetectionModule, upgrade_checkpoint, with_net_prefix
+
+from ..conftest import TINY, compose
+
+
+def test_from_config_records_the_config_and_refuses_another_target():
+    config = OmegaConf.to_container(compose(*TINY).model, resolve=True)
+    module = DetectionModule.from_config(config)
+    assert module.model_config == config and module.net.class_names == config["class_names"]
+    assert all(k.startswith("net.") for k in module.state_dict())
+    with pytest.raises(TypeError, match=r"model._target_='torch.nn.Identity' builds a Identity, not a DetectionModule"):
+        DetectionModule.from_config({"_target_": "torch.nn.Identity"})
+
+
+def test_an_old_checkpoint_is_brought_up_to_date_once():
+    weight = torch.ones(2)
+    old = {"state_dict": {"backbone.w": weight, "head.b": weight},
+           "callbacks": {"AtomicModelCheckpoint{'monitor': 'val/map', 'mode': 'max'}": {"best_model_score": 0.5},
+                         "RandomStateCheckpoint": {"torch": weight}}}
+    upgraded = upgrade_checkpoint(old)
+    assert set(upgraded["state_dict"]) == {"net.backbone.w", "net.head.b"}
+    assert set(upgraded["callbacks"]) == {"ModelCheckpoint{'monitor': 'val/map', 'mode': 'max'}",
+                                          "RandomStateCheckpoint"}
+    assert with_net_prefix(upgraded["state_dict"]) == upgraded["state_dict"]  # a current checkpoint is left as it is
