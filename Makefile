@@ -1,6 +1,7 @@
 # `make train`: set up .venv if needed, then train RetinaNet on the built-in shapes data (CPU-sized).
-# `make test`: set up, then check the code with ruff and run the test suite, one pytest-xdist worker a core (at most 4:
-# each holds torch and a preloaded interpreter, ~2 GB), the cores shared among them (tests/conftest.py).
+# `make test`: set up, then check the code with ruff (lint and format) and run the test suite, one pytest-xdist
+# worker a core (at most 4: each holds torch and a preloaded interpreter, ~2 GB), the cores shared among them
+# (tests/conftest.py).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -23,6 +24,7 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal $(ARGS)
 
 bench: $(STAMP)

@@ -25,8 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 from datamodules.coco import coco_result_entries, write_coco_results
 from detectors.batch import DetectionBatch
-from engine.checkpoint_loading import (CheckpointError, build_model, check_classes, load_checkpoint,
-                                       resolve_preprocessing, training_data_config)
+from engine.checkpoint_loading import (
+    CheckpointError,
+    build_model,
+    check_classes,
+    load_checkpoint,
+    resolve_preprocessing,
+    training_data_config,
+)
 from evaluation.visualization import plot_pr_curves
 
 log = logging.getLogger("eval")
@@ -41,16 +47,21 @@ def eval_data_config(data: DictConfig | None, checkpoint: dict[str, Any], ckpt_p
     else:
         trained, _ = training_data_config(checkpoint, ckpt_path)
         if trained is None:
-            raise CheckpointError(f"ckpt_path={ckpt_path}: its training data config is unknown (no data_config in "
-                                  f"the checkpoint, no .hydra/config.yaml in its run folder); name the data: "
-                                  f"data=<shapes|voc|coco> (and data.root=...)")
+            raise CheckpointError(
+                f"ckpt_path={ckpt_path}: its training data config is unknown (no data_config in "
+                f"the checkpoint, no .hydra/config.yaml in its run folder); name the data: "
+                f"data=<shapes|voc|coco> (and data.root=...)"
+            )
         node = OmegaConf.merge(OmegaConf.create(trained), data or {})
     # the command line's transform (data/transform=<name>) if it gave one, else the training run's
     transform, size_divisible, source = resolve_preprocessing(data, checkpoint, ckpt_path)
     # key by key, in place: the augmentation is left out (it may refer to model.*, absent here) and the rest keeps
     # its parents for interpolations such as ${paths.data_dir}
-    config = {k: OmegaConf.to_container(node[k], resolve=True) if OmegaConf.is_config(node[k]) else node[k]
-              for k in node if k not in ("train_transform", "val_transform", "size_divisible")}
+    config = {
+        k: OmegaConf.to_container(node[k], resolve=True) if OmegaConf.is_config(node[k]) else node[k]
+        for k in node
+        if k not in ("train_transform", "val_transform", "size_divisible")
+    }
     config.update(train_transform=None, val_transform=transform, size_divisible=size_divisible)
     log.info("eval transform %s, size_divisible %d (from %s)", transform, size_divisible, source)
     return config
@@ -67,16 +78,27 @@ class RecordDetections(L.Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.records = []
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                outputs: list[dict[str, torch.Tensor]], batch: DetectionBatch, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: list[dict[str, torch.Tensor]],
+        batch: DetectionBatch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         targets = batch.targets_in_original_frame()
         # the original size: input size ÷ scale (the image's own pixels, which boxes are reported in)
         sizes = (batch.image_sizes.double() / batch.scales.double().to(batch.image_sizes.device)).round().long()
         for i, det in enumerate(outputs):
-            self.records.append({"index": int(batch.image_ids[i]), "size": sizes[i].tolist(),
-                                 "detection": {k: v.detach().cpu() for k, v in det.items()},
-                                 "target": {k: v.detach().cpu() for k, v in targets[i].items()}})
+            self.records.append(
+                {
+                    "index": int(batch.image_ids[i]),
+                    "size": sizes[i].tolist(),
+                    "detection": {k: v.detach().cpu() for k, v in det.items()},
+                    "target": {k: v.detach().cpu() for k, v in targets[i].items()},
+                }
+            )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size > 1:  # each rank validated its own images (the data module never repeats one)
@@ -96,10 +118,20 @@ def coco_ground_truth(records: list[dict[str, Any]], class_names: list[str]) -> 
         xyxy = t["boxes"].double()
         xywh = torch.cat((xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]), dim=1)
         difficult = t.get("difficult", torch.zeros(len(xyxy), dtype=torch.bool))
-        for box, label, crowd, diff in zip(xywh.tolist(), t["labels"].tolist(), t["iscrowd"].tolist(),
-                                           difficult.tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": r["index"], "category_id": label + 1,
-                                "bbox": box, "area": box[2] * box[3], "iscrowd": int(crowd), "difficult": int(diff)})
+        for box, label, crowd, diff in zip(
+            xywh.tolist(), t["labels"].tolist(), t["iscrowd"].tolist(), difficult.tolist()
+        ):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": r["index"],
+                    "category_id": label + 1,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": int(crowd),
+                    "difficult": int(diff),
+                }
+            )
     categories = [{"id": k + 1, "name": name} for k, name in enumerate(class_names)]
     return {"images": images, "annotations": annotations, "categories": categories}
 
@@ -121,15 +153,28 @@ def write_results(records: list[dict[str, Any]], dataset: Any, class_names: list
 
 def format_table(metrics: dict[str, float], pr_curves: dict[str, Any]) -> str:
     """The COCO suite, VOC AP and one row per class (COCO AP and AP@0.5 from its precision–recall curve)."""
+
     def row(name: str, key: str) -> str:
         return f"  {name:<32}{metrics[key]:8.4f}" if key in metrics else ""
 
-    coco = [("AP @[.5:.95]", "map"), ("AP @.5", "map_50"), ("AP @.75", "map_75"), ("AP small", "map_small"),
-            ("AP medium", "map_medium"), ("AP large", "map_large"), ("AR @1", "mar_1"), ("AR @10", "mar_10"),
-            ("AR @100", "mar_100")]
-    lines = ["COCO suite:", *(row(n, f"val/{k}") for n, k in coco),
-             "PASCAL VOC (IoU 0.5):", row("mAP, VOC07 11-point", "val/voc07_map_50"),
-             row("mAP, area (VOC2010+)", "val/voc_map_50")]
+    coco = [
+        ("AP @[.5:.95]", "map"),
+        ("AP @.5", "map_50"),
+        ("AP @.75", "map_75"),
+        ("AP small", "map_small"),
+        ("AP medium", "map_medium"),
+        ("AP large", "map_large"),
+        ("AR @1", "mar_1"),
+        ("AR @10", "mar_10"),
+        ("AR @100", "mar_100"),
+    ]
+    lines = [
+        "COCO suite:",
+        *(row(n, f"val/{k}") for n, k in coco),
+        "PASCAL VOC (IoU 0.5):",
+        row("mAP, VOC07 11-point", "val/voc07_map_50"),
+        row("mAP, area (VOC2010+)", "val/voc_map_50"),
+    ]
     per_class = [k for k in metrics if k.startswith("val/ap/")]
     if per_class:
         lines.append(f"  {'per class':<32}{'AP':>8}{'AP@.5':>8}")
@@ -145,8 +190,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = str(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_path, trusted=bool(cfg.get("trust_checkpoint")))
     datamodule = instantiate(eval_data_config(cfg.get("data"), checkpoint, ckpt_path))
-    check_classes(checkpoint.get("class_names") or checkpoint["model_config"]["class_names"], datamodule.classes,
-                  ckpt_path)
+    check_classes(
+        checkpoint.get("class_names") or checkpoint["model_config"]["class_names"], datamodule.classes, ckpt_path
+    )
     model = build_model(checkpoint, ckpt_path, cfg.get("model"), trusted=bool(cfg.get("trust_checkpoint")))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -162,11 +208,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     written = write_results(recorder.records, datamodule.val_set, list(model.net.class_names), output_dir)
     curves = model.val_metrics.pr_curves
     if cfg.get("plot", True) and curves:
-        plot_pr_curves(curves, output_dir / "pr_curve.png",
-                       title=f"precision-recall at IoU 0.5: {Path(ckpt_path).name}")
+        plot_pr_curves(
+            curves, output_dir / "pr_curve.png", title=f"precision-recall at IoU 0.5: {Path(ckpt_path).name}"
+        )
     print(f"\nmetrics of {ckpt_path} on {len(recorder.records)} images:\n{format_table(metrics, curves)}")
-    print(f"\nwrote {', '.join(p.name for p in [output_dir / 'metrics.json', *written])}"
-          f"{', pr_curve.png' if (output_dir / 'pr_curve.png').is_file() else ''}\nrun folder: {output_dir}")
+    print(
+        f"\nwrote {', '.join(p.name for p in [output_dir / 'metrics.json', *written])}"
+        f"{', pr_curve.png' if (output_dir / 'pr_curve.png').is_file() else ''}\nrun folder: {output_dir}"
+    )
     return metrics
 
 

@@ -43,8 +43,12 @@ for _name in ("onnx_ir", "onnxscript"):  # their graph passes log every rewrite 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 METADATA_KEY = "detector"  # the ONNX metadata_props key; TorchScript: extra file "detector.json"
 # files exported before the heads' outputs had one set of names for the three papers
-RENAMED_OUTPUTS = {"cls_logits": "class_scores", "box": "box_deltas", "confidence": "objectness",
-                   "class_probs": "class_scores"}
+RENAMED_OUTPUTS = {
+    "cls_logits": "class_scores",
+    "box": "box_deltas",
+    "confidence": "objectness",
+    "class_probs": "class_scores",
+}
 CHECK_TOLERANCE = 1e-3  # |exported − PyTorch| ≤ tol · (1 + |PyTorch|) on the raw outputs: float32 re-ordering only
 
 
@@ -77,8 +81,10 @@ def default_input_size(cfg: DictConfig, transform: dict | None, trained: dict | 
     if size is None and not transform and trained and trained.get("image_size"):
         size = trained["image_size"]
     if size is None:
-        raise ValueError(f"input_size is needed: the eval transform {transform} does not fix one size; give the "
-                         f"padded network input, e.g. input_size=[800,1344] for RetinaNet's landscape images")
+        raise ValueError(
+            f"input_size is needed: the eval transform {transform} does not fix one size; give the "
+            f"padded network input, e.g. input_size=[800,1344] for RetinaNet's landscape images"
+        )
     if isinstance(size, (ListConfig, list, tuple)):
         size = list(size)
     hw = [size, size] if isinstance(size, int) else size
@@ -91,8 +97,9 @@ def round_up(size: tuple[int, int], divisor: int) -> tuple[int, int]:
     return tuple(-(-s // divisor) * divisor for s in size)  # type: ignore[return-value]
 
 
-def export_onnx(network: ExportableNetwork, example: Tensor, path: Path, opset: int, dynamo: bool,
-                metadata: str) -> None:
+def export_onnx(
+    network: ExportableNetwork, example: Tensor, path: Path, opset: int, dynamo: bool, metadata: str
+) -> None:
     try:
         import onnx
     except ImportError:
@@ -102,17 +109,36 @@ def export_onnx(network: ExportableNetwork, example: Tensor, path: Path, opset: 
         try:
             import onnxscript  # noqa: F401  (torch.onnx's torch.export-based exporter needs it)
         except ImportError:
-            raise ImportError("format=onnx with onnx_dynamo=true needs onnxscript: pip install onnxscript "
-                              "(or onnx_dynamo=false for the legacy exporter)") from None
+            raise ImportError(
+                "format=onnx with onnx_dynamo=true needs onnxscript: pip install onnxscript "
+                "(or onnx_dynamo=false for the legacy exporter)"
+            ) from None
         batch = torch.export.Dim("batch", min=1, max=4096)
-        torch.onnx.export(network, (example,), str(path), dynamo=True, input_names=["images"], output_names=names,
-                          dynamic_shapes=({0: batch},), opset_version=opset, external_data=False, verbose=False)
+        torch.onnx.export(
+            network,
+            (example,),
+            str(path),
+            dynamo=True,
+            input_names=["images"],
+            output_names=names,
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # legacy exporter: chosen on purpose here
-            torch.onnx.export(network, (example,), str(path), dynamo=False, input_names=["images"],
-                              output_names=names, opset_version=opset,
-                              dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in network.output_names}})
+            torch.onnx.export(
+                network,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["images"],
+                output_names=names,
+                opset_version=opset,
+                dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in network.output_names}},
+            )
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, {METADATA_KEY: metadata})
     onnx.save(model, str(path))
@@ -135,8 +161,12 @@ class ExportedDetector:
     (``postprocess`` overrides merge onto its settings, e.g. ``{"score_thresh": 0.3}``). ONNX runs on
     onnxruntime's ``providers`` (default: the CPU; e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]``)."""
 
-    def __init__(self, path: str | Path, postprocess: dict[str, Any] | None = None,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        postprocess: dict[str, Any] | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such exported model")
@@ -165,8 +195,10 @@ class ExportedDetector:
     def run(self, images: Tensor) -> tuple[dict[str, Tensor], Priors]:
         """uint8 (B, 3, H, W) at the input size → raw outputs by name and the priors (``DenseDetector.forward``'s)."""
         if tuple(images.shape[-2:]) != self.input_size or images.dtype != torch.uint8:
-            raise ValueError(f"{self.path} takes uint8 images of {list(self.input_size)}; got {images.dtype} "
-                             f"{list(images.shape[-2:])}")
+            raise ValueError(
+                f"{self.path} takes uint8 images of {list(self.input_size)}; got {images.dtype} "
+                f"{list(images.shape[-2:])}"
+            )
         if self.module is not None:
             with torch.no_grad():
                 values = [v.cpu() for v in self.module(images.cpu())]
@@ -182,9 +214,11 @@ class ExportedDetector:
         batch = collate_detection(samples, self.preprocess.size_divisible)
         h, w = batch.input_size
         if h > self.input_size[0] or w > self.input_size[1]:
-            raise ValueError(f"{self.path}: an image becomes {h}x{w} after {self.preprocess}, larger than the "
-                             f"exported input {self.input_size[0]}x{self.input_size[1]}; export with a larger "
-                             f"input_size or a transform that resizes (data/transform=<name>)")
+            raise ValueError(
+                f"{self.path}: an image becomes {h}x{w} after {self.preprocess}, larger than the "
+                f"exported input {self.input_size[0]}x{self.input_size[1]}; export with a larger "
+                f"input_size or a transform that resizes (data/transform=<name>)"
+            )
         padded = torch.zeros((len(images), 3, *self.input_size), dtype=torch.uint8)
         padded[:, :, :h, :w] = batch.images
         return dataclasses.replace(batch, images=padded)
@@ -209,9 +243,11 @@ def check_export(network: ExportableNetwork, path: Path, input_size: tuple[int, 
         excess = ((got - want).abs() - CHECK_TOLERANCE * (1 + want.abs())).max().item()
         worst = max(worst, (got - want).abs().max().item())
         if excess > 0:
-            raise RuntimeError(f"{path}: output {name!r} differs from PyTorch's by up to "
-                               f"{(got - want).abs().max().item():.3g} (tolerance {CHECK_TOLERANCE} relative); "
-                               f"the export is wrong, please report it with the model config")
+            raise RuntimeError(
+                f"{path}: output {name!r} differs from PyTorch's by up to "
+                f"{(got - want).abs().max().item():.3g} (tolerance {CHECK_TOLERANCE} relative); "
+                f"the export is wrong, please report it with the model config"
+            )
     return worst
 
 
@@ -229,15 +265,30 @@ def export(cfg: DictConfig) -> Path:
         log.info("input_size %s padded to %s (size_divisible %d)", list(size), list(input_size), size_divisible)
     model = build_model(checkpoint, ckpt_path, cfg.get("model"), trusted=bool(cfg.get("trust_checkpoint")))
     network = ExportableNetwork(model.net, input_size).eval()
-    metadata = json.dumps({
-        "class_names": list(model.net.class_names), "input_size": list(input_size), "outputs": network.output_names,
-        "level_sizes": network.level_sizes, "val_transform": transform, "size_divisible": size_divisible,
-        "postprocess": model.model_config["postprocess"], "checkpoint": str(ckpt_path), "format": fmt})
+    metadata = json.dumps(
+        {
+            "class_names": list(model.net.class_names),
+            "input_size": list(input_size),
+            "outputs": network.output_names,
+            "level_sizes": network.level_sizes,
+            "val_transform": transform,
+            "size_divisible": size_divisible,
+            "postprocess": model.model_config["postprocess"],
+            "checkpoint": str(ckpt_path),
+            "format": fmt,
+        }
+    )
     path = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / f"model{FORMATS[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros((2, 3, *input_size), dtype=torch.uint8)  # batch 2: torch.export specialises a batch of 1
-    log.info("exporting %s (input %s, transform %s from %s) to %s", Path(ckpt_path).name, list(input_size),
-             transform, source, path)
+    log.info(
+        "exporting %s (input %s, transform %s from %s) to %s",
+        Path(ckpt_path).name,
+        list(input_size),
+        transform,
+        source,
+        path,
+    )
     if fmt == "onnx":
         export_onnx(network, example, path, int(cfg.opset), bool(cfg.onnx_dynamo), metadata)
     else:
@@ -245,8 +296,10 @@ def export(cfg: DictConfig) -> Path:
     if cfg.get("check", True):
         worst = check_export(network, path, input_size)
         log.info("checked: the exported outputs are within %.2g of PyTorch's on a random batch", worst)
-    print(f"\nexported {fmt} to {path} (input uint8 [batch, 3, {input_size[0]}, {input_size[1]}]; outputs "
-          f"{', '.join([*network.output_names, 'priors'])}); run it with export.ExportedDetector('{path}').detect")
+    print(
+        f"\nexported {fmt} to {path} (input uint8 [batch, 3, {input_size[0]}, {input_size[1]}]; outputs "
+        f"{', '.join([*network.output_names, 'priors'])}); run it with export.ExportedDetector('{path}').detect"
+    )
     return path
 
 

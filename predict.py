@@ -60,13 +60,18 @@ def find_images(spec: str) -> list[Path]:
             raise FileNotFoundError(where + "use a glob such as 'folder/**/*.jpg')")
         return files
     if any(c in spec for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True)
-                       if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            Path(p)
+            for p in glob.glob(spec, recursive=True)
+            if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES
+        )
         if not files:
             raise FileNotFoundError(f"input={spec}: the pattern matches no image files ({', '.join(IMAGE_SUFFIXES)})")
         return files
-    raise FileNotFoundError(f"input={spec}: no such file or folder; give an image, a folder of images or a glob "
-                            f"pattern in quotes, e.g. input='photos/**/*.jpg'")
+    raise FileNotFoundError(
+        f"input={spec}: no such file or folder; give an image, a folder of images or a glob "
+        f"pattern in quotes, e.g. input='photos/**/*.jpg'"
+    )
 
 
 def output_paths(files: list[Path], output: Path) -> list[Path]:
@@ -79,8 +84,9 @@ def output_paths(files: list[Path], output: Path) -> list[Path]:
         target = output.resolve() / f.relative_to(common)
         target = target if f.suffix.lower() in KEPT_SUFFIXES else target.with_suffix(".png")
         if target == f:
-            raise ValueError(f"output={output}: writing the pictures there would overwrite the input {f}; "
-                             f"give another folder")
+            raise ValueError(
+                f"output={output}: writing the pictures there would overwrite the input {f}; give another folder"
+            )
         out.append(target)
     return out
 
@@ -100,8 +106,9 @@ class ImageFiles(Dataset):
         return x, target, image
 
 
-def collate(samples: list[tuple[Tensor, dict[str, Tensor], Tensor]], size_divisible: int
-            ) -> tuple[DetectionBatch, list[Tensor]]:
+def collate(
+    samples: list[tuple[Tensor, dict[str, Tensor], Tensor]], size_divisible: int
+) -> tuple[DetectionBatch, list[Tensor]]:
     return collate_detection([(x, t) for x, t, _ in samples], size_divisible), [img for *_, img in samples]
 
 
@@ -142,12 +149,24 @@ def predict(cfg: DictConfig) -> Path:
     detector = build_model(checkpoint, ckpt_path, cfg.get("model"), trusted=bool(cfg.get("trust_checkpoint"))).net
     detector.to(device)
     names = list(detector.class_names)
-    log.info("%d image(s) from %s; transform %s (from %s); %s on %s", len(files), cfg.input, preprocess, source,
-             Path(ckpt_path).name, device)
+    log.info(
+        "%d image(s) from %s; transform %s (from %s); %s on %s",
+        len(files),
+        cfg.input,
+        preprocess,
+        source,
+        Path(ckpt_path).name,
+        device,
+    )
 
-    loader = DataLoader(ImageFiles(files, preprocess), batch_size=int(cfg.batch_size), shuffle=False,
-                        num_workers=int(cfg.num_workers), collate_fn=partial(collate, size_divisible=size_divisible),
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        ImageFiles(files, preprocess),
+        batch_size=int(cfg.batch_size),
+        shuffle=False,
+        num_workers=int(cfg.num_workers),
+        collate_fn=partial(collate, size_divisible=size_divisible),
+        pin_memory=device.type == "cuda",
+    )
     entries: list[dict[str, Any]] = []
     drawn = 0
     with tqdm(total=len(files), unit="img", desc="predict") as bar:
@@ -160,8 +179,9 @@ def predict(cfg: DictConfig) -> Path:
                 image = originals[i]
                 keep = det["scores"] >= float(cfg.score_thresh)
                 width = cfg.get("line_width") or max(2, round(2 * max(image.shape[-2:]) / 500))
-                picture = draw_boxes(image, det["boxes"][keep], det["labels"][keep], names, det["scores"][keep],
-                                     width=int(width))
+                picture = draw_boxes(
+                    image, det["boxes"][keep], det["labels"][keep], names, det["scores"][keep], width=int(width)
+                )
                 save_picture(picture, pictures[index], int(cfg.jpeg_quality))
                 drawn += int(keep.sum())
             bar.update(len(detections))
@@ -170,8 +190,10 @@ def predict(cfg: DictConfig) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     result = output / "detections.json"
     result.write_text(json.dumps(entries))
-    print(f"\n{len(files)} picture(s) with {drawn} box(es) of score ≥ {cfg.score_thresh} and detections.json "
-          f"({len(entries)} detections) in {output}")
+    print(
+        f"\n{len(files)} picture(s) with {drawn} box(es) of score ≥ {cfg.score_thresh} and detections.json "
+        f"({len(entries)} detections) in {output}"
+    )
     return result
 
 

@@ -42,8 +42,11 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 def newest_own_checkpoint(output_dir: str) -> Path | None:
     """This run folder's checkpoints/last.ckpt or Lightning's SLURM hpc_ckpt_<n>.ckpt, whichever is newer."""
-    found = [p for p in (Path(output_dir, "checkpoints", "last.ckpt"), *Path(output_dir).glob("hpc_ckpt_*.ckpt"))
-             if p.is_file()]
+    found = [
+        p
+        for p in (Path(output_dir, "checkpoints", "last.ckpt"), *Path(output_dir).glob("hpc_ckpt_*.ckpt"))
+        if p.is_file()
+    ]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
@@ -67,8 +70,10 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str, task_name: str, outpu
             return str(own)
         found = sorted(Path(log_dir, task_name).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {Path(log_dir, task_name)}; "
-                                    f"give ckpt_path=<file> or train without ckpt_path first")
+            raise FileNotFoundError(
+                f"ckpt_path=last: no checkpoints/last.ckpt under {Path(log_dir, task_name)}; "
+                f"give ckpt_path=<file> or train without ckpt_path first"
+            )
         log.info("resuming from %s", found[-1])
         return str(found[-1])
     if not Path(ckpt_path).is_file():
@@ -89,7 +94,8 @@ def refuse_multirun_with_own_processes(trainer: L.Trainer) -> None:
             f"a Hydra multirun (-m) cannot use {type(trainer.strategy).__name__} with "
             f"{trainer.world_size} processes started by Lightning: each would re-run the whole sweep. Use "
             f"trainer.strategy=ddp_spawn for a local sweep, a cluster launcher (hydra/launcher=slurm), or one "
-            f"`python train.py` per setting")
+            f"`python train.py` per setting"
+        )
 
 
 def scale_learning_rate(cfg: DictConfig, trainer: L.Trainer) -> bool:
@@ -100,20 +106,30 @@ def scale_learning_rate(cfg: DictConfig, trainer: L.Trainer) -> bool:
         return False
     base = scaling.get("base_batch_size")
     if not base or base < 1:
-        raise ValueError(f"lr_scaling.base_batch_size={base}: give the total batch size model.optimizer.lr was "
-                         f"set for (e.g. 16 for RetinaNet's 0.01), or lr_scaling.enabled=false")
+        raise ValueError(
+            f"lr_scaling.base_batch_size={base}: give the total batch size model.optimizer.lr was "
+            f"set for (e.g. 16 for RetinaNet's 0.01), or lr_scaling.enabled=false"
+        )
     total = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
     lr = cfg.model.optimizer.lr * total / base
-    log.info("lr_scaling: total batch %d (%d per device × %d devices × %d accumulated) ÷ %d → lr %.6g (from %.6g)",
-             total, cfg.data.batch_size, trainer.world_size, trainer.accumulate_grad_batches, base, lr,
-             cfg.model.optimizer.lr)
+    log.info(
+        "lr_scaling: total batch %d (%d per device × %d devices × %d accumulated) ÷ %d → lr %.6g (from %.6g)",
+        total,
+        cfg.data.batch_size,
+        trainer.world_size,
+        trainer.accumulate_grad_batches,
+        base,
+        lr,
+        cfg.model.optimizer.lr,
+    )
     with open_dict(cfg):
         cfg.model.optimizer.lr = lr
     return True
 
 
-def check_memory(cfg: DictConfig, trainer: L.Trainer, model: DetectionModule, datamodule: L.LightningDataModule
-                 ) -> None:
+def check_memory(
+    cfg: DictConfig, trainer: L.Trainer, model: DetectionModule, datamodule: L.LightningDataModule
+) -> None:
     """memory_check: estimate the run's peak memory from probe steps (engine/memory.py) and stop before the first
     step if it cannot fit; data.batch_size=auto becomes the largest batch that fits (in cfg and the datamodule).
     Processes of a multi-process CPU run share the machine's memory equally; `auto` needs a single process."""
@@ -121,8 +137,10 @@ def check_memory(cfg: DictConfig, trainer: L.Trainer, model: DetectionModule, da
     if auto and not cfg.get("memory_check", True):
         raise ValueError("data.batch_size=auto is chosen by the memory check: set memory_check=true or give a number")
     if auto and trainer.world_size > 1:
-        raise ValueError(f"data.batch_size=auto is chosen by one process's probe; with {trainer.world_size} processes "
-                         f"give a number (run with trainer.devices=1 data.batch_size=auto to see what fits one)")
+        raise ValueError(
+            f"data.batch_size=auto is chosen by one process's probe; with {trainer.world_size} processes "
+            f"give a number (run with trainer.devices=1 data.batch_size=auto to see what fits one)"
+        )
     if not cfg.get("memory_check", True) or int(os.environ.get("LOCAL_RANK", 0)) > 0:
         return  # ranks > 0: local rank 0 checked for the whole machine before it started them
     start = time.perf_counter()
@@ -133,30 +151,60 @@ def check_memory(cfg: DictConfig, trainer: L.Trainer, model: DetectionModule, da
     available = memory.available_memory(device) / share
     train_input = memory.input_settings(datamodule.train_transform)
     common = dict(available=available, autocast=trainer.precision_plugin.forward_context, device=device)
-    estimate = memory.training_estimate(model.net, datamodule.train_set, datamodule.train_transform,
-                                        datamodule.size_divisible, batch_size=None if auto else cfg.data.batch_size,
-                                        optimizer=model.optimizer_factory, num_workers=datamodule.num_workers,
-                                        **common)
+    estimate = memory.training_estimate(
+        model.net,
+        datamodule.train_set,
+        datamodule.train_transform,
+        datamodule.size_divisible,
+        batch_size=None if auto else cfg.data.batch_size,
+        optimizer=model.optimizer_factory,
+        num_workers=datamodule.num_workers,
+        **common,
+    )
     if auto:
         # no more than the training set: drop_last would leave an epoch without a batch
         batch = min(memory.choose_batch(estimate, available, train_input), len(datamodule.train_set))
-        log.info("data.batch_size=auto: %d, the largest batch whose estimated need (~%s: %s) fits %s available "
-                 "less a %.0f%% margin", batch, memory.gib(estimate.need(batch)), estimate.describe(),
-                 memory.gib(available), 100 * memory.AUTO_MARGIN)
+        log.info(
+            "data.batch_size=auto: %d, the largest batch whose estimated need (~%s: %s) fits %s available "
+            "less a %.0f%% margin",
+            batch,
+            memory.gib(estimate.need(batch)),
+            estimate.describe(),
+            memory.gib(available),
+            100 * memory.AUTO_MARGIN,
+        )
         cfg.data.batch_size = datamodule.batch_size = batch
     warnings = [memory.check_batch(estimate, cfg.data.batch_size, available, train_input)]
     val_key = "data.val_batch_size" if cfg.data.get("val_batch_size") else "data.batch_size"
     if datamodule.val_set is not None and trainer.limit_val_batches != 0:
-        val = memory.validation_estimate(model.net, datamodule.val_set, datamodule.val_transform,
-                                         datamodule.size_divisible, batch_size=datamodule.val_batch_size, **common)
-        warnings.append(memory.check_batch(val, datamodule.val_batch_size, available,
-                                           memory.input_settings(datamodule.val_transform, "data.val_transform"),
-                                           key=val_key, auto_hint=False))
+        val = memory.validation_estimate(
+            model.net,
+            datamodule.val_set,
+            datamodule.val_transform,
+            datamodule.size_divisible,
+            batch_size=datamodule.val_batch_size,
+            **common,
+        )
+        warnings.append(
+            memory.check_batch(
+                val,
+                datamodule.val_batch_size,
+                available,
+                memory.input_settings(datamodule.val_transform, "data.val_transform"),
+                key=val_key,
+                auto_hint=False,
+            )
+        )
     for warning in filter(None, warnings):
         log.warning("memory check: %s", warning)
-    log.info("memory check (%.1f s; memory_check=false skips it): data.batch_size=%d needs ~%s of %s available (%s)",
-             time.perf_counter() - start, cfg.data.batch_size, memory.gib(estimate.need(cfg.data.batch_size)),
-             memory.gib(available), estimate.describe())
+    log.info(
+        "memory check (%.1f s; memory_check=false skips it): data.batch_size=%d needs ~%s of %s available (%s)",
+        time.perf_counter() - start,
+        cfg.data.batch_size,
+        memory.gib(estimate.need(cfg.data.batch_size)),
+        memory.gib(available),
+        estimate.describe(),
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -173,16 +221,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         finish_loggers(loggers)  # one W&B run per Hydra job: the next multirun job must not log into this one
 
 
-def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbacks: list, loggers: list
-                     ) -> dict[str, float]:
+def fit_and_validate(
+    cfg: DictConfig, datamodule: L.LightningDataModule, callbacks: list, loggers: list
+) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     refuse_multirun_with_own_processes(trainer)
     model = DetectionModule.from_config(OmegaConf.to_container(cfg.model, resolve=True))
     check_memory(cfg, trainer, model, datamodule)  # before lr_scaling: it reads the batch size auto chooses
     # model.channels_last=auto: rank 0 measures at setup, every rank takes its answer (engine/layout.py)
-    trainer.callbacks.append(layout.ChannelsLastAuto(int(cfg.data.batch_size),
-                                                     OmegaConf.to_container(cfg.model, resolve=True)))
+    trainer.callbacks.append(
+        layout.ChannelsLastAuto(int(cfg.data.batch_size), OmegaConf.to_container(cfg.model, resolve=True))
+    )
     # every rank's config is compared with rank 0's at setup; added once data.batch_size=auto is resolved
     trainer.callbacks.append(SameConfigOnEveryRank(OmegaConf.to_container(cfg, resolve=True)))
     if scale_learning_rate(cfg, trainer):
@@ -208,8 +258,9 @@ def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbac
         return metrics
     if metrics:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(f"\nvalidation metrics ({'best checkpoint ' + best if best else 'last epoch'}):\n"
-              f"{format_metrics(metrics)}")
+        print(
+            f"\nvalidation metrics ({'best checkpoint ' + best if best else 'last epoch'}):\n{format_metrics(metrics)}"
+        )
     print(f"\nrun folder: {output_dir}")
     return metrics
 
@@ -217,8 +268,11 @@ def fit_and_validate(cfg: DictConfig, datamodule: L.LightningDataModule, callbac
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     if bare_invocation:
-        log.info("no arguments: running %s (the CPU recipe `make train` runs); choose another with e.g. "
-                 "`python train.py model=ssd data=voc data.root=...` or `python train.py experiment=<name>`", BARE_RUN)
+        log.info(
+            "no arguments: running %s (the CPU recipe `make train` runs); choose another with e.g. "
+            "`python train.py model=ssd data=voc data.root=...` or `python train.py experiment=<name>`",
+            BARE_RUN,
+        )
     metrics = train(cfg)
     return metrics.get(cfg.optimized_metric)
 

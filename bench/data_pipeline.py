@@ -44,16 +44,29 @@ def samples(paths: list[Path]) -> list[tuple[Path, torch.Tensor, torch.Tensor]]:
     out = []
     for p in paths:
         w, h = Image.open(p).size
-        out.append((p, torch.tensor([[w * 0.1, h * 0.2, w * 0.5, h * 0.7], [w * 0.4, h * 0.1, w * 0.9, h * 0.6]]),
-                    torch.tensor([3, 7])))
+        out.append(
+            (
+                p,
+                torch.tensor([[w * 0.1, h * 0.2, w * 0.5, h * 0.7], [w * 0.4, h * 0.1, w * 0.9, h * 0.6]]),
+                torch.tensor([3, 7]),
+            )
+        )
     return out
 
 
 def pipeline_rows(repeats: int, record, count: int = 100) -> None:
     fill = tuple(round(255 * m) for m in IMAGENET_MEAN)
-    preset = v2.Compose([v2.RandomPhotometricDistort(p=0.5), v2.RandomZoomOut(fill=list(fill)), v2.RandomIoUCrop(),
-                         v2.RandomHorizontalFlip(p=0.5), v2.SanitizeBoundingBoxes(),
-                         v2.Resize((300, 300), antialias=True), v2.PILToTensor()])
+    preset = v2.Compose(
+        [
+            v2.RandomPhotometricDistort(p=0.5),
+            v2.RandomZoomOut(fill=list(fill)),
+            v2.RandomIoUCrop(),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.SanitizeBoundingBoxes(),
+            v2.Resize((300, 300), antialias=True),
+            v2.PILToTensor(),
+        ]
+    )
     ours = SSDAugmentation(size=300)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,8 +75,10 @@ def pipeline_rows(repeats: int, record, count: int = 100) -> None:
         def run_torchvision():
             for path, boxes, labels in data:
                 image = Image.open(path).convert("RGB")
-                target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.size[::-1]),
-                          "labels": labels}
+                target = {
+                    "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.size[::-1]),
+                    "labels": labels,
+                }
                 preset(image, target)
 
         def run_ours():
@@ -82,12 +97,17 @@ def pipeline_rows(repeats: int, record, count: int = 100) -> None:
         finally:
             torch.set_num_threads(threads)
     n = len(data)
-    record(f"SSD training pipeline, {n} JPEGs → 300×300 uint8, one worker "
-           f"(torchvision {n / peer:.0f} img/s, ours {n / mine:.0f} img/s)", peer, mine)
+    record(
+        f"SSD training pipeline, {n} JPEGs → 300×300 uint8, one worker "
+        f"(torchvision {n / peer:.0f} img/s, ours {n / mine:.0f} img/s)",
+        peer,
+        mine,
+    )
 
 
-def loader_rate(voc_root: Path, workers: int, batch_size: int, model: str = "retinanet", batches: int = 40,
-                pin_memory: bool = False) -> tuple[float, str]:
+def loader_rate(
+    voc_root: Path, workers: int, batch_size: int, model: str = "retinanet", batches: int = 40, pin_memory: bool = False
+) -> tuple[float, str]:
     """Training images/s of the project's own VOC loader for ``model`` (decode, the model's train augmentation,
     aspect-ratio grouping, collate and padding) with ``workers`` processes, after the first batch (worker
     start-up); and a description of what was loaded. ``voc_root`` is a VOCdevkit folder."""
@@ -99,9 +119,16 @@ def loader_rate(voc_root: Path, workers: int, batch_size: int, model: str = "ret
     if not years:
         raise FileNotFoundError(f"{voc_root}: no VOC<year>/ImageSets/Main/trainval.txt; give a VOCdevkit folder")
     sets = ",".join(f"[{y},trainval]" for y in years)
-    cfg = train_config(f"model={model}", "data=voc", f"data.root={voc_root}", f"data.train_sets=[{sets}]",
-                       f"data.val_sets=[{sets}]", f"data.num_workers={workers}", f"data.batch_size={batch_size}",
-                       f"data.pin_memory={pin_memory}")
+    cfg = train_config(
+        f"model={model}",
+        "data=voc",
+        f"data.root={voc_root}",
+        f"data.train_sets=[{sets}]",
+        f"data.val_sets=[{sets}]",
+        f"data.num_workers={workers}",
+        f"data.batch_size={batch_size}",
+        f"data.pin_memory={pin_memory}",
+    )
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
@@ -112,6 +139,8 @@ def loader_rate(voc_root: Path, workers: int, batch_size: int, model: str = "ret
     start = time.perf_counter()
     seen = sum(len(batch) for batch in itertools.islice(epochs, batches))
     seconds = time.perf_counter() - start
-    what = (f"{model}'s train transform on VOC {'+'.join(years)} trainval ({len(datamodule.train_set)} images), "
-            f"batch {batch_size}, {workers} workers")
+    what = (
+        f"{model}'s train transform on VOC {'+'.join(years)} trainval ({len(datamodule.train_set)} images), "
+        f"batch {batch_size}, {workers} workers"
+    )
     return seen / seconds, what

@@ -28,8 +28,14 @@ class Fixture:
     num_classes: int
 
 
-def make_fixture(num_images: int = 5000, detections: int = 100, num_classes: int = 80, objects: float = 7.0,
-                 crowd: float = 0.02, seed: int = 0) -> Fixture:
+def make_fixture(
+    num_images: int = 5000,
+    detections: int = 100,
+    num_classes: int = 80,
+    objects: float = 7.0,
+    crowd: float = 0.02,
+    seed: int = 0,
+) -> Fixture:
     g = torch.Generator().manual_seed(seed)
     counts = torch.poisson(torch.full((num_images,), objects), generator=g).long().clamp(max=detections // 2)
     dets, targets = [], []
@@ -38,8 +44,14 @@ def make_fixture(num_images: int = 5000, detections: int = 100, num_classes: int
         size = torch.exp(torch.empty(n, 2).uniform_(math.log(8.0), math.log(400.0), generator=g))
         boxes = torch.cat((centre - size / 2, centre + size / 2), 1).clamp(min=0)
         labels = torch.randint(0, num_classes, (n,), generator=g)
-        targets.append({"boxes": boxes, "labels": labels, "iscrowd": (torch.rand(n, generator=g) < crowd).long(),
-                        "difficult": torch.zeros(n, dtype=torch.bool)})
+        targets.append(
+            {
+                "boxes": boxes,
+                "labels": labels,
+                "iscrowd": (torch.rand(n, generator=g) < crowd).long(),
+                "difficult": torch.zeros(n, dtype=torch.bool),
+            }
+        )
         # a detector's output: a few jittered copies of each object (some with the wrong class), the rest clutter
         copies = boxes.repeat(2, 1)
         copies = copies + torch.randn(copies.shape, generator=g) * (copies[:, 2:] - copies[:, :2]).repeat(1, 2) * 0.1
@@ -49,15 +61,21 @@ def make_fixture(num_images: int = 5000, detections: int = 100, num_classes: int
         m = detections - len(copies)
         clutter = torch.rand(m, 2, generator=g) * torch.tensor([640.0, 480.0])
         clutter = torch.cat((clutter, clutter + torch.rand(m, 2, generator=g) * 200 + 4), 1)
-        dets.append({"boxes": torch.cat((copies, clutter)),
-                     "scores": torch.cat((torch.rand(len(copies), generator=g) * 0.5 + 0.5,
-                                          torch.rand(m, generator=g) * 0.6)),
-                     "labels": torch.cat((copy_labels, torch.randint(0, num_classes, (m,), generator=g)))})
+        dets.append(
+            {
+                "boxes": torch.cat((copies, clutter)),
+                "scores": torch.cat(
+                    (torch.rand(len(copies), generator=g) * 0.5 + 0.5, torch.rand(m, generator=g) * 0.6)
+                ),
+                "labels": torch.cat((copy_labels, torch.randint(0, num_classes, (m,), generator=g))),
+            }
+        )
     return Fixture(dets, targets, num_classes)
 
 
-def coco_dicts(detections: list[dict[str, Tensor]], targets: list[dict[str, Tensor]],
-               category_ids: list[int]) -> tuple[dict, list[dict]]:
+def coco_dicts(
+    detections: list[dict[str, Tensor]], targets: list[dict[str, Tensor]], category_ids: list[int]
+) -> tuple[dict, list[dict]]:
     """The ground truth as a COCO dataset dict (image ids 0, 1, ...; annotation ids from 1; area = box area) and
     the detections as a COCO results list (xywh): what pycocotools is given in the bench and the tests."""
     images, annotations, results = [], [], []
@@ -65,11 +83,20 @@ def coco_dicts(detections: list[dict[str, Tensor]], targets: list[dict[str, Tens
         images.append({"id": image_id, "width": 640, "height": 480})
         for b, c, crowd in zip(target["boxes"].tolist(), target["labels"].tolist(), target["iscrowd"].tolist()):
             w, h = b[2] - b[0], b[3] - b[1]
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c,
-                                "bbox": [b[0], b[1], w, h], "area": w * h, "iscrowd": crowd})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": c,
+                    "bbox": [b[0], b[1], w, h],
+                    "area": w * h,
+                    "iscrowd": crowd,
+                }
+            )
         for b, c, s in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
-            results.append({"image_id": image_id, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
-                            "score": s})
+            results.append(
+                {"image_id": image_id, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s}
+            )
     categories = [{"id": c, "name": str(c)} for c in category_ids]
     return {"images": images, "annotations": annotations, "categories": categories}, results
 
@@ -97,7 +124,7 @@ def cases(fx: Fixture, batch_size: int = 16, class_metrics: bool = True, backend
     def run_ours():
         metrics = DetectionMetrics(names, class_metrics=class_metrics, backend=backend)
         for i in range(0, len(fx.detections), batch_size):
-            metrics.update(fx.detections[i:i + batch_size], fx.targets[i:i + batch_size])
+            metrics.update(fx.detections[i : i + batch_size], fx.targets[i : i + batch_size])
         out = metrics.compute("val")
         return out["val/map"], out["val/map_50"]
 

@@ -23,8 +23,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = ("experiment=retinanet_shapes", "data.image_size=64", "data.num_train=64", "data.num_val=16",
-        "data.batch_size=8", "model.backbone.out_channels=32", "model.priors.size_factor=0.125")
+TINY = (
+    "experiment=retinanet_shapes",
+    "data.image_size=64",
+    "data.num_train=64",
+    "data.num_val=16",
+    "data.batch_size=8",
+    "model.backbone.out_channels=32",
+    "model.priors.size_factor=0.125",
+)
 
 
 def rss_mib() -> float:
@@ -45,8 +52,11 @@ def slope(values: list[float], skip: int = 2) -> float:
 def report(what: str, values: list[float]) -> float:
     per_epoch = ", ".join(f"{v:.0f}" for v in values)
     growth = slope(values)
-    print(f"{what}: RSS MiB per epoch [{per_epoch}]; slope {growth:+.2f} MiB/epoch (after epoch 2); "
-          f"max − min {max(values) - min(values):.0f} MiB", flush=True)
+    print(
+        f"{what}: RSS MiB per epoch [{per_epoch}]; slope {growth:+.2f} MiB/epoch (after epoch 2); "
+        f"max − min {max(values) - min(values):.0f} MiB",
+        flush=True,
+    )
     return growth
 
 
@@ -62,10 +72,21 @@ def synthetic_batches(images: int, detections: int, num_classes: int, per_batch:
             gt = torch.cat((xy, xy + 20 + torch.rand(5, 2, generator=g) * 120), 1)
             labels = torch.randint(0, num_classes, (5,), generator=g)
             near = gt[torch.randint(0, 5, (detections,), generator=g)] + torch.randn(detections, 4, generator=g) * 8
-            preds.append({"boxes": near, "scores": torch.rand(detections, generator=g),
-                          "labels": torch.randint(0, num_classes, (detections,), generator=g)})
-            targets.append({"boxes": gt, "labels": labels, "difficult": torch.zeros(5, dtype=torch.bool),
-                            "iscrowd": torch.zeros(5, dtype=torch.long)})
+            preds.append(
+                {
+                    "boxes": near,
+                    "scores": torch.rand(detections, generator=g),
+                    "labels": torch.randint(0, num_classes, (detections,), generator=g),
+                }
+            )
+            targets.append(
+                {
+                    "boxes": gt,
+                    "labels": labels,
+                    "difficult": torch.zeros(5, dtype=torch.bool),
+                    "iscrowd": torch.zeros(5, dtype=torch.long),
+                }
+            )
         batches.append((preds, targets))
     return batches
 
@@ -86,9 +107,12 @@ def evaluation_memory(images: int = 5000, detections: int = 100, epochs: int = 5
         metrics.reset()
         gc.collect()
         values.append(rss_mib())
-        print(f"  evaluation {epoch + 1}: {images} images × {detections} detections, RSS with states {held:.0f} "
-              f"MiB, after reset {values[-1]:.0f} MiB, map {result['val/map']:.3f}, "
-              f"{time.perf_counter() - start:.1f} s", flush=True)
+        print(
+            f"  evaluation {epoch + 1}: {images} images × {detections} detections, RSS with states {held:.0f} "
+            f"MiB, after reset {values[-1]:.0f} MiB, map {result['val/map']:.3f}, "
+            f"{time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
     return values
 
 
@@ -115,9 +139,18 @@ def training_memory(epochs: int = 20) -> list[float]:
     model, data = instantiate(cfg.model), instantiate(cfg.data)
     probe = RSSPerEpoch()
     with tempfile.TemporaryDirectory() as folder:
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=CSVLogger(folder),
-                            callbacks=[probe], enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=4)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=epochs,
+            logger=CSVLogger(folder),
+            callbacks=[probe],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=4,
+        )
         trainer.fit(model, datamodule=data)
     return probe.values
 

@@ -28,21 +28,37 @@ class Fixture:
     num_classes: int
 
 
-def make_fixture(device: torch.device, batch_size: int = 8, image_size: int = 800, num_classes: int = 80,
-                 objects: int = 10, seed: int = 0) -> Fixture:
+def make_fixture(
+    device: torch.device,
+    batch_size: int = 8,
+    image_size: int = 800,
+    num_classes: int = 80,
+    objects: int = 10,
+    seed: int = 0,
+) -> Fixture:
     g = torch.Generator().manual_seed(seed)
     feature_sizes = [(-(-image_size // s),) * 2 for s in (8, 16, 32, 64, 128)]  # ceil, as the strided convs give
     priors = AnchorGenerator(integer_sizes=True)((image_size, image_size), feature_sizes, device)
     centre = torch.rand(batch_size, objects, 2, generator=g) * image_size
-    size = torch.exp(torch.empty(batch_size, objects, 2).uniform_(torch.log(torch.tensor(24.0)).item(),
-                                                                  torch.log(torch.tensor(500.0)).item(), generator=g))
+    size = torch.exp(
+        torch.empty(batch_size, objects, 2).uniform_(
+            torch.log(torch.tensor(24.0)).item(), torch.log(torch.tensor(500.0)).item(), generator=g
+        )
+    )
     boxes = torch.cat((centre - size / 2, centre + size / 2), -1).clamp(0, image_size)
     labels = torch.randint(0, num_classes, (batch_size, objects), generator=g)
     flags = torch.zeros(batch_size, objects, dtype=torch.bool)
-    batch = DetectionBatch(images=torch.zeros(batch_size, 3, image_size, image_size, dtype=torch.uint8),
-                           image_sizes=torch.full((batch_size, 2), image_size), boxes=boxes, labels=labels,
-                           valid=~flags, difficult=flags, crowd=flags, scales=torch.ones(batch_size, 2),
-                           image_ids=torch.arange(batch_size))
+    batch = DetectionBatch(
+        images=torch.zeros(batch_size, 3, image_size, image_size, dtype=torch.uint8),
+        image_sizes=torch.full((batch_size, 2), image_size),
+        boxes=boxes,
+        labels=labels,
+        valid=~flags,
+        difficult=flags,
+        crowd=flags,
+        scales=torch.ones(batch_size, 2),
+        image_ids=torch.arange(batch_size),
+    )
     batch = DetectionBatch(**{k: v.to(device) for k, v in vars(batch).items()})
     # a trained detector's score distribution: nearly every (anchor, class) far below 0.05, the anchors
     # overlapping an object confident in its class, so NMS sees realistic clusters of overlapping boxes
@@ -57,9 +73,15 @@ def make_fixture(device: torch.device, batch_size: int = 8, image_size: int = 80
 
 
 def torchvision_model(fx: Fixture, device: torch.device):
-    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=fx.num_classes,
-                                   score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
-                                   topk_candidates=1000)
+    model = retinanet_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=fx.num_classes,
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        detections_per_img=100,
+        topk_candidates=1000,
+    )
     return model.to(device).eval()
 
 

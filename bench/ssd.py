@@ -29,21 +29,33 @@ class Fixture:
     num_classes: int
 
 
-def make_fixture(device: torch.device, batch_size: int = 32, num_classes: int = 20, objects: int = 6,
-                 seed: int = 0) -> Fixture:
+def make_fixture(
+    device: torch.device, batch_size: int = 32, num_classes: int = 20, objects: int = 6, seed: int = 0
+) -> Fixture:
     g = torch.Generator().manual_seed(seed)
-    priors = DefaultBoxGenerator("ssd300", scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
-                                 steps=[8, 16, 32, 64, 100, 300], clip=True)((300, 300), SSD300_MAPS)
+    priors = DefaultBoxGenerator(
+        "ssd300", scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], steps=[8, 16, 32, 64, 100, 300], clip=True
+    )((300, 300), SSD300_MAPS)
     centre = torch.rand(batch_size, objects, 2, generator=g) * 300
-    size = torch.exp(torch.empty(batch_size, objects, 2).uniform_(torch.log(torch.tensor(16.0)).item(),
-                                                                  torch.log(torch.tensor(280.0)).item(), generator=g))
+    size = torch.exp(
+        torch.empty(batch_size, objects, 2).uniform_(
+            torch.log(torch.tensor(16.0)).item(), torch.log(torch.tensor(280.0)).item(), generator=g
+        )
+    )
     boxes = torch.cat((centre - size / 2, centre + size / 2), -1).clamp(0, 300)
     labels = torch.randint(0, num_classes, (batch_size, objects), generator=g)
     flags = torch.zeros(batch_size, objects, dtype=torch.bool)
-    batch = DetectionBatch(images=torch.zeros(batch_size, 3, 300, 300, dtype=torch.uint8),
-                           image_sizes=torch.full((batch_size, 2), 300), boxes=boxes, labels=labels,
-                           valid=~flags, difficult=flags, crowd=flags, scales=torch.ones(batch_size, 2),
-                           image_ids=torch.arange(batch_size))
+    batch = DetectionBatch(
+        images=torch.zeros(batch_size, 3, 300, 300, dtype=torch.uint8),
+        image_sizes=torch.full((batch_size, 2), 300),
+        boxes=boxes,
+        labels=labels,
+        valid=~flags,
+        difficult=flags,
+        crowd=flags,
+        scales=torch.ones(batch_size, 2),
+        image_ids=torch.arange(batch_size),
+    )
     # a trained SSD's scores: background confident almost everywhere, the boxes on an object confident in
     # its class, so NMS sees realistic clusters
     n = priors.boxes.shape[0]

@@ -33,8 +33,13 @@ def run_recipe(recipe: str, overrides: list[str], env_extra: dict[str, str]) -> 
     """Train once in a child process; (its run folder, its wall seconds, the ISA torch reported there)."""
     env = {**os.environ, **env_extra}
     env.setdefault("WANDB_MODE", "disabled")
-    isa = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    isa = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     command = [sys.executable, str(ROOT / "train.py"), f"experiment={recipe}", *overrides]
     print(f"[{isa}] {' '.join(command[1:])}", flush=True)
     start = time.monotonic()
@@ -57,11 +62,18 @@ def report(run_dir: Path, seconds: float, isa: str, target: float) -> dict:
         print(f"| {int(r['epoch']) + 1} | {r['time/train_min']:.1f} | {r['val/map_50']:.3f} | {r['val/map']:.3f} |")
     reached = next((r["time/train_min"] for r in rows if r["val/map_50"] >= target), None)
     best = max((r["val/map_50"] for r in rows), default=float("nan"))
-    print(f"whole command: {seconds / 60:.1f} min wall; best val mAP@0.5 {best:.3f}; "
-          + (f"≥ {target} after {reached:.1f} fitting minutes" if reached is not None else f"never ≥ {target}"))
+    print(
+        f"whole command: {seconds / 60:.1f} min wall; best val mAP@0.5 {best:.3f}; "
+        + (f"≥ {target} after {reached:.1f} fitting minutes" if reached is not None else f"never ≥ {target}")
+    )
     print(plot_run(run_dir, run_dir / "time_to_accuracy.png", f"{run_dir.parent.name} on {cpu_model()}, {isa}"))
-    return {"run_dir": str(run_dir), "isa": isa, "wall_min": seconds / 60, "best_map_50": best,
-            "target_reached_min": reached}
+    return {
+        "run_dir": str(run_dir),
+        "isa": isa,
+        "wall_min": seconds / 60,
+        "best_map_50": best,
+        "target_reached_min": reached,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -63,6 +63,8 @@ def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        what = (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads of "
-                f"{os.cpu_count()} cores")
+        what = (
+            f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads of "
+            f"{os.cpu_count()} cores"
+        )
     return f"{what}; torch {torch.__version__}; {platform.python_implementation()} {platform.python_version()}"

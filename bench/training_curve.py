@@ -13,8 +13,12 @@ import math
 from pathlib import Path
 
 
-TERM_NAMES = {"train/loss_cls": "classification", "train/loss_box": "box regression",
-              "train/loss_obj": "confidence (objects)", "train/loss_noobj": "confidence (no object)"}
+TERM_NAMES = {
+    "train/loss_cls": "classification",
+    "train/loss_box": "box regression",
+    "train/loss_obj": "confidence (objects)",
+    "train/loss_noobj": "confidence (no object)",
+}
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
@@ -65,8 +69,12 @@ def plot_run(run_dir: Path, out: Path, title: str | None = None) -> Path:
         ax_map.plot(xs, ys, marker="o", label=label)
         if ys:
             ax_map.annotate(f"{ys[-1]:.3f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(-10, 6))
-    ax_map.set(xlabel="training wall time (min)" if timed else "epoch", ylabel="validation", ylim=(0, 1),
-               title="validation mAP")
+    ax_map.set(
+        xlabel="training wall time (min)" if timed else "epoch",
+        ylabel="validation",
+        ylim=(0, 1),
+        title="validation mAP",
+    )
     ax_map.legend(loc="lower right")
     ax_map.grid(alpha=0.3)
     fig.suptitle(title or run_dir.name)

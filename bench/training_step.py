@@ -50,6 +50,7 @@ from detectors.batch import DetectionBatch, collate_detection
 from engine import layout
 from engine.detection_module import DetectionModule
 
+
 @dataclass
 class StepCase:
     """The two models and one training step each, on identical weights and inputs."""
@@ -125,8 +126,9 @@ def model_config(*overrides: str):
     return train_config(*overrides).model
 
 
-def random_samples(batch_size: int, image_size: int, num_classes: int, objects: int, min_box: float,
-                   max_box: float, seed: int) -> list[tuple[Tensor, dict[str, Tensor]]]:
+def random_samples(
+    batch_size: int, image_size: int, num_classes: int, objects: int, min_box: float, max_box: float, seed: int
+) -> list[tuple[Tensor, dict[str, Tensor]]]:
     """(uint8 image, target) pairs: noise images, ``objects`` boxes per image with log-uniform sides."""
     g = torch.Generator().manual_seed(seed)
     samples = []
@@ -150,10 +152,17 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _make_case(module: DetectionModule, theirs: nn.Module, to_ours: Callable[[dict[str, Tensor]], dict[str, Tensor]],
-               samples: list[tuple[Tensor, dict[str, Tensor]]], label_offset: int, size_divisible: int,
-               device: torch.device, autocast: torch.dtype | None = None, channels_last: bool | None = None
-               ) -> StepCase:
+def _make_case(
+    module: DetectionModule,
+    theirs: nn.Module,
+    to_ours: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    samples: list[tuple[Tensor, dict[str, Tensor]]],
+    label_offset: int,
+    size_divisible: int,
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+    channels_last: bool | None = None,
+) -> StepCase:
     """``channels_last``: None runs ours in its config's layout (``auto``: the faster one, timed here first); True
     makes both sides NHWC, False both NCHW."""
     ours = module.net
@@ -169,18 +178,38 @@ def _make_case(module: DetectionModule, theirs: nn.Module, to_ours: Callable[[di
         amp = partial(torch.autocast, device.type, dtype=autocast) if autocast else nullcontext
         seconds = layout.time_layouts(ours, batch, ours.use_channels_last, amp)
         ours.use_channels_last(seconds[True] < seconds[False])
-        print(f"  model.channels_last=auto: {ours.channels_last} (a forward and backward took {seconds[True]:.3f} s "
-              f"channels-last, {seconds[False]:.3f} s NCHW)", flush=True)
+        print(
+            f"  model.channels_last=auto: {ours.channels_last} (a forward and backward took {seconds[True]:.3f} s "
+            f"channels-last, {seconds[False]:.3f} s NCHW)",
+            flush=True,
+        )
     images = [img.to(device).float().div_(255) for img, _ in samples]
     targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device) + label_offset} for _, t in samples]
     ours_opt = module.optimizer_factory(_trainable(ours))
-    return StepCase(ours, theirs, batch, images, targets, ours_opt, _sgd_like(ours_opt, _trainable(theirs)), to_ours,
-                    label_offset, autocast)
+    return StepCase(
+        ours,
+        theirs,
+        batch,
+        images,
+        targets,
+        ours_opt,
+        _sgd_like(ours_opt, _trainable(theirs)),
+        to_ours,
+        label_offset,
+        autocast,
+    )
 
 
-def retinanet_case(device: torch.device, image_size: int = 640, batch_size: int = 2, num_classes: int = 80,
-                   objects: int = 5, seed: int = 0, autocast: torch.dtype | None = None,
-                   channels_last: bool | None = None) -> StepCase:
+def retinanet_case(
+    device: torch.device,
+    image_size: int = 640,
+    batch_size: int = 2,
+    num_classes: int = 80,
+    objects: int = 5,
+    seed: int = 0,
+    autocast: torch.dtype | None = None,
+    channels_last: bool | None = None,
+) -> StepCase:
     from torchvision.models import resnet50
     from torchvision.models.detection import RetinaNet
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
@@ -191,18 +220,30 @@ def retinanet_case(device: torch.device, image_size: int = 640, batch_size: int 
 
     torch.manual_seed(seed)
     # retinanet_resnet50_fpn's fine-tuning build (its path when given weights), without the weights
-    body = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3, returned_layers=[2, 3, 4],
-                                 extra_blocks=LastLevelP6P7(256, 256))
+    body = _resnet_fpn_extractor(
+        resnet50(weights=None, norm_layer=FrozenBatchNorm2d),
+        3,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),
+    )
     theirs = RetinaNet(body, num_classes, min_size=image_size, max_size=image_size)
     classes = ",".join(f"c{i}" for i in range(num_classes))
-    ours = instantiate(model_config("model=retinanet_torchvision", f"data.classes=[{classes}]",
-                                    f"data.image_size={image_size}"))
+    ours = instantiate(
+        model_config("model=retinanet_torchvision", f"data.classes=[{classes}]", f"data.image_size={image_size}")
+    )
     samples = random_samples(batch_size, image_size, num_classes, objects, 24.0, 0.75 * image_size, seed)
     return _make_case(ours, theirs, torchvision_retinanet_state_dict, samples, 0, 32, device, autocast, channels_last)
 
 
-def ssd_case(device: torch.device, batch_size: int = 8, num_classes: int = 20, objects: int = 5,
-             seed: int = 0, lr: float = 1e-4, channels_last: bool | None = None) -> StepCase:
+def ssd_case(
+    device: torch.device,
+    batch_size: int = 8,
+    num_classes: int = 20,
+    objects: int = 5,
+    seed: int = 0,
+    lr: float = 1e-4,
+    channels_last: bool | None = None,
+) -> StepCase:
     from torchvision.models.detection import ssd300_vgg16
 
     from detectors.ssd import torchvision_ssd_state_dict
@@ -218,8 +259,9 @@ def ssd_case(device: torch.device, batch_size: int = 8, num_classes: int = 20, o
     return _make_case(ours, theirs, torchvision_ssd_state_dict, samples, 1, 1, device, channels_last=channels_last)
 
 
-def alternating_times(theirs: Callable[[], object], ours: Callable[[], object], device: torch.device,
-                      repeats: int, warmup: int = 2) -> tuple[list[float], list[float]]:
+def alternating_times(
+    theirs: Callable[[], object], ours: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2
+) -> tuple[list[float], list[float]]:
     """Seconds of each run, the two run in turn (a load spike from the machine's other users then hits both
     sides, not one), after ``warmup`` untimed runs of each (the first allocates momentum and grads)."""
     from .timing import synchronize
@@ -239,12 +281,19 @@ def alternating_times(theirs: Callable[[], object], ours: Callable[[], object], 
 def cases(device: torch.device) -> list[tuple[str, Callable[[], StepCase]]]:
     """The rows: RetinaNet and SSD300 at the issue's settings; on a GPU also RetinaNet's 800 px, batch 16,
     bf16-mixed, channels-last training rate (both sides' weights and activations NHWC)."""
-    rows = [("RetinaNet R50-FPN training step, 640×640, batch 2", partial(retinanet_case, device)),
-            ("SSD300 VGG16 training step, batch 8", partial(ssd_case, device))]
+    rows = [
+        ("RetinaNet R50-FPN training step, 640×640, batch 2", partial(retinanet_case, device)),
+        ("SSD300 VGG16 training step, batch 8", partial(ssd_case, device)),
+    ]
     if device.type == "cuda":
-        rows.append(("RetinaNet R50-FPN training step, 800×800, batch 16, bf16-mixed, channels-last",
-                     partial(retinanet_case, device, image_size=800, batch_size=16, autocast=torch.bfloat16,
-                             channels_last=True)))
+        rows.append(
+            (
+                "RetinaNet R50-FPN training step, 800×800, batch 16, bf16-mixed, channels-last",
+                partial(
+                    retinanet_case, device, image_size=800, batch_size=16, autocast=torch.bfloat16, channels_last=True
+                ),
+            )
+        )
     return rows
 
 
@@ -261,18 +310,28 @@ def training_step_rows(device: torch.device, repeats: int, record, matmul_flops_
             raise RuntimeError(f"{what}: the two models differ in {bad[:5]}")
         with torch.no_grad():  # the same start: equal losses (RetinaNet: up to its per-image normalisation)
             ours, theirs = case.ours_losses(), case.their_losses()
-        print(f"{what}: identical weights, trainable set and inputs; first losses ours "
-              f"{float(sum(ours.values())):.4f}, torchvision {float(sum(theirs.values())):.4f}", flush=True)
+        print(
+            f"{what}: identical weights, trainable set and inputs; first losses ours "
+            f"{float(sum(ours.values())):.4f}, torchvision {float(sum(theirs.values())):.4f}",
+            flush=True,
+        )
         # one step each under the counter (it doubles as a warm-up): the same convolutions on both sides
         their_flops, our_flops = step_flops(case.their_step), step_flops(case.ours_step)
-        print(f"  matmul/conv work per step: torchvision {their_flops / 1e9:.0f} GFLOP, "
-              f"ours {our_flops / 1e9:.0f} GFLOP", flush=True)
+        print(
+            f"  matmul/conv work per step: torchvision {their_flops / 1e9:.0f} GFLOP, ours {our_flops / 1e9:.0f} GFLOP",
+            flush=True,
+        )
         theirs_s, ours_s = alternating_times(case.their_step, case.ours_step, device, repeats)
         print(f"  steps (s): torchvision {[round(t, 3) for t in theirs_s]}, ours {[round(t, 3) for t in ours_s]}")
         images = len(case.batch)
         peer, mine = statistics.median(theirs_s), statistics.median(ours_s)
         rates[what] = images / mine
-        record(f"{what} (torchvision {images / peer:.1f} img/s, ours {images / mine:.1f} img/s)", peer, mine,
-               our_flops / matmul_flops_per_s, floor_kind="FLOPs")
+        record(
+            f"{what} (torchvision {images / peer:.1f} img/s, ours {images / mine:.1f} img/s)",
+            peer,
+            mine,
+            our_flops / matmul_flops_per_s,
+            floor_kind="FLOPs",
+        )
         del case
     return rates

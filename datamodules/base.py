@@ -48,8 +48,9 @@ class AspectRatioGroupedBatchSampler(BatchSampler):
     its order and emits a group's batch once it holds ``batch_size``; what is left at the end is batched per group
     unless ``drop_last``. Lightning swaps ``sampler`` for a DistributedSampler under DDP (the argument's name)."""
 
-    def __init__(self, sampler: Sampler[int], aspect_ratios: Sequence[float], batch_size: int,
-                 drop_last: bool = False) -> None:
+    def __init__(
+        self, sampler: Sampler[int], aspect_ratios: Sequence[float], batch_size: int, drop_last: bool = False
+    ) -> None:
         self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
         self.aspect_ratios = list(aspect_ratios)
         self.groups = [int(r >= 1.0) for r in self.aspect_ratios]
@@ -90,10 +91,20 @@ class DetectionDataModule(L.LightningDataModule):
     the next one with a warning and a count (``skip``).
     """
 
-    def __init__(self, classes: Sequence[str], batch_size: int = 8, val_batch_size: int | None = None,
-                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool | None = None,
-                 train_transform: SampleTransform | None = None, val_transform: SampleTransform | None = None,
-                 size_divisible: int = 1, aspect_ratio_grouping: bool = False, bad_images: str = "error") -> None:
+    def __init__(
+        self,
+        classes: Sequence[str],
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool | None = None,
+        train_transform: SampleTransform | None = None,
+        val_transform: SampleTransform | None = None,
+        size_divisible: int = 1,
+        aspect_ratio_grouping: bool = False,
+        bad_images: str = "error",
+    ) -> None:
         super().__init__()
         self.classes = list(classes)
         # batch_size may be set after construction (train.py resolves data.batch_size=auto): val follows it unless given
@@ -119,9 +130,12 @@ class DetectionDataModule(L.LightningDataModule):
         self._val_batch_size = value
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        common: dict = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
-                      persistent_workers=self.persistent_workers,
-                      collate_fn=partial(collate_detection, size_divisible=self.size_divisible))
+        common: dict = dict(
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=partial(collate_detection, size_divisible=self.size_divisible),
+        )
         ratios = dataset.aspect_ratios() if hasattr(dataset, "aspect_ratios") else None
         if self.bad_images == "skip":
             dataset = SkipBadImages(dataset)
@@ -131,8 +145,9 @@ class DetectionDataModule(L.LightningDataModule):
         if not shuffle and self._world_size() > 1:
             # each image on exactly one rank (Lightning's own sampler pads ranks with repeats, which skews mAP)
             trainer = self.trainer
-            common["sampler"] = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
-                                                             rank=trainer.global_rank, shuffle=False)
+            common["sampler"] = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, **common)
 
     def _world_size(self) -> int:

@@ -37,8 +37,14 @@ def class_colours(num_classes: int) -> list[tuple[int, int, int]]:
     return [tuple(round(255 * c) for c in cmap(i % cmap.N)[:3]) for i in range(num_classes)]
 
 
-def draw_sample(image: Tensor, boxes: Tensor, labels: Tensor, classes: list[str], difficult: Tensor | None = None,
-                crowd: Tensor | None = None) -> Tensor:
+def draw_sample(
+    image: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    classes: list[str],
+    difficult: Tensor | None = None,
+    crowd: Tensor | None = None,
+) -> Tensor:
     """The image (uint8 (3, H, W)) with each box outlined in its class colour and named ("*": difficult/crowd)."""
     if len(boxes) == 0:  # torchvision warns on empty boxes; an image without objects is normal after a crop
         return image
@@ -49,12 +55,20 @@ def draw_sample(image: Tensor, boxes: Tensor, labels: Tensor, classes: list[str]
         if flags is not None:
             flagged |= flags.bool()
     names = [f"{name}*" if f else name for name, f in zip(names, flagged.tolist())]
-    return draw_bounding_boxes(image, boxes, labels=names, colors=[colours[int(k)] for k in labels], width=2,
-                               fill_labels=True, label_colors="black")
+    return draw_bounding_boxes(
+        image,
+        boxes,
+        labels=names,
+        colors=[colours[int(k)] for k in labels],
+        width=2,
+        fill_labels=True,
+        label_colors="black",
+    )
 
 
-def browse(overrides: list[str], split: str = "train", n: int = 16, out: str | Path = "browse.png",
-           zoom: int | None = None) -> Path:
+def browse(
+    overrides: list[str], split: str = "train", n: int = 16, out: str | Path = "browse.png", zoom: int | None = None
+) -> Path:
     """Write the grid of ``n`` samples of ``split`` under the config ``overrides``, each pixel drawn ``zoom``×``zoom``
     (None: enough for MIN_SHOWN_SIDE); return the PNG's path."""
     if split not in ("train", "val"):
@@ -75,9 +89,17 @@ def browse(overrides: list[str], split: str = "train", n: int = 16, out: str | P
     batch = collate_detection([dataset[i] for i in indices], getattr(datamodule, "size_divisible", 1))
     zoom = zoom or max(1, math.ceil(MIN_SHOWN_SIDE / min(batch.input_size)))
     images = batch.images.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)  # nearest: pixels kept
-    drawn = [draw_sample(images[i], batch.boxes[i][batch.valid[i]] * zoom, batch.labels[i][batch.valid[i]],
-                         datamodule.classes, batch.difficult[i][batch.valid[i]], batch.crowd[i][batch.valid[i]])
-             for i in range(len(batch))]
+    drawn = [
+        draw_sample(
+            images[i],
+            batch.boxes[i][batch.valid[i]] * zoom,
+            batch.labels[i][batch.valid[i]],
+            datamodule.classes,
+            batch.difficult[i][batch.valid[i]],
+            batch.crowd[i][batch.valid[i]],
+        )
+        for i in range(len(batch))
+    ]
     grid = make_grid(drawn, nrow=math.ceil(math.sqrt(len(drawn))), padding=2, pad_value=255)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,10 @@ def check_pixel_limit(path: Path, raw: bytes) -> None:
         with Image.open(io.BytesIO(raw)):
             pass
     except Image.DecompressionBombError as e:
-        raise ImageReadError(f"{path}: {e} (PIL's decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS); shrink "
-                             f"the image, or raise the limit if the file is trusted") from None
+        raise ImageReadError(
+            f"{path}: {e} (PIL's decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS); shrink "
+            f"the image, or raise the limit if the file is trusted"
+        ) from None
     except Exception:  # a header PIL cannot read: the decoder names the problem
         pass
 
@@ -73,8 +75,9 @@ def decode_with_pil(path: Path, raw: bytes) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def clip_boxes(boxes: Tensor, height: int, width: int, where: str, per_object: dict[str, Tensor]
-               ) -> tuple[Tensor, dict[str, Tensor]]:
+def clip_boxes(
+    boxes: Tensor, height: int, width: int, where: str, per_object: dict[str, Tensor]
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Clip xyxy ``boxes`` to the image and drop those left with zero width or height, together with their
     ``per_object`` fields; the drop is logged once with ``where`` (the file) and the count."""
     boxes = boxes.clone()
@@ -83,6 +86,11 @@ def clip_boxes(boxes: Tensor, height: int, width: int, where: str, per_object: d
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     if keep.all():
         return boxes, per_object
-    log.warning("%s: dropped %d box(es) of zero width or height inside the %dx%d image", where,
-                int((~keep).sum()), width, height)
+    log.warning(
+        "%s: dropped %d box(es) of zero width or height inside the %dx%d image",
+        where,
+        int((~keep).sum()),
+        width,
+        height,
+    )
     return boxes[keep], {k: v[keep] for k, v in per_object.items()}

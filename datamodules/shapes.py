@@ -48,8 +48,15 @@ def _background(size: int, g: torch.Generator) -> Tensor:
     return img.clamp(0, 1)
 
 
-def render_shapes_image(seed: int, size: int, classes: Sequence[str], min_objects: int, max_objects: int,
-                        min_size: float, max_size_fraction: float) -> tuple[Tensor, Tensor, Tensor]:
+def render_shapes_image(
+    seed: int,
+    size: int,
+    classes: Sequence[str],
+    min_objects: int,
+    max_objects: int,
+    min_size: float,
+    max_size_fraction: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """One image (3, size, size) uint8 with its boxes (n, 4) xyxy and labels (n,)."""
     g = torch.Generator().manual_seed(seed)
     img = _background(size, g)
@@ -107,9 +114,19 @@ class ShapesDataset(Dataset):
     """``size`` shapes images; with ``cache``, each is drawn once and kept (before the transform, which still
     draws anew every epoch): drawing costs a few ms an image in Python, a sizeable part of a small model's step."""
 
-    def __init__(self, size: int, seed: int, image_size: int, classes: Sequence[str], min_objects: int,
-                 max_objects: int, min_object_size: float, max_object_fraction: float,
-                 transform: SampleTransform | None = None, cache: bool = False) -> None:
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        image_size: int,
+        classes: Sequence[str],
+        min_objects: int,
+        max_objects: int,
+        min_object_size: float,
+        max_object_fraction: float,
+        transform: SampleTransform | None = None,
+        cache: bool = False,
+    ) -> None:
         self.size, self.seed, self.image_size = size, seed, image_size
         self.classes = list(classes)
         for c in self.classes:
@@ -130,9 +147,15 @@ class ShapesDataset(Dataset):
             raise IndexError(index)
         drawn = self.cache.get(index) if self.cache is not None else None
         if drawn is None:
-            drawn = render_shapes_image(self.seed * 1_000_003 + index, self.image_size, self.classes,
-                                        self.min_objects, self.max_objects, self.min_object_size,
-                                        self.max_object_fraction)
+            drawn = render_shapes_image(
+                self.seed * 1_000_003 + index,
+                self.image_size,
+                self.classes,
+                self.min_objects,
+                self.max_objects,
+                self.min_object_size,
+                self.max_object_fraction,
+            )
             if self.cache is not None:
                 self.cache[index] = drawn
         image, boxes, labels = (t.clone() for t in drawn)  # transforms may write into what they are given
@@ -145,15 +168,35 @@ class ShapesDataModule(DetectionDataModule):
     (conf/data/shapes.yaml: horizontal flip for training, ``data/transform=ssd`` for the SSD paper's augmentation).
     ``cache`` keeps every drawn image in memory (3·S² bytes each; each loader worker holds its own copy)."""
 
-    def __init__(self, classes: Sequence[str] = SHAPE_CLASSES, image_size: int = 128, num_train: int = 4096,
-                 num_val: int = 256, seed: int = 0, min_objects: int = 1, max_objects: int = 6,
-                 min_object_size: float = 10.0, max_object_fraction: float = 0.8, batch_size: int = 16,
-                 cache: bool = False, **loader: Any) -> None:
+    def __init__(
+        self,
+        classes: Sequence[str] = SHAPE_CLASSES,
+        image_size: int = 128,
+        num_train: int = 4096,
+        num_val: int = 256,
+        seed: int = 0,
+        min_objects: int = 1,
+        max_objects: int = 6,
+        min_object_size: float = 10.0,
+        max_object_fraction: float = 0.8,
+        batch_size: int = 16,
+        cache: bool = False,
+        **loader: Any,
+    ) -> None:
         super().__init__(classes, batch_size, **loader)  # loader and transform settings: DetectionDataModule
         if min_object_size >= max_object_fraction * image_size:
-            raise ValueError(f"data.min_object_size={min_object_size} must be below "
-                             f"data.max_object_fraction × data.image_size = {max_object_fraction * image_size}")
-        common = dict(image_size=image_size, classes=self.classes, min_objects=min_objects, max_objects=max_objects,
-                      min_object_size=min_object_size, max_object_fraction=max_object_fraction, cache=cache)
+            raise ValueError(
+                f"data.min_object_size={min_object_size} must be below "
+                f"data.max_object_fraction × data.image_size = {max_object_fraction * image_size}"
+            )
+        common = dict(
+            image_size=image_size,
+            classes=self.classes,
+            min_objects=min_objects,
+            max_objects=max_objects,
+            min_object_size=min_object_size,
+            max_object_fraction=max_object_fraction,
+            cache=cache,
+        )
         self.train_set = ShapesDataset(num_train, seed=2 * seed, transform=self.train_transform, **common)
         self.val_set = ShapesDataset(num_val, seed=2 * seed + 1, transform=self.val_transform, **common)

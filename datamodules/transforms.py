@@ -56,8 +56,9 @@ def input_size(size: int | Sequence[int], key: str) -> tuple[int, int]:
     return int(hw[0]), int(hw[1])
 
 
-def drop_small_boxes(target: dict[str, Tensor], canvas_size: tuple[int, int],
-                     min_size: float = MIN_BOX_SIZE) -> dict[str, Tensor]:
+def drop_small_boxes(
+    target: dict[str, Tensor], canvas_size: tuple[int, int], min_size: float = MIN_BOX_SIZE
+) -> dict[str, Tensor]:
     """Clamp ``boxes`` to the (h, w) canvas in place and drop those under ``min_size`` px wide or high, with their
     per-object fields: ``v2.ClampBoundingBoxes`` + ``v2.SanitizeBoundingBoxes`` at a tenth of their cost
     (0.01 vs 0.1 ms an image, which the flip-only shapes recipe would pay for nothing)."""
@@ -77,8 +78,12 @@ def drop_small_boxes(target: dict[str, Tensor], canvas_size: tuple[int, int],
 def centres_inside(boxes: Tensor, patches: Tensor) -> Tensor:
     """(T, n): whether the centre of box j lies strictly inside patch t (the paper's rule for keeping a box)."""
     c = (boxes[:, :2] + boxes[:, 2:]) / 2
-    return ((c[None, :, 0] > patches[:, None, 0]) & (c[None, :, 0] < patches[:, None, 2])
-            & (c[None, :, 1] > patches[:, None, 1]) & (c[None, :, 1] < patches[:, None, 3]))
+    return (
+        (c[None, :, 0] > patches[:, None, 0])
+        & (c[None, :, 0] < patches[:, None, 2])
+        & (c[None, :, 1] > patches[:, None, 1])
+        & (c[None, :, 1] < patches[:, None, 3])
+    )
 
 
 class MinIoURandomCrop(v2.Transform):
@@ -95,19 +100,25 @@ class MinIoURandomCrop(v2.Transform):
     Without objects, every option but the whole image samples any patch.
     """
 
-    def __init__(self, min_ious: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9), min_scale: float = 0.1,
-                 aspect_ratio_range: Sequence[float] = (0.5, 2.0), max_trials: int = 50) -> None:
+    def __init__(
+        self,
+        min_ious: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+        min_scale: float = 0.1,
+        aspect_ratio_range: Sequence[float] = (0.5, 2.0),
+        max_trials: int = 50,
+    ) -> None:
         super().__init__()
         self.min_ious = tuple(float(m) for m in min_ious)
         if not all(0 <= m <= 1 for m in self.min_ious):
             raise ValueError(f"data.train_transform.min_ious={list(min_ious)}: each must be in [0, 1]")
         if not 0 < min_scale <= 1:
-            raise ValueError(f"data.train_transform.min_scale={min_scale}: must be in (0, 1] "
-                             f"(patch side ÷ image side)")
+            raise ValueError(f"data.train_transform.min_scale={min_scale}: must be in (0, 1] (patch side ÷ image side)")
         lo, hi = (float(a) for a in aspect_ratio_range)
         if not 0 < lo <= hi:
-            raise ValueError(f"data.train_transform.aspect_ratio_range={list(aspect_ratio_range)}: "
-                             f"need 0 < low ≤ high, e.g. [0.5, 2.0]")
+            raise ValueError(
+                f"data.train_transform.aspect_ratio_range={list(aspect_ratio_range)}: "
+                f"need 0 < low ≤ high, e.g. [0.5, 2.0]"
+            )
         if max_trials < 1:
             raise ValueError(f"data.train_transform.max_trials={max_trials}: must be ≥ 1")
         self.min_scale, self.aspect_ratio_range, self.max_trials = float(min_scale), (lo, hi), int(max_trials)
@@ -133,8 +144,9 @@ class MinIoURandomCrop(v2.Transform):
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
         boxes = v2.get_bounding_boxes(flat_inputs)
-        boxes = F.convert_bounding_box_format(boxes.as_subclass(Tensor), old_format=boxes.format,
-                                              new_format=tv_tensors.BoundingBoxFormat.XYXY)
+        boxes = F.convert_bounding_box_format(
+            boxes.as_subclass(Tensor), old_format=boxes.format, new_format=tv_tensors.BoundingBoxFormat.XYXY
+        )
         option = int(torch.randint(len(self.min_ious) + 2, ()))  # 0: whole image, last: any patch
         if option == 0:
             return {}
@@ -166,8 +178,9 @@ class PhotometricDistort(v2.RandomPhotometricDistort):
     """
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if not (isinstance(inpt, tv_tensors.Image) and inpt.dtype == torch.uint8 and inpt.shape[-3] == 3
-                and inpt.ndim == 3):
+        if not (
+            isinstance(inpt, tv_tensors.Image) and inpt.dtype == torch.uint8 and inpt.shape[-3] == 3 and inpt.ndim == 3
+        ):
             return super().transform(inpt, params)
         steps = ("brightness_factor", "contrast_factor", "saturation_factor", "hue_factor", "channel_permutation")
         if all(params[k] is None for k in steps):
@@ -244,15 +257,26 @@ class SSDAugmentation(BoxPipeline):
     1 px in width or height are dropped with their per-object fields.
     """
 
-    def __init__(self, size: int | Sequence[int] | None = 300, photometric: bool = True, expand: bool = True,
-                 crop: bool = True, flip: bool = True, max_expand_ratio: float = 4.0,
-                 mean: Sequence[float] = IMAGENET_MEAN, min_ious: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
-                 min_scale: float = 0.1, aspect_ratio_range: Sequence[float] = (0.5, 2.0),
-                 max_trials: int = 50) -> None:
+    def __init__(
+        self,
+        size: int | Sequence[int] | None = 300,
+        photometric: bool = True,
+        expand: bool = True,
+        crop: bool = True,
+        flip: bool = True,
+        max_expand_ratio: float = 4.0,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        min_ious: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+        min_scale: float = 0.1,
+        aspect_ratio_range: Sequence[float] = (0.5, 2.0),
+        max_trials: int = 50,
+    ) -> None:
         self.size = None if size is None else input_size(size, "data.train_transform.size")
         if max_expand_ratio < 1:
-            raise ValueError(f"data.train_transform.max_expand_ratio={max_expand_ratio}: must be ≥ 1 "
-                             f"(the canvas side is up to this many times the image side)")
+            raise ValueError(
+                f"data.train_transform.max_expand_ratio={max_expand_ratio}: must be ≥ 1 "
+                f"(the canvas side is up to this many times the image side)"
+            )
         self.fill = canvas_fill(mean, "data.train_transform.mean")
         self.photometric, self.expand, self.crop, self.flip = photometric, expand, crop, flip
         self.max_expand_ratio = float(max_expand_ratio)
@@ -261,16 +285,19 @@ class SSDAugmentation(BoxPipeline):
         if photometric:
             steps.append(PhotometricDistort(p=0.5))
         if expand:
-            steps.append(v2.RandomZoomOut(fill=self.fill, side_range=(1.0, self.max_expand_ratio),
-                                          p=EXPAND_PROBABILITY))
+            steps.append(
+                v2.RandomZoomOut(fill=self.fill, side_range=(1.0, self.max_expand_ratio), p=EXPAND_PROBABILITY)
+            )
         if crop:
             steps.append(self.cropper)
         self.compose(steps, flip, self.size)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(size={self.size}, photometric={self.photometric}, expand={self.expand}, "
-                f"crop={self.crop}, flip={self.flip}, max_expand_ratio={self.max_expand_ratio}, fill={self.fill}, "
-                f"min_ious={self.cropper.min_ious}, min_scale={self.cropper.min_scale})")
+        return (
+            f"{type(self).__name__}(size={self.size}, photometric={self.photometric}, expand={self.expand}, "
+            f"crop={self.crop}, flip={self.flip}, max_expand_ratio={self.max_expand_ratio}, fill={self.fill}, "
+            f"min_ious={self.cropper.min_ious}, min_scale={self.cropper.min_scale})"
+        )
 
 
 def scale_saturation_value(image: Tensor, saturation: Tensor, value: Tensor) -> Tensor:
@@ -308,8 +335,9 @@ class RandomHSVScale(v2.Transform):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, tv_tensors.Image) and type(inpt) is not Tensor:
             return inpt
-        out = scale_saturation_value(inpt.as_subclass(Tensor), torch.tensor(params["saturation"]),
-                                     torch.tensor(params["value"]))
+        out = scale_saturation_value(
+            inpt.as_subclass(Tensor), torch.tensor(params["saturation"]), torch.tensor(params["value"])
+        )
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
 
 
@@ -323,9 +351,18 @@ class YOLOAugmentation(BoxPipeline):
     (int or (h, w)); ``None`` keeps the size. Last, boxes under 1 px in width or height are dropped.
     """
 
-    def __init__(self, size: int | Sequence[int] | None = 448, jitter: bool = True, hsv: bool = True,
-                 flip: bool = True, scale: float = 0.2, translate: float = 0.2, exposure: float = 1.5,
-                 saturation: float = 1.5, mean: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
+    def __init__(
+        self,
+        size: int | Sequence[int] | None = 448,
+        jitter: bool = True,
+        hsv: bool = True,
+        flip: bool = True,
+        scale: float = 0.2,
+        translate: float = 0.2,
+        exposure: float = 1.5,
+        saturation: float = 1.5,
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+    ) -> None:
         self.size = None if size is None else input_size(size, "data.train_transform.size")
         if not 0 <= scale < 1:
             raise ValueError(f"data.train_transform.scale={scale}: must be in [0, 1) (factor 1 ± scale)")
@@ -336,15 +373,24 @@ class YOLOAugmentation(BoxPipeline):
         self.scale, self.translate = float(scale), float(translate)
         steps: list[v2.Transform] = []
         if jitter:
-            steps.append(v2.RandomAffine(degrees=0, translate=(translate, translate), scale=(1 - scale, 1 + scale),
-                                         interpolation=v2.InterpolationMode.BILINEAR, fill=self.fill))
+            steps.append(
+                v2.RandomAffine(
+                    degrees=0,
+                    translate=(translate, translate),
+                    scale=(1 - scale, 1 + scale),
+                    interpolation=v2.InterpolationMode.BILINEAR,
+                    fill=self.fill,
+                )
+            )
         if hsv:
             steps.append(RandomHSVScale(saturation, exposure))
         self.compose(steps, flip, self.size)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(size={self.size}, jitter={self.jitter}, hsv={self.hsv}, flip={self.flip}, "
-                f"scale={self.scale}, translate={self.translate}, fill={self.fill})")
+        return (
+            f"{type(self).__name__}(size={self.size}, jitter={self.jitter}, hsv={self.hsv}, flip={self.flip}, "
+            f"scale={self.scale}, translate={self.translate}, fill={self.fill})"
+        )
 
 
 def resize_sample(image: Tensor, target: dict[str, Tensor], new_h: int, new_w: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -355,8 +401,11 @@ def resize_sample(image: Tensor, target: dict[str, Tensor], new_h: int, new_w: i
         image = F.resize(image, [new_h, new_w], antialias=True)
     sy, sx = new_h / h, new_w / w
     boxes = target["boxes"].to(torch.float32)
-    return image, {**target, "boxes": boxes * boxes.new_tensor([sx, sy, sx, sy]),
-                   "scale": target.get("scale", torch.ones(2)).float() * torch.tensor([sy, sx])}
+    return image, {
+        **target,
+        "boxes": boxes * boxes.new_tensor([sx, sy, sx, sy]),
+        "scale": target.get("scale", torch.ones(2)).float() * torch.tensor([sy, sx]),
+    }
 
 
 def short_side_size(h: int, w: int, min_size: int, max_size: int | None) -> tuple[int, int]:
@@ -388,8 +437,10 @@ class ShortSideResize:
 
     def __init__(self, min_size: int = 800, max_size: int | None = 1333) -> None:
         if min_size < 1 or (max_size is not None and max_size < min_size):
-            raise ValueError(f"data.val_transform: min_size={min_size}, max_size={max_size}: need 1 ≤ min_size ≤ "
-                             f"max_size (or max_size null)")
+            raise ValueError(
+                f"data.val_transform: min_size={min_size}, max_size={max_size}: need 1 ≤ min_size ≤ "
+                f"max_size (or max_size null)"
+            )
         self.min_size, self.max_size = int(min_size), max_size
 
     def __call__(self, image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -407,8 +458,10 @@ class ShortSideAugmentation(BoxPipeline):
     def __init__(self, min_sizes: Sequence[int] = (800,), max_size: int | None = 1333, flip: bool = True) -> None:
         self.min_sizes, self.max_size, self.flip = [int(m) for m in min_sizes], max_size, flip
         if not self.min_sizes or min(self.min_sizes) < 1 or (max_size is not None and max_size < max(self.min_sizes)):
-            raise ValueError(f"data.train_transform: min_sizes={list(min_sizes)}, max_size={max_size}: need sizes "
-                             f"≥ 1 and ≤ max_size (or max_size null)")
+            raise ValueError(
+                f"data.train_transform: min_sizes={list(min_sizes)}, max_size={max_size}: need sizes "
+                f"≥ 1 and ≤ max_size (or max_size null)"
+            )
         self.compose([v2.RandomShortestSize(self.min_sizes, max_size, antialias=True)], flip, None)
 
     def __repr__(self) -> str:
@@ -425,8 +478,11 @@ class Preprocess:
         self.size_divisible = int(size_divisible)
 
     def __call__(self, image: Tensor, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.long),
-                  "image_id": torch.tensor(index)}
+        target = {
+            "boxes": torch.zeros((0, 4)),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "image_id": torch.tensor(index),
+        }
         return (image, target) if self.transform is None else self.transform(image, target)
 
     def __repr__(self) -> str:

@@ -28,8 +28,28 @@ from .images import clip_boxes, read_image
 log = logging.getLogger(__name__)
 
 # the 20 VOC classes in the devkit's order (VOCdevkit/VOCcode/VOCinit.m)
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+VOC_CLASSES = (
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 
 class VOCFormatError(ValueError):
@@ -65,14 +85,16 @@ def _flag(node, tag: str, xml_path: Path) -> bool:
         raise VOCFormatError(f"{xml_path}: <{tag}>{value}</{tag}> is not 0 or 1") from None
 
 
-def parse_voc_xml(xml_path: Path, image_dir: Path, class_index: dict[str, int],
-                  unknown_classes: str = "error") -> tuple[VOCRecord, int]:
+def parse_voc_xml(
+    xml_path: Path, image_dir: Path, class_index: dict[str, int], unknown_classes: str = "error"
+) -> tuple[VOCRecord, int]:
     """Read one VOC annotation file; returns the record and how many objects of unknown classes were skipped."""
     try:
         root = SafeET.parse(xml_path).getroot()
     except DefusedXmlException as e:
-        raise VOCFormatError(f"{xml_path}: refused unsafe XML ({type(e).__name__}: entities or DTDs are not "
-                             f"allowed in annotations)") from e
+        raise VOCFormatError(
+            f"{xml_path}: refused unsafe XML ({type(e).__name__}: entities or DTDs are not allowed in annotations)"
+        ) from e
     except SafeET.ParseError as e:
         raise VOCFormatError(f"{xml_path}: not well-formed XML ({e})") from e
     except OSError as e:
@@ -84,8 +106,10 @@ def parse_voc_xml(xml_path: Path, image_dir: Path, class_index: dict[str, int],
         try:
             height, width = int(float(_text(size, "height"))), int(float(_text(size, "width")))
         except ValueError:
-            raise VOCFormatError(f"{xml_path}: <size> holds non-numbers; fix or delete the <size> element "
-                                 f"(the size is then read from the image)") from None
+            raise VOCFormatError(
+                f"{xml_path}: <size> holds non-numbers; fix or delete the <size> element "
+                f"(the size is then read from the image)"
+            ) from None
     boxes, labels, difficult, skipped = [], [], [], 0
     for i, obj in enumerate(root.iter("object")):
         name = _text(obj, "name")
@@ -95,8 +119,10 @@ def parse_voc_xml(xml_path: Path, image_dir: Path, class_index: dict[str, int],
             if unknown_classes == "skip":
                 skipped += 1
                 continue
-            raise VOCFormatError(f"{xml_path}: <object> {i} has class {name!r}, not in data.classes; add it to "
-                                 f"data.classes or set data.unknown_classes=skip")
+            raise VOCFormatError(
+                f"{xml_path}: <object> {i} has class {name!r}, not in data.classes; add it to "
+                f"data.classes or set data.unknown_classes=skip"
+            )
         bndbox = obj.find("bndbox")
         coords = [None if bndbox is None else _text(bndbox, k) for k in ("xmin", "ymin", "xmax", "ymax")]
         if None in coords:
@@ -106,17 +132,25 @@ def parse_voc_xml(xml_path: Path, image_dir: Path, class_index: dict[str, int],
         except ValueError:
             raise VOCFormatError(f"{xml_path}: <object> {i} ({name}) <bndbox> {coords} is not numeric") from None
         if not xmin <= xmax or not ymin <= ymax:  # also catches NaN
-            raise VOCFormatError(f"{xml_path}: <object> {i} ({name}) has xmin/ymin beyond xmax/ymax "
-                                 f"({xmin}, {ymin}, {xmax}, {ymax}); fix the file or remove the object")
+            raise VOCFormatError(
+                f"{xml_path}: <object> {i} ({name}) has xmin/ymin beyond xmax/ymax "
+                f"({xmin}, {ymin}, {xmax}, {ymax}); fix the file or remove the object"
+            )
         if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):  # inf would clip to an image-wide box
-            raise VOCFormatError(f"{xml_path}: <object> {i} ({name}) <bndbox> {coords} is not finite; fix the file "
-                                 f"or remove the object")
+            raise VOCFormatError(
+                f"{xml_path}: <object> {i} ({name}) <bndbox> {coords} is not finite; fix the file or remove the object"
+            )
         boxes.append((xmin - 1, ymin - 1, xmax, ymax))  # 1-based inclusive → 0-based continuous
         labels.append(class_index[name])
         difficult.append(_flag(obj, "difficult", xml_path))
-    record = VOCRecord(image_dir / filename, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                       torch.tensor(labels, dtype=torch.long), torch.tensor(difficult, dtype=torch.bool),
-                       height, width)
+    record = VOCRecord(
+        image_dir / filename,
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        torch.tensor(labels, dtype=torch.long),
+        torch.tensor(difficult, dtype=torch.bool),
+        height,
+        width,
+    )
     return record, skipped
 
 
@@ -128,16 +162,25 @@ class VOCDataset(Dataset):
     ``labels``, ``difficult``, ``image_id`` (the index in this set) then ``transform``.
     """
 
-    def __init__(self, root: str | Path, year: int | str, split: str, classes: Sequence[str] = VOC_CLASSES,
-                 keep_difficult: bool = True, unknown_classes: str = "error",
-                 transform: SampleTransform | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        year: int | str,
+        split: str,
+        classes: Sequence[str] = VOC_CLASSES,
+        keep_difficult: bool = True,
+        unknown_classes: str = "error",
+        transform: SampleTransform | None = None,
+    ) -> None:
         if unknown_classes not in ("error", "skip"):
             raise ValueError(f"data.unknown_classes={unknown_classes!r}: choose 'error' or 'skip'")
         self.root = Path(root) / f"VOC{year}"
         list_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
         if not list_file.is_file():
-            raise FileNotFoundError(f"{list_file}: no such split file; data.root must be the VOCdevkit folder "
-                                    f"holding VOC{year}/ (or set data.download=true)")
+            raise FileNotFoundError(
+                f"{list_file}: no such split file; data.root must be the VOCdevkit folder "
+                f"holding VOC{year}/ (or set data.download=true)"
+            )
         self.ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
         self.classes = list(classes)
         self.keep_difficult, self.transform = keep_difficult, transform
@@ -145,13 +188,17 @@ class VOCDataset(Dataset):
         self.records: list[VOCRecord] = []
         skipped = 0
         for image_id in self.ids:
-            record, n = parse_voc_xml(self.root / "Annotations" / f"{image_id}.xml", self.root / "JPEGImages",
-                                      class_index, unknown_classes)
+            record, n = parse_voc_xml(
+                self.root / "Annotations" / f"{image_id}.xml", self.root / "JPEGImages", class_index, unknown_classes
+            )
             self.records.append(record)
             skipped += n
         if skipped:
-            log.warning("%s: skipped %d object(s) of classes not in data.classes (data.unknown_classes=skip)",
-                        list_file, skipped)
+            log.warning(
+                "%s: skipped %d object(s) of classes not in data.classes (data.unknown_classes=skip)",
+                list_file,
+                skipped,
+            )
         self.skipped_objects = skipped
 
     def __len__(self) -> int:
@@ -166,11 +213,22 @@ class VOCDataset(Dataset):
         image = read_image(record.image_path)
         h, w = image.shape[-2:]
         if record.height and (record.height, record.width) != (h, w):
-            log.warning("%s: the annotation's <size> is %dx%d but the image is %dx%d; boxes are kept in the "
-                        "image's pixels", record.image_path, record.width, record.height, w, h)
+            log.warning(
+                "%s: the annotation's <size> is %dx%d but the image is %dx%d; boxes are kept in the image's pixels",
+                record.image_path,
+                record.width,
+                record.height,
+                w,
+                h,
+            )
         keep = torch.ones_like(record.difficult) if self.keep_difficult else ~record.difficult
-        boxes, fields = clip_boxes(record.boxes[keep], h, w, str(record.image_path),
-                                   {"labels": record.labels[keep], "difficult": record.difficult[keep]})
+        boxes, fields = clip_boxes(
+            record.boxes[keep],
+            h,
+            w,
+            str(record.image_path),
+            {"labels": record.labels[keep], "difficult": record.difficult[keep]},
+        )
         target = {"boxes": boxes, **fields, "image_id": torch.tensor(index)}
         return (image, target) if self.transform is None else self.transform(image, target)
 
@@ -182,8 +240,10 @@ def download_voc(root: Path, year: int | str, split: str) -> None:
     if (root / f"VOC{year}" / "ImageSets" / "Main" / f"{split}.txt").is_file():
         return
     if root.name != "VOCdevkit":
-        raise ValueError(f"data.root={root}: with data.download=true it must be a folder named VOCdevkit "
-                         f"(torchvision extracts the archives as <parent>/VOCdevkit/VOC<year>)")
+        raise ValueError(
+            f"data.root={root}: with data.download=true it must be a folder named VOCdevkit "
+            f"(torchvision extracts the archives as <parent>/VOCdevkit/VOC<year>)"
+        )
     VOCDetection(str(root.parent), year=str(year), image_set=split, download=True)
 
 
@@ -191,10 +251,19 @@ class VOCDataModule(DetectionDataModule):
     """VOC as ``train_sets`` / ``val_sets`` lists of ``[year, split]`` pairs (default 07+12 trainval / 07 test).
     Training drops "difficult" objects unless ``train_difficult``; validation keeps them flagged for the metrics."""
 
-    def __init__(self, root: str, train_sets: Sequence[Sequence] = ((2007, "trainval"), (2012, "trainval")),
-                 val_sets: Sequence[Sequence] = ((2007, "test"),), classes: Sequence[str] = VOC_CLASSES,
-                 train_difficult: bool = False, unknown_classes: str = "error", download: bool = False,
-                 batch_size: int = 32, num_workers: int = 4, **loader: Any) -> None:
+    def __init__(
+        self,
+        root: str,
+        train_sets: Sequence[Sequence] = ((2007, "trainval"), (2012, "trainval")),
+        val_sets: Sequence[Sequence] = ((2007, "test"),),
+        classes: Sequence[str] = VOC_CLASSES,
+        train_difficult: bool = False,
+        unknown_classes: str = "error",
+        download: bool = False,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        **loader: Any,
+    ) -> None:
         super().__init__(classes, batch_size, num_workers=num_workers, **loader)  # see DetectionDataModule
         if root is None or str(root) in ("", "???"):
             raise ValueError("data.root is not set: give the VOCdevkit folder, e.g. data.root=/data/VOCdevkit")
@@ -207,8 +276,10 @@ class VOCDataModule(DetectionDataModule):
         pairs = []
         for pair in sets:
             if isinstance(pair, str) or len(pair) != 2:
-                raise ValueError(f"data.{key}={list(sets)}: give a list of [year, split] pairs, "
-                                 f"e.g. [[2007, trainval], [2012, trainval]]")
+                raise ValueError(
+                    f"data.{key}={list(sets)}: give a list of [year, split] pairs, "
+                    f"e.g. [[2007, trainval], [2012, trainval]]"
+                )
             pairs.append((str(pair[0]), str(pair[1])))
         return pairs
 
@@ -218,8 +289,10 @@ class VOCDataModule(DetectionDataModule):
                 download_voc(self.root, year, split)
 
     def _concat(self, pairs: list[tuple[str, str]], keep_difficult: bool, transform) -> Dataset:
-        sets = [VOCDataset(self.root, year, split, self.classes, keep_difficult, self.unknown_classes, transform)
-                for year, split in pairs]
+        sets = [
+            VOCDataset(self.root, year, split, self.classes, keep_difficult, self.unknown_classes, transform)
+            for year, split in pairs
+        ]
         return sets[0] if len(sets) == 1 else ImageIdOffsets(sets)
 
     def setup(self, stage: str | None = None) -> None:

@@ -23,14 +23,17 @@ def crowd_overlap(priors: Tensor, targets: DetectionBatch) -> Tensor:
     crowd = targets.boxes.new_zeros(b, m, 4)
     img, obj = torch.nonzero(targets.crowd, as_tuple=True)
     crowd[img, slot[img, obj]] = targets.boxes[img, obj]
-    wh = (torch.minimum(crowd[:, :, None, 2:], priors[None, None, :, 2:])
-          - torch.maximum(crowd[:, :, None, :2], priors[None, None, :, :2])).clamp(min=0)  # (B, m, N, 2)
+    wh = (
+        torch.minimum(crowd[:, :, None, 2:], priors[None, None, :, 2:])
+        - torch.maximum(crowd[:, :, None, :2], priors[None, None, :, :2])
+    ).clamp(min=0)  # (B, m, N, 2)
     area = ((priors[:, 2] - priors[:, 0]) * (priors[:, 3] - priors[:, 1])).clamp(min=1e-6)
     return (wh[..., 0] * wh[..., 1] / area).amax(dim=1)
 
 
-def ignore_crowd_regions(labels: Tensor, priors: Tensor, targets: DetectionBatch, num_classes: int,
-                         crowd_ioa: float | None) -> Tensor:
+def ignore_crowd_regions(
+    labels: Tensor, priors: Tensor, targets: DetectionBatch, num_classes: int, crowd_ioa: float | None
+) -> Tensor:
     """Background priors mostly inside a crowd region (COCO ``iscrowd``) become ``IGNORE``: the region holds
     objects nobody boxed, so it must not be taught as background. Positives keep their label."""
     if crowd_ioa is None or not bool(targets.crowd.any()):

@@ -30,8 +30,9 @@ class WidthScaledResNet(models.ResNet):
         self.width = width
         super().__init__(block, layers, **kwargs)
 
-    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int = 1,
-                    dilate: bool = False) -> nn.Sequential:
+    def _make_layer(
+        self, block: type[nn.Module], planes: int, blocks: int, stride: int = 1, dilate: bool = False
+    ) -> nn.Sequential:
         if not hasattr(self, "layer1"):  # the first stage: torchvision built the stem at 64 just before it
             self.inplanes = max(1, round(64 * self.width))
             self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
@@ -41,12 +42,15 @@ class WidthScaledResNet(models.ResNet):
 
 def stage_channels(depth: int, width: float = 1.0) -> tuple[int, int, int]:
     """Channels of C3, C4, C5 (layer2..layer4) of a ResNet of this depth and width."""
-    return tuple(max(1, round(c // (4 if depth >= 50 else 1) * width)) * (4 if depth >= 50 else 1)
-                 for c in _RESNET_STAGE_CHANNELS[depth])
+    return tuple(
+        max(1, round(c // (4 if depth >= 50 else 1) * width)) * (4 if depth >= 50 else 1)
+        for c in _RESNET_STAGE_CHANNELS[depth]
+    )
 
 
-def build_resnet(depth: int, weights: str | None = None, norm: str = "bn", fold_frozen_bn: bool = True,
-                 width: float = 1.0) -> nn.Module:
+def build_resnet(
+    depth: int, weights: str | None = None, norm: str = "bn", fold_frozen_bn: bool = True, width: float = 1.0
+) -> nn.Module:
     """A torchvision ResNet; ``weights`` is a torchvision weights name (e.g. ``IMAGENET1K_V1``), a local
     state-dict file, or None for random initialisation. With ``norm='frozen_bn'`` and ``fold_frozen_bn``, each
     frozen BatchNorm is computed inside the convolution before it (``fold_frozen_batchnorm``). ``width`` scales
@@ -56,8 +60,10 @@ def build_resnet(depth: int, weights: str | None = None, norm: str = "bn", fold_
     if norm not in _NORMS:
         raise ValueError(f"backbone.norm={norm!r}: choose one of {sorted(_NORMS)}")
     if width != 1.0 and (width <= 0 or weights):
-        raise ValueError(f"backbone.width={width}: must be > 0, and 1.0 with backbone.weights={weights!r} "
-                         f"(pretrained weights have the full widths)")
+        raise ValueError(
+            f"backbone.width={width}: must be > 0, and 1.0 with backbone.weights={weights!r} "
+            f"(pretrained weights have the full widths)"
+        )
     name = f"resnet{depth}"
     tv_weights = None
     local_file = None
@@ -65,14 +71,18 @@ def build_resnet(depth: int, weights: str | None = None, norm: str = "bn", fold_
         if Path(str(weights)).suffix in {".pth", ".pt", ".ckpt", ".bin"} or Path(str(weights)).exists():
             local_file = Path(weights)
             if not local_file.is_file():
-                raise FileNotFoundError(f"backbone.weights={weights}: no such file; give a state-dict file "
-                                        f"saved from torchvision.models.{name}, a weights name such as "
-                                        f"IMAGENET1K_V1, or null")
+                raise FileNotFoundError(
+                    f"backbone.weights={weights}: no such file; give a state-dict file "
+                    f"saved from torchvision.models.{name}, a weights name such as "
+                    f"IMAGENET1K_V1, or null"
+                )
         else:
             available = [w.name for w in models.get_model_weights(name)]
             if weights not in available:
-                raise ValueError(f"backbone.weights={weights!r} is not a torchvision weights name for {name}; "
-                                 f"choose one of {available}, a local .pth file, or null")
+                raise ValueError(
+                    f"backbone.weights={weights!r} is not a torchvision weights name for {name}; "
+                    f"choose one of {available}, a local .pth file, or null"
+                )
             tv_weights = models.get_model_weights(name)[weights]
     if width == 1.0:
         net = models.get_model(name, weights=tv_weights, norm_layer=_NORMS[norm])
@@ -85,8 +95,9 @@ def build_resnet(depth: int, weights: str | None = None, norm: str = "bn", fold_
         state = state.get("state_dict", state)
         missing, unexpected = net.load_state_dict(state, strict=False)
         if [k for k in missing if not k.startswith("fc.")] or unexpected:
-            raise ValueError(f"{local_file}: not a {name} state dict (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")
+            raise ValueError(
+                f"{local_file}: not a {name} state dict (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
     if norm == "frozen_bn" and fold_frozen_bn:
         fold_frozen_batchnorm(net)
     return net
@@ -162,9 +173,17 @@ class ResNetFPN(nn.Module):
     Module names (``body``, ``fpn``) match torchvision's so its state dicts load directly.
     """
 
-    def __init__(self, depth: int = 50, weights: str | None = None, out_channels: int = 256,
-                 p6_source: str = "c5", norm: str = "bn", trainable_layers: int = 5,
-                 fold_frozen_bn: bool = True, width: float = 1.0) -> None:
+    def __init__(
+        self,
+        depth: int = 50,
+        weights: str | None = None,
+        out_channels: int = 256,
+        p6_source: str = "c5",
+        norm: str = "bn",
+        trainable_layers: int = 5,
+        fold_frozen_bn: bool = True,
+        width: float = 1.0,
+    ) -> None:
         super().__init__()
         if p6_source not in {"c5", "p5"}:
             raise ValueError(f"backbone.p6_source={p6_source!r}: choose 'c5' (paper) or 'p5' (torchvision)")
@@ -173,8 +192,9 @@ class ResNetFPN(nn.Module):
         c3, c4, c5 = stage_channels(depth, width)
         extra = LastLevelP6P7(c5 if p6_source == "c5" else out_channels, out_channels)
         extra.use_P5 = p6_source == "p5"  # set explicitly: torchvision infers it from channel equality
-        fpn = BackboneWithFPN(net, {"layer2": "0", "layer3": "1", "layer4": "2"}, [c3, c4, c5],
-                              out_channels, extra_blocks=extra)
+        fpn = BackboneWithFPN(
+            net, {"layer2": "0", "layer3": "1", "layer4": "2"}, [c3, c4, c5], out_channels, extra_blocks=extra
+        )
         self.body, self.fpn = fpn.body, fpn.fpn
         self.out_channels = out_channels
         self.strides = (8, 16, 32, 64, 128)

@@ -45,9 +45,14 @@ class DetectionBatch:
         out = []
         for i in range(len(self)):
             keep = self.valid[i]
-            out.append({"boxes": self.boxes_in_original_frame(self.boxes[i][keep], i),
-                        "labels": self.labels[i][keep], "iscrowd": self.crowd[i][keep].long(),
-                        "difficult": self.difficult[i][keep]})
+            out.append(
+                {
+                    "boxes": self.boxes_in_original_frame(self.boxes[i][keep], i),
+                    "labels": self.labels[i][keep],
+                    "iscrowd": self.crowd[i][keep].long(),
+                    "difficult": self.difficult[i][keep],
+                }
+            )
         return out
 
 
@@ -92,7 +97,11 @@ def collate_detection(samples: list[tuple[Tensor, dict[str, Tensor]]], size_divi
     return DetectionBatch(
         images=batch_images,
         image_sizes=torch.tensor([img.shape[-2:] for img in images], dtype=torch.long),
-        boxes=boxes, labels=labels, valid=valid, difficult=difficult, crowd=crowd,
+        boxes=boxes,
+        labels=labels,
+        valid=valid,
+        difficult=difficult,
+        crowd=crowd,
         scales=torch.stack([t.get("scale", torch.ones(2)) for t in targets]).float(),
         image_ids=torch.tensor([int(t["image_id"]) for t in targets], dtype=torch.long),
     )

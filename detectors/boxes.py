@@ -49,8 +49,11 @@ class BoxCoder:
     i.e. weights 10, 10, 5, 5). Works on any leading shape; priors broadcast against boxes.
     """
 
-    def __init__(self, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
-                 scale_clamp: float = DEFAULT_SCALE_CLAMP) -> None:
+    def __init__(
+        self,
+        weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+        scale_clamp: float = DEFAULT_SCALE_CLAMP,
+    ) -> None:
         self.weights = tuple(float(w) for w in weights)
         self.scale_clamp = float(scale_clamp)
 
@@ -64,8 +67,9 @@ class BoxCoder:
         wx, wy, ww, wh = self.weights
         px, py, pw, ph = self._centre_size(priors.to(boxes.dtype))
         gx, gy, gw, gh = self._centre_size(boxes)
-        return torch.stack((wx * (gx - px) / pw, wy * (gy - py) / ph,
-                            ww * torch.log(gw / pw), wh * torch.log(gh / ph)), dim=-1)
+        return torch.stack(
+            (wx * (gx - px) / pw, wy * (gy - py) / ph, ww * torch.log(gw / pw), wh * torch.log(gh / ph)), dim=-1
+        )
 
     def decode(self, deltas: Tensor, priors: Tensor) -> Tensor:
         wx, wy, ww, wh = self.weights

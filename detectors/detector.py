@@ -45,10 +45,19 @@ class DenseDetector(nn.Module):
         (['box_deltas', 'class_scores'], True)
     """
 
-    def __init__(self, backbone: Backbone, head: Head | Callable[..., Head], priors: PriorGenerator,
-                 assigner: Assigner, loss: Loss, postprocess: Postprocess, class_names: Sequence[str],
-                 pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 pixel_std: Sequence[float] = (0.229, 0.224, 0.225), channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: Head | Callable[..., Head],
+        priors: PriorGenerator,
+        assigner: Assigner,
+        loss: Loss,
+        postprocess: Postprocess,
+        class_names: Sequence[str],
+        pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
+        pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)

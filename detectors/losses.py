@@ -9,7 +9,6 @@ from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
 
-
 def focal_loss_dense(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
     """Reference formulation: one-hot targets + ``torchvision.ops.sigmoid_focal_loss``, summed.
 
@@ -39,8 +38,9 @@ class _SparseFocalLoss(torch.autograd.Function):
     CHUNK = {"cpu": 1 << 17, "cuda": 1 << 24}
 
     @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, gamma: float, alpha: float, normalizer: Tensor,
-                with_grad: bool) -> Tensor:
+    def forward(
+        ctx, logits: Tensor, labels: Tensor, gamma: float, alpha: float, normalizer: Tensor, with_grad: bool
+    ) -> Tensor:
         inverse = torch.ones_like(normalizer) / normalizer
         total, grad = _focal_sum_and_grad(logits, labels, gamma, alpha, inverse, with_grad)
         ctx.save_for_backward(logits, labels, inverse)
@@ -59,8 +59,9 @@ class _SparseFocalLoss(torch.autograd.Function):
         return grad.view(logits.shape), None, None, None, None, None
 
 
-def _focal_sum_and_grad(logits: Tensor, labels: Tensor, gamma: float, alpha: float, inverse: Tensor,
-                        with_grad: bool) -> tuple[Tensor, Tensor | None]:
+def _focal_sum_and_grad(
+    logits: Tensor, labels: Tensor, gamma: float, alpha: float, inverse: Tensor, with_grad: bool
+) -> tuple[Tensor, Tensor | None]:
     """Σ focal loss × ``inverse`` (float32, whatever the logits' dtype: it sums 10⁷ terms) and, if ``with_grad``,
     its gradient × ``inverse``, both from one pass over the logits in chunks (see _SparseFocalLoss)."""
     num_classes = logits.shape[-1]
@@ -73,13 +74,13 @@ def _focal_sum_and_grad(logits: Tensor, labels: Tensor, gamma: float, alpha: flo
     starts = range(0, x.shape[0], rows)
     sums = x.new_empty(len(starts), dtype=torch.float32)  # one per chunk, added pairwise at the end
     for i, start in enumerate(starts):
-        xc = x[start:start + rows].float()
+        xc = x[start : start + rows].float()
         p, sp = torch.sigmoid(xc), F.softplus(xc)
-        weight = p.pow(gamma).mul_(row_weight[start:start + rows])  # (1−α)·p^γ / n
+        weight = p.pow(gamma).mul_(row_weight[start : start + rows])  # (1−α)·p^γ / n
         torch.dot(weight.view(-1), sp.view(-1), out=sums[i])
         if grad is not None:  # weight·(γ(1−p)·softplus(x) + p), as p + γ·softplus(x) − γ·softplus(x)·p
             g = torch.add(p, sp, alpha=gamma).addcmul_(sp, p, value=-gamma)
-            out = grad[start:start + rows]
+            out = grad[start : start + rows]
             if out.dtype == g.dtype:
                 torch.mul(g, weight, out=out)
             else:
@@ -97,8 +98,9 @@ def _focal_sum_and_grad(logits: Tensor, labels: Tensor, gamma: float, alpha: flo
     return sums.sum() + correction * inverse, grad
 
 
-def focal_loss_sparse(logits: Tensor, labels: Tensor, gamma: float, alpha: float,
-                      normalizer: Tensor | None = None) -> Tensor:
+def focal_loss_sparse(
+    logits: Tensor, labels: Tensor, gamma: float, alpha: float, normalizer: Tensor | None = None
+) -> Tensor:
     """Same value and gradient as ``focal_loss_dense`` (÷ ``normalizer`` when given), without materialising
     targets (see _SparseFocalLoss)."""
     with_grad = torch.is_grad_enabled() and logits.requires_grad

@@ -23,8 +23,15 @@ def topk_per_group(scores: Tensor, group: Tensor, k: int) -> Tensor:
     return order[rank < k]
 
 
-def nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tensor, image_sizes: Tensor,
-                  nms_thresh: float, max_detections: int) -> list[dict[str, Tensor]]:
+def nms_per_image(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    image_idx: Tensor,
+    image_sizes: Tensor,
+    nms_thresh: float,
+    max_detections: int,
+) -> list[dict[str, Tensor]]:
     """Clip to each image, class-wise NMS, keep the ``max_detections`` best per image (by decreasing
     score), for flat candidates (S, 4), (S,), (S,) of images ``image_idx``."""
     boxes = clip_to_images(boxes, image_idx, image_sizes)
@@ -33,8 +40,16 @@ def nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tens
     return best_per_image(kept, boxes, scores, labels, image_idx, len(image_sizes), max_detections)
 
 
-def capped_nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tensor, image_sizes: Tensor,
-                         nms_thresh: float, max_detections: int, candidates_per_image: int) -> list[dict[str, Tensor]]:
+def capped_nms_per_image(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    image_idx: Tensor,
+    image_sizes: Tensor,
+    nms_thresh: float,
+    max_detections: int,
+    candidates_per_image: int,
+) -> list[dict[str, Tensor]]:
     """``nms_per_image`` with the same detections, faster when images have many more candidates than
     ``max_detections``: NMS runs first on each image's ``candidates_per_image`` best (ties included), and
     again on all of an image's candidates only if fewer than ``max_detections`` survive.
@@ -46,8 +61,9 @@ def capped_nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_id
     num_images = len(image_sizes)
     num_classes = int(labels.max()) + 1 if labels.numel() else 1
     groups = image_idx * num_classes + labels
-    prefix = torch.nonzero(scores >= nth_best_per_image(scores, image_idx, num_images, candidates_per_image)
-                           [image_idx])[:, 0]
+    prefix = torch.nonzero(
+        scores >= nth_best_per_image(scores, image_idx, num_images, candidates_per_image)[image_idx]
+    )[:, 0]
     kept = prefix[grouped_nms(boxes[prefix], scores[prefix], groups[prefix], nms_thresh)]
     short = torch.bincount(image_idx[kept], minlength=num_images) < max_detections
     short &= torch.bincount(image_idx, minlength=num_images) > torch.bincount(image_idx[prefix], minlength=num_images)
@@ -83,8 +99,9 @@ def clip_to_images(boxes: Tensor, image_idx: Tensor, image_sizes: Tensor) -> Ten
     return torch.minimum(boxes.clamp(min=0), limits)
 
 
-def best_per_image(kept: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tensor, num_images: int,
-                   max_detections: int) -> list[dict[str, Tensor]]:
+def best_per_image(
+    kept: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tensor, num_images: int, max_detections: int
+) -> list[dict[str, Tensor]]:
     """The ``max_detections`` best of the NMS survivors ``kept`` of each image, by decreasing score."""
     kept = kept[torch.argsort(scores[kept], descending=True, stable=True)]
     kept = kept[torch.argsort(image_idx[kept], stable=True)]  # by image, by decreasing score within
@@ -92,8 +109,12 @@ def best_per_image(kept: Tensor, boxes: Tensor, scores: Tensor, labels: Tensor, 
     rank = torch.arange(len(kept), device=kept.device) - (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
     kept = kept[rank < max_detections]  # already ranked: the first max_detections of each image's run
     per_image = counts.clamp(max=max_detections).tolist()
-    return [{"boxes": bx, "scores": sc, "labels": lb} for bx, sc, lb in
-            zip(boxes[kept].split(per_image), scores[kept].split(per_image), labels[kept].split(per_image))]
+    return [
+        {"boxes": bx, "scores": sc, "labels": lb}
+        for bx, sc, lb in zip(
+            boxes[kept].split(per_image), scores[kept].split(per_image), labels[kept].split(per_image)
+        )
+    ]
 
 
 def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float, chunk_size: int = 128) -> Tensor:
@@ -115,9 +136,12 @@ def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_thresh: float
     offsets = (slot.repeat_interleave(group_sizes).to(boxes) * (boxes.max() + 1))[:, None]
     shifted, ordered_scores = boxes[order] + offsets, scores[order]
     chunk_boxes = torch.zeros(len(chunk_groups), dtype=torch.long, device=boxes.device).index_add_(
-        0, group_chunk, group_sizes)
-    kept = [torch.ops.torchvision.nms(b, sc, iou_thresh)  # views of the sorted arrays: no copies per chunk
-            for b, sc in zip(shifted.split(chunk_boxes.tolist()), ordered_scores.split(chunk_boxes.tolist()))]
+        0, group_chunk, group_sizes
+    )
+    kept = [
+        torch.ops.torchvision.nms(b, sc, iou_thresh)  # views of the sorted arrays: no copies per chunk
+        for b, sc in zip(shifted.split(chunk_boxes.tolist()), ordered_scores.split(chunk_boxes.tolist()))
+    ]
     chunk_start = torch.cumsum(chunk_boxes, 0) - chunk_boxes
     counts = torch.tensor([len(k) for k in kept], device=boxes.device)
     return order[torch.cat(kept) + chunk_start.repeat_interleave(counts)]

@@ -27,15 +27,17 @@ class PriorGenerator:
     def __init__(self) -> None:
         self._cache: dict[tuple, Priors] = {}
 
-    def __call__(self, image_size: tuple[int, int], feature_sizes: Sequence[tuple[int, int]],
-                 device: torch.device | str = "cpu") -> Priors:
+    def __call__(
+        self, image_size: tuple[int, int], feature_sizes: Sequence[tuple[int, int]], device: torch.device | str = "cpu"
+    ) -> Priors:
         key = (tuple(image_size), tuple(map(tuple, feature_sizes)), str(device))
         if key not in self._cache:
             self._cache[key] = self._generate(tuple(image_size), [tuple(f) for f in feature_sizes], device)
         return self._cache[key]
 
-    def _generate(self, image_size: tuple[int, int], feature_sizes: list[tuple[int, int]],
-                  device: torch.device | str) -> Priors:
+    def _generate(
+        self, image_size: tuple[int, int], feature_sizes: list[tuple[int, int]], device: torch.device | str
+    ) -> Priors:
         raise NotImplementedError
 
 

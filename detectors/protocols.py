@@ -68,8 +68,9 @@ class Assigner(Protocol):
 
     uses_predictions: bool
 
-    def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
-                 outputs: HeadOutputs | None = None) -> dict[str, Tensor]: ...
+    def __call__(
+        self, priors: Priors, targets: DetectionBatch, num_classes: int, outputs: HeadOutputs | None = None
+    ) -> dict[str, Tensor]: ...
 
 
 class Loss(Protocol):

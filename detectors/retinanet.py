@@ -30,9 +30,15 @@ class AnchorGenerator(PriorGenerator):
     Order within a cell: ratio-major, then scale (torchvision's order). Cached per (image, feature) sizes.
     """
 
-    def __init__(self, sizes: Sequence[float] = (32, 64, 128, 256, 512), scales_per_octave: int = 3,
-                 aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), size_factor: float = 1.0,
-                 integer_sizes: bool = False, offset: float = 0.0) -> None:
+    def __init__(
+        self,
+        sizes: Sequence[float] = (32, 64, 128, 256, 512),
+        scales_per_octave: int = 3,
+        aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        size_factor: float = 1.0,
+        integer_sizes: bool = False,
+        offset: float = 0.0,
+    ) -> None:
         super().__init__()
         self.sizes = [float(s) * size_factor for s in sizes]
         self.scales = [2.0 ** (i / scales_per_octave) for i in range(scales_per_octave)]
@@ -89,16 +95,24 @@ class RetinaNetHead(nn.Module):
     #: side of the output tiles ``box_deltas_where`` computes; 4 did the least work on the bench (bench/)
     BOX_TILE = 4
 
-    def __init__(self, in_channels: int, num_classes: int, num_anchors: int | Sequence[int],
-                 num_convs: int = 4, prior_probability: float = 0.01, norm: str = "none",
-                 sparse_box_training: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        num_anchors: int | Sequence[int],
+        num_convs: int = 4,
+        prior_probability: float = 0.01,
+        norm: str = "none",
+        sparse_box_training: bool = True,
+    ) -> None:
         super().__init__()
         if norm not in ("none", "gn"):
             raise ValueError(f"head.norm={norm!r}: choose 'none' (paper) or 'gn' (GroupNorm)")
         if not isinstance(num_anchors, int):
             if len(set(num_anchors)) != 1:
-                raise ValueError(f"RetinaNet's head is shared across levels: needs one anchor count, "
-                                 f"got {list(num_anchors)}")
+                raise ValueError(
+                    f"RetinaNet's head is shared across levels: needs one anchor count, got {list(num_anchors)}"
+                )
             num_anchors = int(num_anchors[0])
         self.num_classes, self.num_anchors, self.num_convs = num_classes, num_anchors, num_convs
         # a location's box deltas depend only on the features around it, unless GroupNorm mixes the level
@@ -127,8 +141,9 @@ class RetinaNetHead(nn.Module):
 
     def classify(self, features: list[Tensor]) -> Tensor:
         """Class logits (B, N, K) of every anchor."""
-        return torch.cat([flatten_predictions(self.cls_score(self.cls_subnet(f)), self.num_classes)
-                          for f in features], dim=1)
+        return torch.cat(
+            [flatten_predictions(self.cls_score(self.cls_subnet(f)), self.num_classes) for f in features], dim=1
+        )
 
     def box_deltas(self, features: list[Tensor]) -> Tensor:
         """Box deltas (B, N, 4) of every anchor."""
@@ -164,22 +179,21 @@ class RetinaNetHead(nn.Module):
             conv, relu = self.box_subnet[2 * i], self.box_subnet[2 * i + 1]
             x = relu(F.conv2d(x, conv.weight, conv.bias))
             # zero outside the level: the padding the next convolution reads there on the whole map
-            keep = inside_y[:, i + 1:size - i - 1, None] & inside_x[:, None, i + 1:size - i - 1]
+            keep = inside_y[:, i + 1 : size - i - 1, None] & inside_x[:, None, i + 1 : size - i - 1]
             x = x * keep[:, None].to(x.dtype)
         out = F.conv2d(x, self.box_pred.weight, self.box_pred.bias)  # (T, 4A, tile, tile)
 
         # into ``box_deltas``' (B·locations, 4A) rows, leaving out the tile pixels beyond the level
         level_start = torch.tensor([0] + [fh * fw for fh, fw in sizes], device=needed.device).cumsum(0)[level]
-        oy, ox = ys[:, halo:halo + tile], xs[:, halo:halo + tile]
+        oy, ox = ys[:, halo : halo + tile], xs[:, halo : halo + tile]
         rows = (image * locations + level_start)[:, None, None] + oy[:, :, None] * w[:, None, None] + ox[:, None, :]
-        valid = (inside_y[:, halo:halo + tile, None] & inside_x[:, None, halo:halo + tile]).reshape(-1)
+        valid = (inside_y[:, halo : halo + tile, None] & inside_x[:, None, halo : halo + tile]).reshape(-1)
         values = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])[valid]
         dense = values.new_zeros(batch * locations, out.shape[1]).index_put((rows.reshape(-1)[valid],), values)
         return dense.view(batch, -1, 4)
 
 
-def _gather_patches(features: list[Tensor], level: Tensor, image: Tensor, ys: Tensor, xs: Tensor,
-                    pad: int) -> Tensor:
+def _gather_patches(features: list[Tensor], level: Tensor, image: Tensor, ys: Tensor, xs: Tensor, pad: int) -> Tensor:
     """(T, C, S, S) patches (NHWC memory): patch t holds pixels ``ys[t]`` × ``xs[t]`` (level coordinates, −pad..
     size+pad−1, zero outside) of image ``image[t]``'s map at ``level[t]``. One gather over all levels' pixel rows."""
     rows, starts, start = [], [], 0
@@ -200,7 +214,7 @@ def _active_tiles(needed: Tensor, sizes: Sequence[tuple[int, int]], tile: int) -
     marked in ``needed`` (B, Σ H·W), level by level."""
     batch, active, start = needed.shape[0], [], 0
     for level, (h, w) in enumerate(sizes):
-        marks = needed[:, start:start + h * w].view(batch, h, w)
+        marks = needed[:, start : start + h * w].view(batch, h, w)
         start += h * w
         th, tw = -(-h // tile), -(-w // tile)
         marks = F.pad(marks, (0, tw * tile - w, 0, th * tile - h))
@@ -224,8 +238,14 @@ class MaxIoUAssigner:
 
     uses_predictions = False
 
-    def __init__(self, pos_iou: float = 0.5, neg_iou: float = 0.4, low_quality_matches: bool = True,
-                 crowd_ioa: float | None = CROWD_IOA, cpu_block: int | None = 4096) -> None:
+    def __init__(
+        self,
+        pos_iou: float = 0.5,
+        neg_iou: float = 0.4,
+        low_quality_matches: bool = True,
+        crowd_ioa: float | None = CROWD_IOA,
+        cpu_block: int | None = 4096,
+    ) -> None:
         if neg_iou > pos_iou:
             raise ValueError(f"assigner.neg_iou={neg_iou} must not exceed assigner.pos_iou={pos_iou}")
         self.pos_iou, self.neg_iou, self.low_quality_matches = pos_iou, neg_iou, low_quality_matches
@@ -235,8 +255,9 @@ class MaxIoUAssigner:
         self.cpu_block = cpu_block
 
     @torch.no_grad()
-    def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
-                 outputs: HeadOutputs | None = None) -> dict[str, Tensor]:
+    def __call__(
+        self, priors: Priors, targets: DetectionBatch, num_classes: int, outputs: HeadOutputs | None = None
+    ) -> dict[str, Tensor]:
         gt_ok = targets.valid & ~targets.crowd  # (B, M)
         n = priors.boxes.shape[0]
         block = n if self.cpu_block is None or priors.boxes.device.type != "cpu" else self.cpu_block
@@ -246,7 +267,7 @@ class MaxIoUAssigner:
         excluded = ~gt_ok[..., None] if block == n or not bool(gt_ok.all()) else None
 
         def iou_block(start: int) -> Tensor:  # (B, M, block)
-            iou = batched_box_iou(targets.boxes, priors.boxes[start:start + block])
+            iou = batched_box_iou(targets.boxes, priors.boxes[start : start + block])
             return iou if excluded is None else iou.masked_fill_(excluded, -1.0)
 
         best_iou = targets.boxes.new_empty(len(targets), n)
@@ -254,7 +275,7 @@ class MaxIoUAssigner:
         block_best = targets.boxes.new_empty(len(starts), *gt_ok.shape)  # each object's best IoU in each block
         for j, start in enumerate(starts):
             iou = iou_block(start)
-            torch.max(iou, dim=1, out=(best_iou[:, start:start + block], best_gt[:, start:start + block]))
+            torch.max(iou, dim=1, out=(best_iou[:, start : start + block], best_gt[:, start : start + block]))
             torch.amax(iou, dim=2, out=block_best[j])
         best_per_gt = block_best.amax(dim=0)  # (B, M): each object's best IoU over all priors
 
@@ -272,10 +293,10 @@ class MaxIoUAssigner:
                 for j, start in enumerate(starts):
                     img, obj = torch.nonzero(block_best[j] == claim, as_tuple=True)
                     if len(img):
-                        ties = batched_box_iou(targets.boxes[img, obj][None], priors.boxes[start:start + block])[0]
+                        ties = batched_box_iou(targets.boxes[img, obj][None], priors.boxes[start : start + block])[0]
                         ties = ties == claim[img, obj][:, None]  # (objects, block)
                         hits = torch.zeros(len(targets), ties.shape[1], dtype=torch.int32, device=img.device)
-                        low_quality[:, start:start + block] = hits.index_add_(0, img, ties.int()) > 0
+                        low_quality[:, start : start + block] = hits.index_add_(0, img, ties.int()) > 0
             labels = torch.where(low_quality, gt_labels, labels)
         labels = ignore_crowd_regions(labels, priors.boxes, targets, num_classes, self.crowd_ioa)
         if priors.ignored is not None:
@@ -287,8 +308,15 @@ class RetinaNetLoss:
     """Focal loss over all non-ignored anchors + box loss over positives, both ÷ #positive anchors in the
     batch (paper §3.3/§4: "normalized by the number of anchors assigned to a ground-truth box")."""
 
-    def __init__(self, gamma: float = 2.0, alpha: float = 0.25, box_loss: str = "smooth_l1",
-                 smooth_l1_beta: float = 0.11, box_coder: BoxCoder | None = None, fused: bool = True) -> None:
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        alpha: float = 0.25,
+        box_loss: str = "smooth_l1",
+        smooth_l1_beta: float = 0.11,
+        box_coder: BoxCoder | None = None,
+        fused: bool = True,
+    ) -> None:
         self.gamma, self.alpha = gamma, alpha
         self.box_loss, self.smooth_l1_beta = box_loss, smooth_l1_beta
         self.box_coder = box_coder or BoxCoder()
@@ -306,8 +334,9 @@ class RetinaNetLoss:
             loss_cls = focal_loss_dense(logits, labels, self.gamma, self.alpha) / num_pos
         anchors = priors.boxes.expand(labels.shape[0], -1, -1)[positive]
         box_targets = self.box_coder.encode(assigned["boxes"][positive], anchors)
-        loss_box = box_regression_loss(deltas[positive].float(), box_targets, self.box_loss,
-                                       self.smooth_l1_beta) / num_pos
+        loss_box = (
+            box_regression_loss(deltas[positive].float(), box_targets, self.box_loss, self.smooth_l1_beta) / num_pos
+        )
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
     @staticmethod
@@ -327,8 +356,14 @@ class RetinaNetPostprocess:
     once; the per-(image, level) top-k is a segmented rank over the few survivors; one NMS call covers all.
     """
 
-    def __init__(self, score_thresh: float = 0.05, topk_per_level: int = 1000, nms_thresh: float = 0.5,
-                 max_detections: int = 100, box_coder: BoxCoder | None = None) -> None:
+    def __init__(
+        self,
+        score_thresh: float = 0.05,
+        topk_per_level: int = 1000,
+        nms_thresh: float = 0.5,
+        max_detections: int = 100,
+        box_coder: BoxCoder | None = None,
+    ) -> None:
         self.score_thresh, self.topk_per_level = score_thresh, topk_per_level
         self.nms_thresh, self.max_detections = nms_thresh, max_detections
         self.box_coder = box_coder or BoxCoder()
@@ -360,7 +395,7 @@ def _torchvision_head_key(key: str) -> str:
     Conv2dNormActivation) is our ``cls_subnet.{2i}.weight`` (conv, ReLU pairs)."""
     for tv, ours in (("classification_head.conv.", "cls_subnet."), ("regression_head.conv.", "box_subnet.")):
         if key.startswith(tv):
-            i, _, param = key[len(tv):].split(".")
+            i, _, param = key[len(tv) :].split(".")
             return f"{ours}{2 * int(i)}.{param}"
     key = key.replace("classification_head.cls_logits.", "cls_score.")
     return key.replace("regression_head.bbox_reg.", "box_pred.")
@@ -382,5 +417,5 @@ def torchvision_retinanet_state_dict(tv_state: dict[str, Tensor]) -> dict[str, T
         if key.startswith("backbone."):
             out[key] = value
         elif key.startswith("head."):
-            out["head." + _torchvision_head_key(key[len("head."):])] = value
+            out["head." + _torchvision_head_key(key[len("head.") :])] = value
     return out

@@ -36,8 +36,9 @@ _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 51
 def source_layers(num_layers: int, all_layers: Sequence[str]) -> tuple[str, ...]:
     """The layers SSD predicts from when only ``num_layers`` of them are used (paper Table 3)."""
     if not 1 <= num_layers <= len(all_layers):
-        raise ValueError(f"model.num_prediction_layers={num_layers}: must be in 1..{len(all_layers)} "
-                         f"({', '.join(all_layers)})")
+        raise ValueError(
+            f"model.num_prediction_layers={num_layers}: must be in 1..{len(all_layers)} ({', '.join(all_layers)})"
+        )
     return (_ONE_LAYER,) if num_layers == 1 else tuple(all_layers[:num_layers])
 
 
@@ -71,8 +72,15 @@ class VGG16Atrous(nn.Module):
     layer are built, so fewer prediction layers also cost less.
     """
 
-    def __init__(self, variant: str = "ssd300", num_prediction_layers: int | None = None, width: float = 1.0,
-                 weights: str | None = None, l2norm_scale: float = 20.0, norm: str = "none") -> None:
+    def __init__(
+        self,
+        variant: str = "ssd300",
+        num_prediction_layers: int | None = None,
+        width: float = 1.0,
+        weights: str | None = None,
+        l2norm_scale: float = 20.0,
+        norm: str = "none",
+    ) -> None:
         super().__init__()
         if variant not in ("ssd300", "ssd512"):
             raise ValueError(f"backbone.variant={variant!r}: choose 'ssd300' or 'ssd512'")
@@ -81,8 +89,10 @@ class VGG16Atrous(nn.Module):
         if norm not in ("none", "bn"):
             raise ValueError(f"backbone.norm={norm!r}: choose 'none' (paper) or 'bn' (BatchNorm after each conv)")
         if weights and (width != 1.0 or norm != "none"):
-            raise ValueError(f"backbone.weights={weights!r} needs backbone.width=1.0 and backbone.norm=none "
-                             f"(got {width}, {norm}): pretrained VGG16 weights have the paper's layers")
+            raise ValueError(
+                f"backbone.weights={weights!r} needs backbone.width=1.0 and backbone.norm=none "
+                f"(got {width}, {norm}): pretrained VGG16 weights have the paper's layers"
+            )
         bn = norm == "bn"
         c = lambda n: max(8, int(round(n * width)))  # noqa: E731
 
@@ -99,9 +109,11 @@ class VGG16Atrous(nn.Module):
         cut = [i for i, m in enumerate(layers) if isinstance(m, nn.MaxPool2d)][3]
         self.features = nn.Sequential(*layers[:cut])
         self.l2norm = L2Norm(c(512), l2norm_scale)
-        fc = nn.Sequential(nn.MaxPool2d(3, 1, padding=1),  # pool5: 3×3 stride 1 keeps the 19×19 map
-                           *_conv(c(512), c(1024), bn, kernel_size=3, padding=6, dilation=6),  # conv6 (atrous fc6)
-                           *_conv(c(1024), c(1024), bn, kernel_size=1))  # conv7 (fc7)
+        fc = nn.Sequential(
+            nn.MaxPool2d(3, 1, padding=1),  # pool5: 3×3 stride 1 keeps the 19×19 map
+            *_conv(c(512), c(1024), bn, kernel_size=3, padding=6, dilation=6),  # conv6 (atrous fc6)
+            *_conv(c(1024), c(1024), bn, kernel_size=1),
+        )  # conv7 (fc7)
         extra = [nn.Sequential(*layers[cut:], fc)]
         # conv8_2 … : (1×1 channels, 3×3 channels, stride, padding) per the paper's Fig. 2 / released model
         specs = [(256, 512, 2, 1), (128, 256, 2, 1), (128, 256, 1, 0), (128, 256, 1, 0)]
@@ -110,8 +122,12 @@ class VGG16Atrous(nn.Module):
         cin = c(1024)
         for i, (mid, out, stride, pad) in enumerate(specs):
             k = 4 if variant == "ssd512" and i == len(specs) - 1 else 3  # conv12_2 is 4×4 (1×1 map at 512 px)
-            extra.append(nn.Sequential(*_conv(cin, c(mid), bn, kernel_size=1),
-                                       *_conv(c(mid), c(out), bn, kernel_size=k, stride=stride, padding=pad)))
+            extra.append(
+                nn.Sequential(
+                    *_conv(cin, c(mid), bn, kernel_size=1),
+                    *_conv(c(mid), c(out), bn, kernel_size=k, stride=stride, padding=pad),
+                )
+            )
             cin = c(out)
         last = all_layers.index(self.layers[-1])  # build nothing beyond the last source layer
         self.extra = nn.ModuleList(extra[:last])
@@ -143,8 +159,10 @@ def load_vgg16_weights(backbone: VGG16Atrous, weights: str) -> None:
     every 4th filter, and fc6's 7×7 taps at stride 3 (hence the dilation 6 after pool5's change)."""
     if Path(str(weights)).suffix in {".pth", ".pt", ".bin"} or Path(str(weights)).exists():
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"backbone.weights={weights}: no such file; give a torchvision vgg16 "
-                                    f"state-dict file, a weights name such as IMAGENET1K_V1, or null")
+            raise FileNotFoundError(
+                f"backbone.weights={weights}: no such file; give a torchvision vgg16 "
+                f"state-dict file, a weights name such as IMAGENET1K_V1, or null"
+            )
         state = torch.load(weights, map_location="cpu", weights_only=True)
     else:
         available = [w.name for w in models.VGG16_Weights]
@@ -169,8 +187,9 @@ def load_vgg16_weights(backbone: VGG16Atrous, weights: str) -> None:
     backbone.load_state_dict(mapped, strict=False)
 
 
-def default_box_scales(num_layers: int, s_min: float = 0.2, s_max: float = 0.9,
-                       first_scale: float | None = None) -> list[float]:
+def default_box_scales(
+    num_layers: int, s_min: float = 0.2, s_max: float = 0.9, first_scale: float | None = None
+) -> list[float]:
     """Paper eq. (4): s_k = s_min + (s_max − s_min)(k − 1)/(m − 1), k = 1..m, plus s_{m+1} (one step further)
     for the last layer's extra square box √(s_m·s_{m+1}). With ``first_scale`` (the released code's
     variant, 0.1), the first layer takes it and the formula spans the other m − 1 layers."""
@@ -198,10 +217,20 @@ class DefaultBoxGenerator(PriorGenerator):
     (the Faster R-CNN strategy of Table 3's "use boundary boxes? no" column).
     """
 
-    def __init__(self, variant: str = "ssd300", num_prediction_layers: int | None = None, s_min: float = 0.2,
-                 s_max: float = 0.9, first_scale: float | None = None, scales: Sequence[float] | None = None,
-                 aspect_ratios: Sequence[Sequence[float]] | None = None, steps: Sequence[float] | None = None,
-                 clip: bool = False, boundary_boxes: str = "keep", tolerance: float = 0.05) -> None:
+    def __init__(
+        self,
+        variant: str = "ssd300",
+        num_prediction_layers: int | None = None,
+        s_min: float = 0.2,
+        s_max: float = 0.9,
+        first_scale: float | None = None,
+        scales: Sequence[float] | None = None,
+        aspect_ratios: Sequence[Sequence[float]] | None = None,
+        steps: Sequence[float] | None = None,
+        clip: bool = False,
+        boundary_boxes: str = "keep",
+        tolerance: float = 0.05,
+    ) -> None:
         super().__init__()
         all_layers = SSD300_LAYERS if variant == "ssd300" else SSD512_LAYERS
         m = len(all_layers)
@@ -210,8 +239,10 @@ class DefaultBoxGenerator(PriorGenerator):
             raise ValueError(f"priors.boundary_boxes={boundary_boxes!r}: choose 'keep' or 'ignore'")
         scales = list(scales) if scales is not None else default_box_scales(m, s_min, s_max, first_scale)
         if len(scales) != m + 1:
-            raise ValueError(f"priors.scales: {variant} needs {m + 1} scales (one per layer and one beyond the "
-                             f"last for its extra square box), got {len(scales)}")
+            raise ValueError(
+                f"priors.scales: {variant} needs {m + 1} scales (one per layer and one beyond the "
+                f"last for its extra square box), got {len(scales)}"
+            )
         ratios = [list(r) for r in (aspect_ratios or [[2]] + [[2, 3]] * (m - 3) + [[2], [2]])]
         if len(ratios) != m or (steps is not None and len(steps) != m):
             raise ValueError(f"priors.aspect_ratios and priors.steps need one entry per layer of {variant} ({m})")
@@ -227,8 +258,9 @@ class DefaultBoxGenerator(PriorGenerator):
         self._steps = None if steps is None else [float(steps[all_layers.index(n)]) for n in self.layers]
         self.wh = self._stack_groups(groups, all_layers, variant, tolerance)
 
-    def _stack_groups(self, groups: list[list[tuple[float, float]]], all_layers: Sequence[str], variant: str,
-                      tolerance: float) -> list[list[tuple[float, float]]]:
+    def _stack_groups(
+        self, groups: list[list[tuple[float, float]]], all_layers: Sequence[str], variant: str, tolerance: float
+    ) -> list[list[tuple[float, float]]]:
         kept = [all_layers.index(n) for n in self.layers]
         # the feature-map side of each layer at the paper's input size (for the box budget only)
         sides = {"ssd300": (38, 19, 10, 5, 3, 1), "ssd512": (64, 32, 16, 8, 4, 2, 1)}[variant]
@@ -249,7 +281,7 @@ class DefaultBoxGenerator(PriorGenerator):
                 break
             _, _, k, i = max(candidates)
             g = stacked[k][i]
-            del g[-2 if len(g) > 2 else -1:]  # a ratio pair (r, 1/r) together, then the extra square
+            del g[-2 if len(g) > 2 else -1 :]  # a ratio pair (r, 1/r) together, then the extra square
         return [own[k] + [wh for g in stacked[k] for wh in g] for k in kept]
 
     @property
@@ -290,8 +322,9 @@ class SSDHead(nn.Module):
     def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], num_classes: int) -> None:
         super().__init__()
         self.num_classes = num_classes + 1
-        self.cls = nn.ModuleList(nn.Conv2d(c, a * self.num_classes, 3, padding=1)
-                                 for c, a in zip(in_channels, num_anchors))
+        self.cls = nn.ModuleList(
+            nn.Conv2d(c, a * self.num_classes, 3, padding=1) for c, a in zip(in_channels, num_anchors)
+        )
         self.box = nn.ModuleList(nn.Conv2d(c, a * 4, 3, padding=1) for c, a in zip(in_channels, num_anchors))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -334,8 +367,9 @@ class BestMatchIoUAssigner:
         self.pos_iou, self.crowd_ioa, self.fast = pos_iou, crowd_ioa, fast
 
     @torch.no_grad()
-    def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
-                 outputs: HeadOutputs | None = None) -> dict[str, Tensor]:
+    def __call__(
+        self, priors: Priors, targets: DetectionBatch, num_classes: int, outputs: HeadOutputs | None = None
+    ) -> dict[str, Tensor]:
         gt_ok = targets.valid & ~targets.crowd  # (B, M)
         iou = batched_box_iou(targets.boxes, priors.boxes)  # (B, M, N)
         if priors.ignored is not None:
@@ -375,7 +409,8 @@ class BestMatchIoUAssigner:
         wins = (claim > 0) & (claim == torch.gather(claim_iou, 1, best_prior))
         gt_index = torch.arange(num_gt, device=iou.device).expand_as(best_prior)
         claim_gt = torch.full_like(claim_iou, num_gt, dtype=torch.long).scatter_reduce_(
-            1, best_prior, gt_index.masked_fill(~wins, num_gt), "amin")
+            1, best_prior, gt_index.masked_fill(~wins, num_gt), "amin"
+        )
         return claim_iou, claim_gt
 
 
@@ -390,8 +425,14 @@ class MultiBoxLoss:
     positive or ignored, so none is counted twice. Vectorised over the batch with one top-k.
     """
 
-    def __init__(self, neg_pos_ratio: float = 3.0, min_negatives: int = 3, alpha: float = 1.0,
-                 smooth_l1_beta: float = 1.0, variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2)) -> None:
+    def __init__(
+        self,
+        neg_pos_ratio: float = 3.0,
+        min_negatives: int = 3,
+        alpha: float = 1.0,
+        smooth_l1_beta: float = 1.0,
+        variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+    ) -> None:
         self.neg_pos_ratio, self.min_negatives, self.alpha = neg_pos_ratio, int(min_negatives), alpha
         self.smooth_l1_beta = smooth_l1_beta
         self.box_coder = BoxCoder(tuple(1.0 / v for v in variances))
@@ -420,8 +461,10 @@ class MultiBoxLoss:
         loss_cls = ce_sum / n
         # the positives' (image, box) indices from above: each boolean-mask index would redo the nonzero
         box_targets = self.box_coder.encode(assigned["boxes"][pos_img, pos_box], priors.boxes[pos_box])
-        loss_box = F.smooth_l1_loss(deltas[pos_img, pos_box].float(), box_targets, beta=self.smooth_l1_beta,
-                                    reduction="sum") / n
+        loss_box = (
+            F.smooth_l1_loss(deltas[pos_img, pos_box].float(), box_targets, beta=self.smooth_l1_beta, reduction="sum")
+            / n
+        )
         return {"loss_cls": loss_cls, "loss_box": self.alpha * loss_box}
 
     @staticmethod
@@ -441,9 +484,15 @@ class SSDPostprocess:
     plain formulation, softmax of every box and NMS on every candidate.
     """
 
-    def __init__(self, score_thresh: float = 0.01, topk_per_class: int = 200, nms_thresh: float = 0.45,
-                 max_detections: int = 200, variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
-                 fast: bool = True) -> None:
+    def __init__(
+        self,
+        score_thresh: float = 0.01,
+        topk_per_class: int = 200,
+        nms_thresh: float = 0.45,
+        max_detections: int = 200,
+        variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+        fast: bool = True,
+    ) -> None:
         self.score_thresh, self.topk_per_class = score_thresh, topk_per_class
         self.nms_thresh, self.max_detections = nms_thresh, max_detections
         self.box_coder = BoxCoder(tuple(1.0 / v for v in variances))
@@ -464,10 +513,13 @@ class SSDPostprocess:
             boxes = self.box_coder.decode(deltas[img, prior].float(), priors.boxes[prior])
             return nms_per_image(boxes, score, label, img, image_sizes, self.nms_thresh, self.max_detections)
         # rows of the flattened tensors: index_select is cheaper than indexing with two index tensors
-        boxes = self.box_coder.decode(deltas.reshape(-1, 4).index_select(0, img * deltas.shape[1] + prior).float(),
-                                      priors.boxes.index_select(0, prior))
-        return capped_nms_per_image(boxes, score, label, img, image_sizes, self.nms_thresh, self.max_detections,
-                                    2 * self.max_detections)
+        boxes = self.box_coder.decode(
+            deltas.reshape(-1, 4).index_select(0, img * deltas.shape[1] + prior).float(),
+            priors.boxes.index_select(0, prior),
+        )
+        return capped_nms_per_image(
+            boxes, score, label, img, image_sizes, self.nms_thresh, self.max_detections, 2 * self.max_detections
+        )
 
     def candidates(self, logits: Tensor, priors: Priors) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(image, prior, label, score) of every class score above about ``score_thresh``, the softmax of every

@@ -19,15 +19,45 @@ from .priors import PriorGenerator, Priors
 from .protocols import HeadOutputs
 
 # Paper Fig. 3: (kernel, filters, stride) per conv, "M" = 2×2 max-pool stride 2; 24 convolutional layers
-YOLO_LAYERS = ((7, 64, 2), "M", (3, 192, 1), "M",
-               (1, 128, 1), (3, 256, 1), (1, 256, 1), (3, 512, 1), "M",
-               *((1, 256, 1), (3, 512, 1)) * 4, (1, 512, 1), (3, 1024, 1), "M",
-               *((1, 512, 1), (3, 1024, 1)) * 2, (3, 1024, 1), (3, 1024, 2),
-               (3, 1024, 1), (3, 1024, 1))
+YOLO_LAYERS = (
+    (7, 64, 2),
+    "M",
+    (3, 192, 1),
+    "M",
+    (1, 128, 1),
+    (3, 256, 1),
+    (1, 256, 1),
+    (3, 512, 1),
+    "M",
+    *((1, 256, 1), (3, 512, 1)) * 4,
+    (1, 512, 1),
+    (3, 1024, 1),
+    "M",
+    *((1, 512, 1), (3, 1024, 1)) * 2,
+    (3, 1024, 1),
+    (3, 1024, 2),
+    (3, 1024, 1),
+    (3, 1024, 1),
+)
 # Fast YOLO: the paper says only "9 instead of 24 convolutional layers and fewer filters"; this is Darknet's
 # tiny YOLOv1 layout as we read it: 3×3 convs 16 → 1024 with six max-pools, then 1024 and 256 filters.
-FAST_YOLO_LAYERS = ((3, 16, 1), "M", (3, 32, 1), "M", (3, 64, 1), "M", (3, 128, 1), "M", (3, 256, 1), "M",
-                    (3, 512, 1), "M", (3, 1024, 1), (3, 1024, 1), (3, 256, 1))
+FAST_YOLO_LAYERS = (
+    (3, 16, 1),
+    "M",
+    (3, 32, 1),
+    "M",
+    (3, 64, 1),
+    "M",
+    (3, 128, 1),
+    "M",
+    (3, 256, 1),
+    "M",
+    (3, 512, 1),
+    "M",
+    (3, 1024, 1),
+    (3, 1024, 1),
+    (3, 256, 1),
+)
 
 
 class YOLOv1Network(nn.Module):
@@ -65,13 +95,20 @@ class ResNetC5(nn.Module):
     """A torchvision ResNet's last stage (C5, stride 32) as YOLO's convolutional part, for users without a
     Darknet-pretrained network and for CPU-sized runs (ImageNet weights by name or a local file)."""
 
-    def __init__(self, depth: int = 18, weights: str | None = None, norm: str = "bn",
-                 trainable_layers: int = 5, fold_frozen_bn: bool = True) -> None:
+    def __init__(
+        self,
+        depth: int = 18,
+        weights: str | None = None,
+        norm: str = "bn",
+        trainable_layers: int = 5,
+        fold_frozen_bn: bool = True,
+    ) -> None:
         super().__init__()
         net = build_resnet(depth, weights, norm, fold_frozen_bn)
         freeze_resnet_stages(net, trainable_layers)
-        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
-                                  net.layer4)
+        self.body = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+        )
         self.out_channels = net.fc.in_features
 
     def forward(self, images: Tensor) -> list[Tensor]:
@@ -93,8 +130,9 @@ class GridCells(PriorGenerator):
     def _generate(self, image_size, feature_sizes, device) -> Priors:
         h, w = image_size
         s = self.grid_size
-        ys, xs = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32),
-                                indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32), indexing="ij"
+        )
         cells = torch.stack((xs * w / s, ys * h / s, (xs + 1) * w / s, (ys + 1) * h / s), -1).reshape(-1, 4)
         boxes = cells.repeat_interleave(self.boxes_per_cell, 0).to(device)
         return Priors(boxes, [len(boxes)])
@@ -112,20 +150,36 @@ class YOLOv1Head(nn.Module):
 
     sparse_box_training = False  # boxes, confidences and classes come out of one layer
 
-    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, grid_size: int = 7,
-                 hidden: int = 4096, dropout: float = 0.5, fully_connected: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_anchors: int,
+        num_classes: int,
+        grid_size: int = 7,
+        hidden: int = 4096,
+        dropout: float = 0.5,
+        fully_connected: bool = True,
+    ) -> None:
         super().__init__()
         self.grid_size, self.boxes_per_cell, self.num_classes = grid_size, num_anchors, num_classes
         self.fully_connected = fully_connected
         self.pool = nn.AdaptiveAvgPool2d(grid_size)
         per_cell = num_anchors * 5 + num_classes
         if fully_connected:
-            self.fc = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * grid_size * grid_size, hidden),
-                                    nn.LeakyReLU(0.1, inplace=True), nn.Dropout(dropout),
-                                    nn.Linear(hidden, grid_size * grid_size * per_cell))
+            self.fc = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(in_channels * grid_size * grid_size, hidden),
+                nn.LeakyReLU(0.1, inplace=True),
+                nn.Dropout(dropout),
+                nn.Linear(hidden, grid_size * grid_size * per_cell),
+            )
         else:
-            self.fc = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.LeakyReLU(0.1, inplace=True),
-                                    nn.Dropout(dropout), nn.Conv2d(hidden, per_cell, 1))
+            self.fc = nn.Sequential(
+                nn.Conv2d(in_channels, hidden, 3, padding=1),
+                nn.LeakyReLU(0.1, inplace=True),
+                nn.Dropout(dropout),
+                nn.Conv2d(hidden, per_cell, 1),
+            )
 
     def forward(self, features: list[Tensor]) -> HeadOutputs:
         out = self.fc(self.pool(features[-1]))
@@ -134,7 +188,7 @@ class YOLOv1Head(nn.Module):
             out = out.flatten(2).transpose(1, 2)
         out = out.reshape(b, s * s, nb * 5 + self.num_classes)
         boxes = out[..., : nb * 5].reshape(b, s * s * nb, 5)
-        return {"box_deltas": boxes[..., :4], "objectness": boxes[..., 4], "class_scores": out[..., nb * 5:]}
+        return {"box_deltas": boxes[..., :4], "objectness": boxes[..., 4], "class_scores": out[..., nb * 5 :]}
 
 
 def decode_boxes(box: Tensor, priors: Priors, image_size: tuple[int, int], grid_size: int) -> Tensor:
@@ -181,8 +235,9 @@ class ResponsiblePredictorAssigner:
         self.grid_size = grid_size
 
     @torch.no_grad()
-    def __call__(self, priors: Priors, targets: DetectionBatch, num_classes: int,
-                 outputs: HeadOutputs | None = None) -> dict[str, Tensor]:
+    def __call__(
+        self, priors: Priors, targets: DetectionBatch, num_classes: int, outputs: HeadOutputs | None = None
+    ) -> dict[str, Tensor]:
         if outputs is None:
             raise ValueError("ResponsiblePredictorAssigner needs the current predictions (outputs)")
         s = self.grid_size
@@ -214,8 +269,12 @@ class ResponsiblePredictorAssigner:
         responsible.scatter_(2, iou.argmax(dim=2, keepdim=True), True)  # ties: the first predictor
         responsible &= has_obj[..., None]
         labels = torch.where(responsible, cell_labels[..., None], num_classes).view(batch, -1)
-        return {"labels": labels, "boxes": gt_of_cell.repeat_interleave(nb, 1), "iou": iou.view(batch, -1),
-                "cell_labels": cell_labels}
+        return {
+            "labels": labels,
+            "boxes": gt_of_cell.repeat_interleave(nb, 1),
+            "iou": iou.view(batch, -1),
+            "cell_labels": cell_labels,
+        }
 
 
 class YOLOv1Loss:
@@ -230,8 +289,9 @@ class YOLOv1Loss:
     ``loss_obj``, ``loss_noobj`` and ``loss_cls``.
     """
 
-    def __init__(self, lambda_coord: float = 5.0, lambda_noobj: float = 0.5, confidence_target: str = "iou",
-                 grid_size: int = 7) -> None:
+    def __init__(
+        self, lambda_coord: float = 5.0, lambda_noobj: float = 0.5, confidence_target: str = "iou", grid_size: int = 7
+    ) -> None:
         if confidence_target not in ("iou", "one"):
             raise ValueError(f"loss.confidence_target={confidence_target!r}: choose 'iou' (paper) or 'one'")
         self.lambda_coord, self.lambda_noobj = lambda_coord, lambda_noobj
@@ -246,19 +306,28 @@ class YOLOv1Loss:
         cell = priors.boxes  # (N, 4): each predictor's cell
         cell_w, cell_h = (cell[:, 2] - cell[:, 0]), (cell[:, 3] - cell[:, 1])
         image_w, image_h = cell_w * s, cell_h * s
-        target = torch.stack((((gt[..., 0] + gt[..., 2]) / 2 - cell[:, 0]) / cell_w,
-                              ((gt[..., 1] + gt[..., 3]) / 2 - cell[:, 1]) / cell_h,
-                              ((gt[..., 2] - gt[..., 0]) / image_w).clamp(min=0).sqrt(),
-                              ((gt[..., 3] - gt[..., 1]) / image_h).clamp(min=0).sqrt()), -1)
+        target = torch.stack(
+            (
+                ((gt[..., 0] + gt[..., 2]) / 2 - cell[:, 0]) / cell_w,
+                ((gt[..., 1] + gt[..., 3]) / 2 - cell[:, 1]) / cell_h,
+                ((gt[..., 2] - gt[..., 0]) / image_w).clamp(min=0).sqrt(),
+                ((gt[..., 3] - gt[..., 1]) / image_h).clamp(min=0).sqrt(),
+            ),
+            -1,
+        )
         loss_box = self.lambda_coord * ((box - target) ** 2).sum(-1)[responsible].sum()
         conf_target = assigned["iou"] if self.confidence_target == "iou" else torch.ones_like(conf)
         loss_obj = ((conf - conf_target) ** 2)[responsible].sum()
-        loss_noobj = self.lambda_noobj * (conf ** 2)[~responsible].sum()
+        loss_noobj = self.lambda_noobj * (conf**2)[~responsible].sum()
         has_obj = assigned["cell_labels"] < num_classes  # (batch, S·S)
         onehot = nn.functional.one_hot(assigned["cell_labels"].clamp(max=num_classes - 1), num_classes).to(probs)
         loss_cls = ((probs - onehot) ** 2).sum(-1)[has_obj].sum()
-        return {"loss_box": loss_box / batch, "loss_obj": loss_obj / batch, "loss_noobj": loss_noobj / batch,
-                "loss_cls": loss_cls / batch}
+        return {
+            "loss_box": loss_box / batch,
+            "loss_obj": loss_obj / batch,
+            "loss_noobj": loss_noobj / batch,
+            "loss_cls": loss_cls / batch,
+        }
 
     @staticmethod
     def box_deltas_used(assigned: dict[str, Tensor], num_classes: int) -> Tensor:
@@ -272,8 +341,9 @@ class YOLOv1Postprocess:
     ``score_thresh``, class-wise NMS at ``nms_thresh``, at most ``max_detections`` per image; boxes
     clipped to the image. Batched: one threshold over (image, box, class), one grouped NMS."""
 
-    def __init__(self, score_thresh: float = 0.001, nms_thresh: float = 0.5, max_detections: int = 100,
-                 grid_size: int = 7) -> None:
+    def __init__(
+        self, score_thresh: float = 0.001, nms_thresh: float = 0.5, max_detections: int = 100, grid_size: int = 7
+    ) -> None:
         self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
         self.max_detections, self.grid_size = max_detections, grid_size
 
@@ -287,6 +357,6 @@ class YOLOv1Postprocess:
         boxes = decode_boxes(box, priors, size, self.grid_size)  # (batch, N, 4)
         scores = probs.repeat_interleave(nb, 1) * conf[..., None]  # (batch, N, C)
         img, prior, label = torch.nonzero(scores > self.score_thresh, as_tuple=True)
-        return nms_per_image(boxes[img, prior], scores[img, prior, label], label, img, image_sizes,
-                             self.nms_thresh, self.max_detections)
-
+        return nms_per_image(
+            boxes[img, prior], scores[img, prior, label], label, img, image_sizes, self.nms_thresh, self.max_detections
+        )

@@ -136,10 +136,18 @@ class TimeBudget(L.Callback):
         if self.cuts and self.cuts[-1][1] == rate or not self.cuts and rate == 1.0:
             return
         total = step + math.ceil(planned_left / rate - 1e-9)
-        log.warning("time budget %.3g min (callbacks.time_budget.minutes): %.2f s a step and %.1f s a validation "
-                    "here; training %d more steps (%d in all) for the %d planned ones left, the rest of the "
-                    "learning-rate schedule %s", self.minutes, step_seconds, val_seconds, total - step,
-                    total, round(planned_left), "compressed onto them" if rate > 1 else "as planned")
+        log.warning(
+            "time budget %.3g min (callbacks.time_budget.minutes): %.2f s a step and %.1f s a validation "
+            "here; training %d more steps (%d in all) for the %d planned ones left, the rest of the "
+            "learning-rate schedule %s",
+            self.minutes,
+            step_seconds,
+            val_seconds,
+            total - step,
+            total,
+            round(planned_left),
+            "compressed onto them" if rate > 1 else "as planned",
+        )
         self.cuts.append((step, rate))
         self.total_steps = total
 
@@ -176,8 +184,15 @@ class ValidationPredictions(L.Callback):
     Boxes are drawn in the network-input frame (the image the model saw, without the batch's padding).
     Runs in ``on_validation_end``, when the module's epoch-end hook has run, and on global rank 0 only."""
 
-    def __init__(self, num_images: int = 8, score_threshold: float = 0.3, dirpath: str | None = None,
-                 tile_size: int = 320, images_per_row: int = 2, key: str = "val/predictions") -> None:
+    def __init__(
+        self,
+        num_images: int = 8,
+        score_threshold: float = 0.3,
+        dirpath: str | None = None,
+        tile_size: int = 320,
+        images_per_row: int = 2,
+        key: str = "val/predictions",
+    ) -> None:
         self.num_images, self.score_threshold = num_images, score_threshold
         self.dirpath, self.tile_size, self.images_per_row, self.key = dirpath, tile_size, images_per_row, key
         self._batch: DetectionBatch | None = None
@@ -194,8 +209,9 @@ class ValidationPredictions(L.Callback):
                 self._batch = loader.collate_fn(samples) if samples else None
             else:  # an iterable data set: the first batch, cut to num_images
                 batch = next(iter(loader))
-                self._batch = DetectionBatch(**{f.name: getattr(batch, f.name)[: self.num_images]
-                                                for f in dataclasses.fields(batch)})
+                self._batch = DetectionBatch(
+                    **{f.name: getattr(batch, f.name)[: self.num_images] for f in dataclasses.fields(batch)}
+                )
         return self._batch
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: DetectionModule) -> None:
@@ -214,11 +230,17 @@ class ValidationPredictions(L.Callback):
             keep = batch.valid[i]
             targets.append({"boxes": batch.boxes[i][keep], "labels": batch.labels[i][keep]})
             # detect() gives original-image pixels: back to the input frame the image and targets are in
-            predictions.append({"boxes": det["boxes"].float().cpu() * torch.tensor([sx, sy, sx, sy]),
-                                "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()})
+            predictions.append(
+                {
+                    "boxes": det["boxes"].float().cpu() * torch.tensor([sx, sy, sx, sy]),
+                    "scores": det["scores"].float().cpu(),
+                    "labels": det["labels"].cpu(),
+                }
+            )
         names = list(pl_module.net.class_names)
-        grid = prediction_grid(images, targets, predictions, names, self.score_threshold, self.tile_size,
-                               self.images_per_row)
+        grid = prediction_grid(
+            images, targets, predictions, names, self.score_threshold, self.tile_size, self.images_per_row
+        )
         fitting = trainer.state.fn == TrainerFn.FITTING
         filename = f"epoch_{trainer.current_epoch:03d}.png" if fitting else f"{trainer.state.fn.value}.png"
         save_png(grid, Path(self.dirpath or trainer.default_root_dir, "predictions", filename))
@@ -227,11 +249,21 @@ class ValidationPredictions(L.Callback):
             overlays = []
             for target, pred in zip(targets, predictions):
                 shown = pred["scores"] >= self.score_threshold
-                overlays.append({"predictions": wandb_boxes(pred["boxes"][shown], pred["labels"][shown], names,
-                                                            pred["scores"][shown]),
-                                 "ground_truth": wandb_boxes(target["boxes"], target["labels"], names)})
-            lg.log_image(self.key, [img.permute(1, 2, 0).numpy() for img in images], step=trainer.global_step,
-                         boxes=overlays, caption=[f"image {int(k)}" for k in batch.image_ids])
+                overlays.append(
+                    {
+                        "predictions": wandb_boxes(
+                            pred["boxes"][shown], pred["labels"][shown], names, pred["scores"][shown]
+                        ),
+                        "ground_truth": wandb_boxes(target["boxes"], target["labels"], names),
+                    }
+                )
+            lg.log_image(
+                self.key,
+                [img.permute(1, 2, 0).numpy() for img in images],
+                step=trainer.global_step,
+                boxes=overlays,
+                caption=[f"image {int(k)}" for k in batch.image_ids],
+            )
         for lg in _loggers_of(trainer, TensorBoardLogger):
             lg.experiment.add_image(self.key, grid, trainer.global_step)
 
@@ -243,8 +275,13 @@ class PrecisionRecallCurves(L.Callback):
     ``<dirpath>/<filename>`` (overwritten each time) and logged to W&B / TensorBoard. Without ``pr_curves``
     there is no plot. Runs in ``on_validation_end`` (after the module computed its metrics), on rank 0 only."""
 
-    def __init__(self, dirpath: str | None = None, filename: str = "pr_curve.png", key: str = "val/pr_curve",
-                 table_key: str = "val/ap_per_class") -> None:
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str = "pr_curve.png",
+        key: str = "val/pr_curve",
+        table_key: str = "val/ap_per_class",
+    ) -> None:
         self.dirpath, self.filename, self.key, self.table_key = dirpath, filename, key, table_key
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: DetectionModule) -> None:

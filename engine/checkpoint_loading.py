@@ -51,8 +51,10 @@ def load_checkpoint(path: str | Path, trusted: bool = False) -> dict[str, Any]:
     ``trusted``, where it is loaded with full pickle and the reason logged."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path}: no such file; give a checkpoint written by train.py, e.g. "
-                                f"runs/<task>/<date>_<time>/checkpoints/best.ckpt")
+        raise FileNotFoundError(
+            f"ckpt_path={path}: no such file; give a checkpoint written by train.py, e.g. "
+            f"runs/<task>/<date>_<time>/checkpoints/best.ckpt"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -63,15 +65,19 @@ def load_checkpoint(path: str | Path, trusted: bool = False) -> dict[str, Any]:
                 f"ckpt_path={path}: the file holds {what}, so it cannot be loaded with torch.load(weights_only=True) "
                 f"(safe: tensors and plain containers only). If you trust the file, add trust_checkpoint=true (full "
                 f"pickle, which can run code), or allow that type with torch.serialization.add_safe_globals"
-                f"([{found.group(1) if found else '<type>'}])") from None
-        log.warning("%s holds %s: loaded with full pickle (weights_only=False) because trust_checkpoint=true",
-                    path, what)
+                f"([{found.group(1) if found else '<type>'}])"
+            ) from None
+        log.warning(
+            "%s holds %s: loaded with full pickle (weights_only=False) because trust_checkpoint=true", path, what
+        )
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except RuntimeError as e:  # not a zip/pickle file, truncated copy
         raise CheckpointError(f"ckpt_path={path}: not a readable PyTorch checkpoint ({e})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"ckpt_path={path}: no 'state_dict' in the file; give a Lightning checkpoint written "
-                              f"by train.py (checkpoints/best.ckpt or last.ckpt)")
+        raise CheckpointError(
+            f"ckpt_path={path}: no 'state_dict' in the file; give a Lightning checkpoint written "
+            f"by train.py (checkpoints/best.ckpt or last.ckpt)"
+        )
     return checkpoint
 
 
@@ -97,13 +103,16 @@ def current_targets(config: Any) -> Any:
 def model_config_of(checkpoint: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     config = checkpoint.get("model_config")
     if not config:
-        raise CheckpointError(f"ckpt_path={path}: the checkpoint holds no 'model_config' (the resolved Hydra model "
-                              f"config train.py saves), so the model cannot be rebuilt; use a checkpoint of train.py")
+        raise CheckpointError(
+            f"ckpt_path={path}: the checkpoint holds no 'model_config' (the resolved Hydra model "
+            f"config train.py saves), so the model cannot be rebuilt; use a checkpoint of train.py"
+        )
     return current_targets(copy.deepcopy(dict(config)))
 
 
-def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | DictConfig | None,
-                    key: str = "model") -> dict[str, Any]:
+def apply_overrides(
+    config: dict[str, Any], overrides: Mapping[str, Any] | DictConfig | None, key: str = "model"
+) -> dict[str, Any]:
     """``overrides`` merged onto ``config``; ``None`` leaves keep the config's value (the tools' yaml lists the
     inference settings as null). A key the config does not have is an error naming it: a typo would else be
     silently ignored or fail deep inside the model's constructor."""
@@ -115,8 +124,10 @@ def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | DictC
         if value is None:
             continue
         if name not in out:
-            raise CheckpointError(f"{where}={value!r}: the checkpoint's model config has no such key (it has: "
-                                  f"{', '.join(sorted(map(str, out)))})")
+            raise CheckpointError(
+                f"{where}={value!r}: the checkpoint's model config has no such key (it has: "
+                f"{', '.join(sorted(map(str, out)))})"
+            )
         if isinstance(value, Mapping) and isinstance(out[name], Mapping):
             out[name] = apply_overrides(dict(out[name]), value, where)
         else:
@@ -134,8 +145,10 @@ def check_targets(config: Any, path: str | Path, trusted: bool = False, where: s
     if isinstance(config, Mapping):
         target = config.get("_target_")
         if isinstance(target, str) and not target.startswith(SAFE_TARGET_PREFIXES) and not trusted:
-            raise CheckpointError(f"ckpt_path={path}: {where}._target_ is {target!r}, outside this project's "
-                                  f"packages and torch/torchvision; if you trust the file, add trust_checkpoint=true")
+            raise CheckpointError(
+                f"ckpt_path={path}: {where}._target_ is {target!r}, outside this project's "
+                f"packages and torch/torchvision; if you trust the file, add trust_checkpoint=true"
+            )
         for key, value in config.items():
             check_targets(value, path, trusted, f"{where}.{key}")
     elif isinstance(config, (list, tuple)):
@@ -143,8 +156,12 @@ def check_targets(config: Any, path: str | Path, trusted: bool = False, where: s
             check_targets(value, path, trusted, f"{where}.{i}")
 
 
-def build_model(checkpoint: Mapping[str, Any], path: str | Path,
-                overrides: Mapping[str, Any] | DictConfig | None = None, trusted: bool = False) -> DetectionModule:
+def build_model(
+    checkpoint: Mapping[str, Any],
+    path: str | Path,
+    overrides: Mapping[str, Any] | DictConfig | None = None,
+    trusted: bool = False,
+) -> DetectionModule:
     """The checkpoint's ``DetectionModule``, in eval mode on the CPU, with ``overrides`` applied to its model config
     (``{"postprocess": {"score_thresh": 0.01}}``); ``module.model_config`` is the config used, ``module.net`` the
     network. The backbone's pretrained weights are not fetched: the checkpoint's replace them."""
@@ -155,8 +172,10 @@ def build_model(checkpoint: Mapping[str, Any], path: str | Path,
     try:
         module.load_state_dict(with_net_prefix(checkpoint["state_dict"]))
     except RuntimeError as e:
-        raise CheckpointError(f"ckpt_path={path}: its weights do not fit the model its config builds "
-                              f"(overrides: {dict(overrides or {})}): {e}") from None
+        raise CheckpointError(
+            f"ckpt_path={path}: its weights do not fit the model its config builds "
+            f"(overrides: {dict(overrides or {})}): {e}"
+        ) from None
     return module.eval()
 
 
@@ -168,12 +187,16 @@ def check_classes(checkpoint_classes: Sequence[str], data_classes: Sequence[str]
         return
     only_ckpt = [c for c in ours if c not in theirs]
     only_data = [c for c in theirs if c not in ours]
-    detail = (f"only in the checkpoint: {only_ckpt}; only in the data: {only_data}" if only_ckpt or only_data
-              else "the same names in another order (labels are positions in the list)")
+    detail = (
+        f"only in the checkpoint: {only_ckpt}; only in the data: {only_data}"
+        if only_ckpt or only_data
+        else "the same names in another order (labels are positions in the list)"
+    )
     raise ClassMismatchError(
         f"ckpt_path={path} was trained on {len(ours)} classes {ours}, but the data has {len(theirs)} classes "
         f"{theirs} (data.classes): {detail}. Evaluate on data with the checkpoint's classes (data.classes=[...] in "
-        f"that order), or fine-tune it on these classes: python train.py ... model.finetune_from={path}")
+        f"that order), or fine-tune it on these classes: python train.py ... model.finetune_from={path}"
+    )
 
 
 def class_dependent_keys(module: DetectionModule) -> set[str]:
@@ -183,16 +206,21 @@ def class_dependent_keys(module: DetectionModule) -> set[str]:
     of the same length."""
     config = (module.model_config or {}).get("head")
     if not isinstance(config, Mapping) or "num_classes" not in config:
-        raise CheckpointError("fine-tuning needs the module's model_config with head.num_classes: build it with "
-                              "DetectionModule.from_config(<the resolved model config>)")
+        raise CheckpointError(
+            "fine-tuning needs the module's model_config with head.num_classes: build it with "
+            "DetectionModule.from_config(<the resolved model config>)"
+        )
     net = module.net
     with torch.random.fork_rng():  # the probe's initialisation must not shift the training run's random stream
         probe = instantiate({**config, "num_classes": int(config["num_classes"]) + 1})
         if not isinstance(probe, nn.Module):  # a factory, completed as DenseDetector.__init__ does
             probe = probe(in_channels=net.backbone.out_channels, num_anchors=net.priors.num_anchors_per_location)
     theirs = probe.state_dict()
-    return {f"{NET_PREFIX}head.{k}" for k, v in net.head.state_dict().items()
-            if k not in theirs or theirs[k].shape != v.shape}
+    return {
+        f"{NET_PREFIX}head.{k}"
+        for k, v in net.head.state_dict().items()
+        if k not in theirs or theirs[k].shape != v.shape
+    }
 
 
 def finetune_from(model: DetectionModule, path: str | Path, trusted: bool = False) -> dict[str, list[str]]:
@@ -204,23 +232,38 @@ def finetune_from(model: DetectionModule, path: str | Path, trusted: bool = Fals
     state: dict[str, Tensor] = with_net_prefix(checkpoint["state_dict"])
     old, new = checkpoint.get("class_names"), list(model.net.class_names)
     if old is None:
-        raise CheckpointError(f"model.finetune_from={path}: the checkpoint holds no 'class_names', so it is unknown "
-                              f"which head layers fit these classes; use a checkpoint of train.py")
+        raise CheckpointError(
+            f"model.finetune_from={path}: the checkpoint holds no 'class_names', so it is unknown "
+            f"which head layers fit these classes; use a checkpoint of train.py"
+        )
     skip = set() if list(old) == new else class_dependent_keys(model)
     own = model.state_dict()
-    different = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
-                 if k in own and k not in skip and state[k].shape != own[k].shape]
+    different = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and k not in skip and state[k].shape != own[k].shape
+    ]
     missing = [k for k in own if k not in state and k not in skip]
     unexpected = [k for k in state if k not in own]
     if different or missing or unexpected:
-        raise CheckpointError(f"model.finetune_from={path}: the checkpoint's model differs from this one beyond the "
-                              f"classes (shapes: {different[:5]}, missing: {missing[:5]}, unexpected: "
-                              f"{unexpected[:5]}); build the same architecture (model=..., its settings) as it had")
+        raise CheckpointError(
+            f"model.finetune_from={path}: the checkpoint's model differs from this one beyond the "
+            f"classes (shapes: {different[:5]}, missing: {missing[:5]}, unexpected: "
+            f"{unexpected[:5]}); build the same architecture (model=..., its settings) as it had"
+        )
     model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=not skip)
     report = {"loaded": sorted(k for k in state if k not in skip), "reinitialised": sorted(skip)}
     if skip:
-        log.info("fine-tuning from %s: its %d classes %s → these %d %s; loaded %d tensors, re-initialised %s",
-                 path, len(old), list(old), len(new), new, len(report["loaded"]), report["reinitialised"])
+        log.info(
+            "fine-tuning from %s: its %d classes %s → these %d %s; loaded %d tensors, re-initialised %s",
+            path,
+            len(old),
+            list(old),
+            len(new),
+            new,
+            len(report["loaded"]),
+            report["reinitialised"],
+        )
     else:
         log.info("fine-tuning from %s: same classes, all %d tensors loaded", path, len(report["loaded"]))
     return report
@@ -243,12 +286,15 @@ def training_data_config(checkpoint: Mapping[str, Any], path: str | Path) -> tup
     try:  # resolved inside the whole training config: the data may refer to model.* (the canvas mean)
         return OmegaConf.to_container(full.data, resolve=True), str(run_config)
     except Exception as e:  # noqa: BLE001  (any interpolation error: name the file, then the way out)
-        raise CheckpointError(f"{run_config}: its data config does not resolve ({e}); give the data and transform "
-                              f"on the command line (data=<shapes|voc|coco>, data/transform=<name>)") from None
+        raise CheckpointError(
+            f"{run_config}: its data config does not resolve ({e}); give the data and transform "
+            f"on the command line (data=<shapes|voc|coco>, data/transform=<name>)"
+        ) from None
 
 
-def resolve_preprocessing(data: Mapping[str, Any] | DictConfig | None, checkpoint: Mapping[str, Any],
-                          path: str | Path) -> tuple[dict[str, Any] | None, int, str]:
+def resolve_preprocessing(
+    data: Mapping[str, Any] | DictConfig | None, checkpoint: Mapping[str, Any], path: str | Path
+) -> tuple[dict[str, Any] | None, int, str]:
     """(``val_transform`` config or None, ``size_divisible``, where they came from) for feeding the checkpoint's
     model: the command line's when it names one (``data/transform=<name>`` or ``+data.val_transform=...``),
     else the training run's; neither is an error, as guessing a resize would silently change every box.
@@ -264,7 +310,8 @@ def resolve_preprocessing(data: Mapping[str, Any] | DictConfig | None, checkpoin
         raise CheckpointError(
             f"ckpt_path={path}: cannot tell how the model's images were transformed for validation: the checkpoint "
             f"holds no data_config and {run_config} does not exist. Name the transform the model was trained with: "
-            f"data/transform=<{TRANSFORM_CHOICES}> (conf/data/transform/; none: images at their own size)")
+            f"data/transform=<{TRANSFORM_CHOICES}> (conf/data/transform/; none: images at their own size)"
+        )
     # instantiated below: the same _target_ rule as the model's (a transform of elsewhere: data/transform=...)
     check_targets(trained.get("val_transform"), path, where="data_config.val_transform")
     return trained.get("val_transform"), int(given or trained.get("size_divisible", 1) or 1), where

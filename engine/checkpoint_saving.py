@@ -40,8 +40,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     one, never a partial file. Every file the trainer saves goes through it (``ModelCheckpoint``'s,
     ``CheckpointOnSignal``'s, ``trainer.save_checkpoint``), on the rank that writes."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         path = os.fspath(path)
         if "://" in path:  # object stores (s3://, gs://) replace whole objects; there is no rename to do
             super().save_checkpoint(checkpoint, path, storage_options)
@@ -71,8 +72,12 @@ class CheckpointOnSignal(Callback):
         path = os.path.join(self.dirpath, f"{self.filename}.ckpt")
         os.makedirs(self.dirpath, exist_ok=True)
         trainer.save_checkpoint(path)  # atomic through the trainer's AtomicCheckpointIO
-        log.warning("SIGTERM: saved %s at step %d (epoch %d); resume with ckpt_path=last (or auto)", path,
-                    trainer.global_step, trainer.current_epoch)
+        log.warning(
+            "SIGTERM: saved %s at step %d (epoch %d); resume with ckpt_path=last (or auto)",
+            path,
+            trainer.global_step,
+            trainer.current_epoch,
+        )
 
 
 class RandomStateCheckpoint(Callback):
@@ -87,10 +92,17 @@ class RandomStateCheckpoint(Callback):
     def state_dict(self) -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         version, python_state, gauss = random.getstate()
-        state = {"torch": torch.get_rng_state(),
-                 "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-                 "python": {"version": version, "state": list(python_state), "gauss": gauss}}
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": {
+                "kind": kind,
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached),
+            },
+            "python": {"version": version, "state": list(python_state), "gauss": gauss},
+        }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -98,8 +110,9 @@ class RandomStateCheckpoint(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         torch.set_rng_state(state_dict["torch"])
         n = state_dict["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
+        np.random.set_state(
+            (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
         p = state_dict["python"]
         random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
         if "cuda" in state_dict and torch.cuda.is_available():
@@ -114,8 +127,9 @@ class SignalAtStep(Callback):
     def __init__(self, step: int, signum: int = int(signal.SIGKILL)) -> None:
         self.step, self.signum = int(step), int(signum)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.step:
             log.warning("SignalAtStep: sending signal %d at step %d", self.signum, self.step)
             os.kill(os.getpid(), self.signum)

@@ -28,8 +28,13 @@ NONFINITE_LOSS = ("error", "skip")
 NET_PREFIX = "net."  # the network's state-dict keys in this module's; checkpoints before it had none
 
 
-def warmup_multistep(warmup_steps: int, warmup_factor: float, milestones: Sequence[int] = (),
-                     gamma: float = 0.1, linear_decay_steps: int | None = None) -> Callable[[int], float]:
+def warmup_multistep(
+    warmup_steps: int,
+    warmup_factor: float,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    linear_decay_steps: int | None = None,
+) -> Callable[[int], float]:
     """LR multiplier per step: linear ramp from ``warmup_factor`` over ``warmup_steps``, then ×``gamma``
     at each milestone (the Detectron schedule used by the RetinaNet paper). With ``linear_decay_steps``, the
     multiplier also falls linearly from 1 at the end of the warm-up to 0 at that step (for short budgets, where
@@ -55,8 +60,10 @@ def upgrade_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
     checkpoint["state_dict"] = with_net_prefix(checkpoint.get("state_dict") or {})
     old = "AtomicModelCheckpoint{"
     if isinstance(checkpoint.get("callbacks"), dict):
-        checkpoint["callbacks"] = {("ModelCheckpoint{" + k[len(old):] if k.startswith(old) else k): v
-                                   for k, v in checkpoint["callbacks"].items()}
+        checkpoint["callbacks"] = {
+            ("ModelCheckpoint{" + k[len(old) :] if k.startswith(old) else k): v
+            for k, v in checkpoint["callbacks"].items()
+        }
     return checkpoint
 
 
@@ -90,24 +97,50 @@ class DetectionModule(L.LightningModule):
         >>> detections = module.net.detect(batch)
     """
 
-    def __init__(self, backbone: Any, head: Any, priors: Any, assigner: Any, loss: Any, postprocess: Any,
-                 class_names: Sequence[str], pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 pixel_std: Sequence[float] = (0.229, 0.224, 0.225), channels_last: bool | str = True,
-                 optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-                 scheduler: Mapping[str, Any] | None = None, class_metrics: bool = True,
-                 nonfinite_loss: str = "error", finetune_from: str | None = None,
-                 num_prediction_layers: int | None = None) -> None:
+    def __init__(
+        self,
+        backbone: Any,
+        head: Any,
+        priors: Any,
+        assigner: Any,
+        loss: Any,
+        postprocess: Any,
+        class_names: Sequence[str],
+        pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
+        pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
+        channels_last: bool | str = True,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        class_metrics: bool = True,
+        nonfinite_loss: str = "error",
+        finetune_from: str | None = None,
+        num_prediction_layers: int | None = None,
+    ) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_LOSS:
-            raise ValueError(f"model.nonfinite_loss={nonfinite_loss!r}: choose 'error' (stop the run) or 'skip' "
-                             f"(skip the batch, counted as train/skipped_batches)")
+            raise ValueError(
+                f"model.nonfinite_loss={nonfinite_loss!r}: choose 'error' (stop the run) or 'skip' "
+                f"(skip the batch, counted as train/skipped_batches)"
+            )
         # NHWC activations from the first convolution on: faster convolutions on most GPUs (cuDNN) and AVX-512 CPUs
         # (oneDNN), slower on some AVX2 CPUs; `auto`: train.py measures both (engine/layout.py), NCHW until then
         if channels_last not in (True, False, "auto"):
-            raise ValueError(f"model.channels_last={channels_last!r}: choose true (NHWC), false (NCHW) or auto "
-                             f"(the faster of the two, measured on this machine before training)")
-        self.net = DenseDetector(backbone, head, priors, assigner, loss, postprocess, class_names, pixel_mean,
-                                 pixel_std, channels_last=channels_last is True)
+            raise ValueError(
+                f"model.channels_last={channels_last!r}: choose true (NHWC), false (NCHW) or auto "
+                f"(the faster of the two, measured on this machine before training)"
+            )
+        self.net = DenseDetector(
+            backbone,
+            head,
+            priors,
+            assigner,
+            loss,
+            postprocess,
+            class_names,
+            pixel_mean,
+            pixel_std,
+            channels_last=channels_last is True,
+        )
         self.channels_last_auto = channels_last == "auto"
         self.optimizer_factory = optimizer
         self.scheduler_config = dict(scheduler or {})
@@ -130,8 +163,10 @@ class DetectionModule(L.LightningModule):
             built["backbone"]["weights"] = None
         module = instantiate(built)
         if not isinstance(module, cls):
-            raise TypeError(f"model._target_={built.get('_target_')!r} builds a {type(module).__name__}, not a "
-                            f"{cls.__name__}; use one of conf/model/*.yaml as the base")
+            raise TypeError(
+                f"model._target_={built.get('_target_')!r} builds a {type(module).__name__}, not a "
+                f"{cls.__name__}; use one of conf/model/*.yaml as the base"
+            )
         module.model_config = copy.deepcopy(dict(model_config))
         return module
 
@@ -164,13 +199,17 @@ class DetectionModule(L.LightningModule):
     def _handle_nonfinite(self, losses: dict[str, Tensor], batch: DetectionBatch) -> None:
         terms = ", ".join(f"{k}={v.item():g}" for k, v in losses.items())
         bad = [k for k, v in losses.items() if not bool(torch.isfinite(v.detach()))]
-        where = (f"step {self.global_step}: non-finite {'/'.join(bad)} ({terms}) on the batch of image ids "
-                 f"{batch.image_ids.tolist()}" if bad else
-                 f"step {self.global_step}: a non-finite training loss on another rank (here: {terms})")
+        where = (
+            f"step {self.global_step}: non-finite {'/'.join(bad)} ({terms}) on the batch of image ids "
+            f"{batch.image_ids.tolist()}"
+            if bad
+            else f"step {self.global_step}: a non-finite training loss on another rank (here: {terms})"
+        )
         if self.nonfinite_loss == "error":
             raise FloatingPointError(
                 f"{where}. Check those images' boxes (data.<set>[id]), lower model.optimizer.lr or set "
-                f"trainer.gradient_clip_val; model.nonfinite_loss=skip leaves such batches out instead")
+                f"trainer.gradient_clip_val; model.nonfinite_loss=skip leaves such batches out instead"
+            )
         # returning None skips backward and the optimizer step in Lightning's automatic optimisation
         self.skipped_batches += 1
         log.warning("%s: batch skipped (model.nonfinite_loss=skip), %d skipped so far", where, self.skipped_batches)
@@ -202,8 +241,9 @@ class DetectionModule(L.LightningModule):
     # --- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
-            raise ValueError("model.optimizer is not set: give e.g. "
-                             "{_target_: torch.optim.SGD, _partial_: true, lr: 0.01}")
+            raise ValueError(
+                "model.optimizer is not set: give e.g. {_target_: torch.optim.SGD, _partial_: true, lr: 0.01}"
+            )
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         if not self.scheduler_config:

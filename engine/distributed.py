@@ -45,9 +45,11 @@ class SameConfigOnEveryRank(L.Callback):
         differing = {rank: keys for rank, keys in differing.items() if keys}
         if differing:
             shown = "; ".join(f"rank {r}: {', '.join(keys[:5])}" for r, keys in differing.items())
-            raise RuntimeError(f"processes composed different configs from rank 0's ({shown}): every process must "
-                               f"see the same command line and environment (check ${{now:}} and ${{oc.env:}} "
-                               f"interpolations, and do not combine a multirun with trainer.strategy=ddp)")
+            raise RuntimeError(
+                f"processes composed different configs from rank 0's ({shown}): every process must "
+                f"see the same command line and environment (check ${{now:}} and ${{oc.env:}} "
+                f"interpolations, and do not combine a multirun with trainer.strategy=ddp)"
+            )
 
 
 def _all_gather_object(obj: Any) -> list[Any]:

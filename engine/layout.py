@@ -34,8 +34,8 @@ from engine.memory import largest_input, probe_batch, training_step, untouched
 
 log = logging.getLogger(__name__)
 PROBE_PIXELS = 2 * 512 * 512  # the probe batch: at most this many input pixels (and at most the run's batch)
-REPEATS = 2                   # timed steps per layout at most, interleaved, after one untimed warm-up step each
-SETTLED = (0.05, 0.20)        # after a timed round, a difference under 5 % (a tie) or over 20 % needs no other round
+REPEATS = 2  # timed steps per layout at most, interleaved, after one untimed warm-up step each
+SETTLED = (0.05, 0.20)  # after a timed round, a difference under 5 % (a tie) or over 20 % needs no other round
 
 
 def cache_file() -> Path:
@@ -50,8 +50,13 @@ def machine(device: torch.device) -> str:
     """What the timing depends on besides the model: the chip, its instruction set as torch uses it, threads."""
     if device.type == "cuda":
         return f"cuda {torch.cuda.get_device_name(device)}"
-    parts = ["cpu", cpu_model(), torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
-             f"threads={torch.get_num_threads()}"]
+    parts = [
+        "cpu",
+        cpu_model(),
+        torch.backends.cpu.get_cpu_capability(),
+        os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+        f"threads={torch.get_num_threads()}",
+    ]
     return " ".join(p for p in parts if p)
 
 
@@ -60,9 +65,14 @@ def cache_key(device: torch.device, model_config: object, shape: tuple[int, int]
     return f"{machine(device)} | torch {torch.__version__} | model {config} | {batch_size}x{shape[0]}x{shape[1]}"
 
 
-def time_layouts(model: nn.Module, batch: object, set_layout: Callable[[bool], None],
-                 autocast: Callable[[], AbstractContextManager] = nullcontext, repeats: int = REPEATS,
-                 clock: Callable[[], float] = time.perf_counter) -> dict[bool, float]:
+def time_layouts(
+    model: nn.Module,
+    batch: object,
+    set_layout: Callable[[bool], None],
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    repeats: int = REPEATS,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[bool, float]:
     """Median seconds of a training step's forward and backward with channels-last off (False) and on (True),
     the layouts taking turns so that a machine slowing down mid-probe slows both; up to ``repeats`` timed rounds,
     fewer where the first already settles it (``SETTLED``: a tie, where either layout will do, or a clear gap)."""
@@ -84,10 +94,17 @@ def time_layouts(model: nn.Module, batch: object, set_layout: Callable[[bool], N
     return {layout: statistics.median(times) for layout, times in seconds.items()}
 
 
-def choose_channels_last(model: nn.Module, dataset: Dataset, transform: object, size_divisible: int,
-                         batch_size: int, device: torch.device, model_config: object,
-                         autocast: Callable[[], AbstractContextManager] = nullcontext,
-                         cache: Path | None = None) -> bool:
+def choose_channels_last(
+    model: nn.Module,
+    dataset: Dataset,
+    transform: object,
+    size_divisible: int,
+    batch_size: int,
+    device: torch.device,
+    model_config: object,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    cache: Path | None = None,
+) -> bool:
     """Whether ``model`` (a ``DenseDetector``) trains faster channels-last here; measured or cached.
     The model is left in the chosen layout."""
     shape = largest_input(transform, dataset, size_divisible)
@@ -108,11 +125,22 @@ def choose_channels_last(model: nn.Module, dataset: Dataset, transform: object, 
     seconds = time_layouts(model, batch, model.use_channels_last, autocast)
     choice = seconds[True] < seconds[False]
     model.use_channels_last(choice)
-    log.info("model.channels_last=auto: %s — a step of %d image(s) at %dx%d took %.3f s channels-last, %.3f s NCHW "
-             "(probe %.1f s; cached in %s)", choice, images, *shape, seconds[True], seconds[False],
-             time.perf_counter() - start, cache)
-    known[key] = {"channels_last": choice, "seconds_channels_last": round(seconds[True], 5),
-                  "seconds_nchw": round(seconds[False], 5)}
+    log.info(
+        "model.channels_last=auto: %s — a step of %d image(s) at %dx%d took %.3f s channels-last, %.3f s NCHW "
+        "(probe %.1f s; cached in %s)",
+        choice,
+        images,
+        *shape,
+        seconds[True],
+        seconds[False],
+        time.perf_counter() - start,
+        cache,
+    )
+    known[key] = {
+        "channels_last": choice,
+        "seconds_channels_last": round(seconds[True], 5),
+        "seconds_nchw": round(seconds[False], 5),
+    }
     _write(cache, known)
     return choice
 
@@ -132,9 +160,16 @@ class ChannelsLastAuto(L.Callback):
         choice = None
         if trainer.is_global_zero:
             data = trainer.datamodule  # set up for "fit" by Lightning before the callbacks
-            choice = choose_channels_last(pl_module.net, data.train_set, data.train_transform, data.size_divisible,
-                                          self.batch_size, trainer.strategy.root_device, self.model_config,
-                                          autocast=trainer.precision_plugin.forward_context)
+            choice = choose_channels_last(
+                pl_module.net,
+                data.train_set,
+                data.train_transform,
+                data.size_divisible,
+                self.batch_size,
+                trainer.strategy.root_device,
+                self.model_config,
+                autocast=trainer.precision_plugin.forward_context,
+            )
         pl_module.net.use_channels_last(bool(trainer.strategy.broadcast(choice, src=0)))
 
 
@@ -153,5 +188,6 @@ def _write(path: Path, data: dict) -> None:
         part.write_text(json.dumps(data, indent=1, sort_keys=True))
         part.replace(path)  # atomic: two runs starting together never leave a half-written file
     except OSError as e:
-        log.warning("model.channels_last=auto: could not cache the choice in %s (%s); it is measured again next run",
-                    path, e)
+        log.warning(
+            "model.channels_last=auto: could not cache the choice in %s (%s); it is measured again next run", path, e
+        )

@@ -15,8 +15,14 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 
 log = logging.getLogger(__name__)
 
-WANDB_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "shared": "shared",
-               "run": "online", "dryrun": "offline"}  # the last two: wandb's older spellings
+WANDB_MODES = {
+    "online": "online",
+    "offline": "offline",
+    "disabled": "disabled",
+    "shared": "shared",
+    "run": "online",
+    "dryrun": "offline",
+}  # the last two: wandb's older spellings
 
 
 def wandb_credentials_found() -> bool:
@@ -38,13 +44,16 @@ def wandb_mode(mode: str | None = None) -> str:
     chosen = mode or os.environ.get("WANDB_MODE")
     if chosen:
         if chosen.lower() not in WANDB_MODES:
-            raise ValueError(f"W&B mode {chosen!r}: choose one of online, offline, disabled (logger.wandb.mode or "
-                             f"WANDB_MODE)")
+            raise ValueError(
+                f"W&B mode {chosen!r}: choose one of online, offline, disabled (logger.wandb.mode or WANDB_MODE)"
+            )
         return WANDB_MODES[chosen.lower()]
     if wandb_credentials_found():
         return "online"
-    log.warning("W&B: no login found (wandb login / WANDB_API_KEY), logging offline; upload later with "
-                "`wandb sync <run folder>/wandb/offline-run-*`, or set WANDB_MODE=disabled to skip W&B")
+    log.warning(
+        "W&B: no login found (wandb login / WANDB_API_KEY), logging offline; upload later with "
+        "`wandb sync <run folder>/wandb/offline-run-*`, or set WANDB_MODE=disabled to skip W&B"
+    )
     return "offline"
 
 
@@ -64,9 +73,17 @@ def _multirun_job() -> tuple[str, int] | None:
         return None
 
 
-def wandb_logger(project: str, name: str | None = None, save_dir: str = ".", entity: str | None = None,
-                 group: str | None = None, tags: Sequence[str] | None = None, mode: str | None = None,
-                 log_model: bool | str = False, **kwargs: Any) -> WandbLogger:
+def wandb_logger(
+    project: str,
+    name: str | None = None,
+    save_dir: str = ".",
+    entity: str | None = None,
+    group: str | None = None,
+    tags: Sequence[str] | None = None,
+    mode: str | None = None,
+    log_model: bool | str = False,
+    **kwargs: Any,
+) -> WandbLogger:
     """Lightning's WandbLogger with the W&B mode from :func:`wandb_mode` (passed to ``wandb.init`` as ``mode``:
     WandbLogger's own ``offline=True`` would turn ``disabled`` into offline). In a Hydra multirun each job is
     named ``<name>-<job number>`` and, unless ``group`` is given, grouped under its sweep folder's name."""
@@ -76,8 +93,17 @@ def wandb_logger(project: str, name: str | None = None, save_dir: str = ".", ent
         sweep, num = job
         group = group or f"{name or project}-{sweep}"
         name = f"{name}-{num}" if name else None
-    return WandbLogger(project=project, name=name, save_dir=save_dir, entity=entity or None, group=group or None,
-                       tags=list(tags or []), log_model=log_model, mode=mode, **kwargs)
+    return WandbLogger(
+        project=project,
+        name=name,
+        save_dir=save_dir,
+        entity=entity or None,
+        group=group or None,
+        tags=list(tags or []),
+        log_model=log_model,
+        mode=mode,
+        **kwargs,
+    )
 
 
 def finish_loggers(loggers: Iterable[Logger], exit_code: int | None = None) -> None:

@@ -242,17 +242,26 @@ class Estimate:
         return max(0, math.floor((budget - self.fixed) / self.per_image)) if self.per_image > 0 else 1 << 30
 
     def describe(self) -> str:
-        return (f"{gib(self.fixed)} fixed + {gib(self.per_image)} per image at {self.shape[0]}×{self.shape[1]}"
-                + ("" if self.measured else ", an over-estimate from fewer probes"))
+        return f"{gib(self.fixed)} fixed + {gib(self.per_image)} per image at {self.shape[0]}×{self.shape[1]}" + (
+            "" if self.measured else ", an over-estimate from fewer probes"
+        )
 
 
 def half_size(shape: tuple[int, int]) -> tuple[int, int]:
     return max(1, shape[0] // 2), max(1, shape[1] // 2)
 
 
-def probe(step: Callable, model: nn.Module, dataset: Dataset, shape: tuple[int, int], available: float,
-          batch_size: int | None = None, autocast: Callable[[], AbstractContextManager] = nullcontext,
-          device: torch.device | None = None, extra: tuple[float, float] = (0, 0)) -> Estimate:
+def probe(
+    step: Callable,
+    model: nn.Module,
+    dataset: Dataset,
+    shape: tuple[int, int],
+    available: float,
+    batch_size: int | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    device: torch.device | None = None,
+    extra: tuple[float, float] = (0, 0),
+) -> Estimate:
     """need(B) of ``step(model, batch, autocast)`` at ``shape`` (the rule in the module's docstring), in stages that
     each cost more and over-estimate less: batch 1 at half the side if the input is large, batch 1, batch 2 (2 and
     3 for a model that cannot train on one image). Stops at the first stage whose over-estimate shows
@@ -321,10 +330,19 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def training_estimate(model: nn.Module, dataset: Dataset, transform: object, size_divisible: int, available: float,
-                      batch_size: int | None = None, optimizer: object = None, num_workers: int = 0,
-                      prefetch_factor: int = 2, autocast: Callable[[], AbstractContextManager] = nullcontext,
-                      device: torch.device | None = None) -> Estimate:
+def training_estimate(
+    model: nn.Module,
+    dataset: Dataset,
+    transform: object,
+    size_divisible: int,
+    available: float,
+    batch_size: int | None = None,
+    optimizer: object = None,
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    device: torch.device | None = None,
+) -> Estimate:
     """need(B) of training: the probes' line + the optimizer's state + the loader workers (each its own process,
     holding ``prefetch_factor`` uint8 batches in shared memory; on CUDA that is host memory, not counted)."""
     shape = largest_input(transform, dataset, size_divisible)
@@ -337,10 +355,16 @@ def training_estimate(model: nn.Module, dataset: Dataset, transform: object, siz
         return probe(training_step, model, dataset, shape, available, batch_size, autocast, device, (fixed, per_image))
 
 
-def validation_estimate(model: nn.Module, dataset: Dataset, transform: object, size_divisible: int,
-                        available: float, batch_size: int | None = None,
-                        autocast: Callable[[], AbstractContextManager] = nullcontext,
-                        device: torch.device | None = None) -> Estimate:
+def validation_estimate(
+    model: nn.Module,
+    dataset: Dataset,
+    transform: object,
+    size_divisible: int,
+    available: float,
+    batch_size: int | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    device: torch.device | None = None,
+) -> Estimate:
     """need(B) of a validation step (no gradients) at the validation transform's largest input."""
     shape = largest_input(transform, dataset, size_divisible)
     with untouched(model):
@@ -354,10 +378,15 @@ class NotEnoughMemory(MemoryError):
 
 def too_big(key: str, batch_size: int, estimate: Estimate, available: float, settings: str, auto_hint: bool) -> str:
     fits = estimate.largest_batch(available * (1 - AUTO_MARGIN))
-    fix = (f"set {key}≤{fits}" + (" (or auto)" if auto_hint else "") + f", or a smaller input ({settings})"
-           if fits >= 1 else f"even {key}=1 does not fit: a smaller input ({settings}) or a smaller model")
-    return (f"{key}={batch_size} needs ~{gib(estimate.need(batch_size))} (estimated: {estimate.describe()}) but "
-            f"{gib(available)} is available: {fix}; memory_check=false skips this check")
+    fix = (
+        f"set {key}≤{fits}" + (" (or auto)" if auto_hint else "") + f", or a smaller input ({settings})"
+        if fits >= 1
+        else f"even {key}=1 does not fit: a smaller input ({settings}) or a smaller model"
+    )
+    return (
+        f"{key}={batch_size} needs ~{gib(estimate.need(batch_size))} (estimated: {estimate.describe()}) but "
+        f"{gib(available)} is available: {fix}; memory_check=false skips this check"
+    )
 
 
 def choose_batch(estimate: Estimate, available: float, settings: str, key: str = "data.batch_size") -> int:
@@ -368,13 +397,21 @@ def choose_batch(estimate: Estimate, available: float, settings: str, key: str =
     return batch
 
 
-def check_batch(estimate: Estimate, batch_size: int, available: float, settings: str, key: str = "data.batch_size",
-                auto_hint: bool = True) -> str | None:
+def check_batch(
+    estimate: Estimate,
+    batch_size: int,
+    available: float,
+    settings: str,
+    key: str = "data.batch_size",
+    auto_hint: bool = True,
+) -> str | None:
     """Raises ``NotEnoughMemory`` if ``batch_size`` needs more than ``available``; a warning (text) if it needs more
     than ``available`` less ``AUTO_MARGIN`` (it may fit, or be killed later), else None."""
     if estimate.need(batch_size) > available:
         raise NotEnoughMemory(too_big(key, batch_size, estimate, available, settings, auto_hint))
     if estimate.need(batch_size) > available * (1 - AUTO_MARGIN):
-        return (f"{key}={batch_size} needs ~{gib(estimate.need(batch_size))} of {gib(available)} available: "
-                f"within the {AUTO_MARGIN:.0%} margin, it may still run out later ({estimate.describe()})")
+        return (
+            f"{key}={batch_size} needs ~{gib(estimate.need(batch_size))} of {gib(available)} available: "
+            f"within the {AUTO_MARGIN:.0%} margin, it may still run out later ({estimate.describe()})"
+        )
     return None

@@ -51,8 +51,17 @@ def _cat(xs: list[Tensor], dtype: torch.dtype, width: int = 0) -> Tensor:
     return torch.cat(xs) if len(xs) else torch.zeros((0, width) if width else 0, dtype=dtype)
 
 
-def voc_match(boxes: Tensor, scores: Tensor, labels: Tensor, det_counts: Tensor, gt_boxes: Tensor,
-              gt_labels: Tensor, difficult: Tensor, gt_counts: Tensor, iou_thresh: float = 0.5) -> tuple[Tensor, ...]:
+def voc_match(
+    boxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    det_counts: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    difficult: Tensor,
+    gt_counts: Tensor,
+    iou_thresh: float = 0.5,
+) -> tuple[Tensor, ...]:
     """The devkit's greedy matching for a batch of images at once (flat detections and ground truth, a count per
     image). Returns the detections sorted by image then decreasing score (ties: input order), with TP and FP
     flags: each detection takes its same-class ground truth of highest IoU; above ``iou_thresh`` the first
@@ -141,13 +150,16 @@ class VOCAveragePrecision(Metric):
         if not len(preds):
             return
         boxes, scores, labels, det_counts = _flatten(preds, ("boxes", "scores", "labels"))
-        targets = [t if "difficult" in t else {**t, "difficult": torch.zeros_like(t["labels"], dtype=torch.bool)}
-                   for t in targets]
+        targets = [
+            t if "difficult" in t else {**t, "difficult": torch.zeros_like(t["labels"], dtype=torch.bool)}
+            for t in targets
+        ]
         gt_boxes, gt_labels, difficult, gt_counts = _flatten(targets, ("boxes", "labels", "difficult"))
         difficult = difficult.bool()
         self.num_gt += torch.bincount(gt_labels[~difficult], minlength=self.num_classes).to(self.num_gt)
-        scores, labels, tp, fp = voc_match(boxes, scores, labels, det_counts, gt_boxes, gt_labels, difficult,
-                                           gt_counts, self.iou_thresh)
+        scores, labels, tp, fp = voc_match(
+            boxes, scores, labels, det_counts, gt_boxes, gt_labels, difficult, gt_counts, self.iou_thresh
+        )
         self.scores.append(scores)
         self.labels.append(labels)
         self.tp.append(tp)
@@ -155,8 +167,13 @@ class VOCAveragePrecision(Metric):
 
     def flat_state(self) -> dict[str, Tensor]:
         """The states as one tensor each (what ``evaluate`` takes; concatenate several, sum ``num_gt``, to merge)."""
-        return {"scores": _cat(self.scores, torch.float32), "labels": _cat(self.labels, torch.long),
-                "tp": _cat(self.tp, torch.bool), "fp": _cat(self.fp, torch.bool), "num_gt": self.num_gt}
+        return {
+            "scores": _cat(self.scores, torch.float32),
+            "labels": _cat(self.labels, torch.long),
+            "tp": _cat(self.tp, torch.bool),
+            "fp": _cat(self.fp, torch.bool),
+            "num_gt": self.num_gt,
+        }
 
     def compute(self) -> dict[str, Tensor]:
         return self.evaluate(self.flat_state())
@@ -174,7 +191,7 @@ class VOCAveragePrecision(Metric):
 # pycocotools' Params for "bbox", built with its own numpy expressions so the thresholds are the same doubles
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
-AREA_RANGES = ((0 ** 2, 1e5 ** 2), (0 ** 2, 32 ** 2), (32 ** 2, 96 ** 2), (96 ** 2, 1e5 ** 2))
+AREA_RANGES = ((0**2, 1e5**2), (0**2, 32**2), (32**2, 96**2), (96**2, 1e5**2))
 AREA_LABELS = ("all", "small", "medium", "large")
 MAX_DETECTIONS = (1, 10, 100)
 _MATCH_BUDGET = 1 << 23  # elements of a (pairs, areas, thresholds, objects + detections) block: 8 MB of bools
@@ -253,8 +270,16 @@ def _by_group_then_score(groups: Tensor, scores: Tensor) -> Tensor:
     return torch.argsort((groups << 32) | ((1 << 32) - 1 - ascending), stable=True)
 
 
-def coco_evaluate(det_boxes: Tensor, det_scores: Tensor, det_labels: Tensor, det_counts: Tensor, gt_boxes: Tensor,
-                  gt_labels: Tensor, gt_crowd: Tensor, gt_counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def coco_evaluate(
+    det_boxes: Tensor,
+    det_scores: Tensor,
+    det_labels: Tensor,
+    det_counts: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_crowd: Tensor,
+    gt_counts: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     """pycocotools' ``COCOeval`` ("bbox", default parameters; ``evaluate`` + ``accumulate``) on flat CPU
     tensors: boxes xyxy, one count per image, image ids 0, 1, ... in row order; an object's area is its box
     area. Returns ``precision`` (T, R, K, A, M) and ``recall`` (T, K, A, M) float64, equal to its
@@ -304,7 +329,7 @@ def coco_evaluate(det_boxes: Tensor, det_scores: Tensor, det_labels: Tensor, det
                 # as many pairs as keep the matcher's (pairs, areas, thresholds, objects or detections) blocks
                 # within the budget, the first pair having the most detections
                 step = max(1, _MATCH_BUDGET // (num_areas * num_thresholds * (width + int(det_n[blocks[start]]))))
-                pairs = blocks[start:min(start + step, end)]
+                pairs = blocks[start : min(start + step, end)]
                 start += len(pairs)
                 n_det, n_gt = det_n[pairs], gt_n[pairs]
                 rows = det_start[pairs, None] + torch.arange(int(n_det[0]))
@@ -314,8 +339,9 @@ def coco_evaluate(det_boxes: Tensor, det_scores: Tensor, det_labels: Tensor, det
                 objects = gt_order[torch.where(real, cols, 0)]
                 iou = _coco_box_iou(det_xywh[rows], gt_xywh[objects], crowd[objects])
                 iou.masked_fill_(~real[:, None, :], -1.0)
-                matched, on_ignored = _match_pairs(iou, n_det, gt_ignore[objects].transpose(1, 2),
-                                                   crowd[objects] & real)
+                matched, on_ignored = _match_pairs(
+                    iou, n_det, gt_ignore[objects].transpose(1, 2), crowd[objects] & real
+                )
                 p, d, a, t = torch.nonzero(matched, as_tuple=True)
                 entries.append(torch.stack([rows[p, d], a, t], 1))
                 entry_ignored.append(on_ignored[p, d, a, t])
@@ -402,10 +428,15 @@ def coco_summary(precision: Tensor | np.ndarray, recall: Tensor | np.ndarray) ->
         s = s[:, :, :, a, m] if ap else s[:, :, a, m]
         return -1.0 if not (s > -1).any() else float(np.mean(s[s > -1]))
 
-    stats = [mean(True), mean(True, 0.5), mean(True, 0.75), *(mean(True, area=a) for a in AREA_LABELS[1:]),
-             *(mean(False, max_dets=m) for m in MAX_DETECTIONS), *(mean(False, area=a) for a in AREA_LABELS[1:])]
+    stats = [
+        mean(True),
+        mean(True, 0.5),
+        mean(True, 0.75),
+        *(mean(True, area=a) for a in AREA_LABELS[1:]),
+        *(mean(False, max_dets=m) for m in MAX_DETECTIONS),
+        *(mean(False, area=a) for a in AREA_LABELS[1:]),
+    ]
     return torch.tensor(stats, dtype=torch.float64)
-
 
 
 class COCOAveragePrecision(Metric):
@@ -417,9 +448,16 @@ class COCOAveragePrecision(Metric):
     took 20× pycocotools' own time on a COCO-sized set."""
 
     full_state_update = False
-    STATES = {"det_boxes": (torch.float32, 4), "det_scores": (torch.float32, 0), "det_labels": (torch.long, 0),
-              "det_counts": (torch.long, 0), "gt_boxes": (torch.float32, 4), "gt_labels": (torch.long, 0),
-              "gt_crowd": (torch.long, 0), "gt_counts": (torch.long, 0)}
+    STATES = {
+        "det_boxes": (torch.float32, 4),
+        "det_scores": (torch.float32, 0),
+        "det_labels": (torch.long, 0),
+        "det_counts": (torch.long, 0),
+        "gt_boxes": (torch.float32, 4),
+        "gt_labels": (torch.long, 0),
+        "gt_crowd": (torch.long, 0),
+        "gt_counts": (torch.long, 0),
+    }
 
     def __init__(self, backend: str | None = None) -> None:
         # no torchmetrics sync: DetectionMetrics gathers both metrics' states in one collective
@@ -437,8 +475,7 @@ class COCOAveragePrecision(Metric):
         boxes, scores, labels, det_counts = _flatten(preds, ("boxes", "scores", "labels"))
         targets = [t if "iscrowd" in t else {**t, "iscrowd": torch.zeros_like(t["labels"])} for t in targets]
         gt_boxes, gt_labels, crowd, gt_counts = _flatten(targets, ("boxes", "labels", "iscrowd"))
-        for name, value in zip(self.STATES, (boxes, scores, labels, det_counts, gt_boxes, gt_labels, crowd,
-                                             gt_counts)):
+        for name, value in zip(self.STATES, (boxes, scores, labels, det_counts, gt_boxes, gt_labels, crowd, gt_counts)):
             getattr(self, name).append(value)
 
     def flat_state(self) -> dict[str, Tensor]:
@@ -453,10 +490,13 @@ class COCOAveragePrecision(Metric):
         ``recall`` (T, K, A, M) as COCOeval's arrays over ``classes``."""
         classes = torch.cat([state["det_labels"], state["gt_labels"]]).unique()
         if len(state["det_counts"]) == 0:
-            return {"stats": torch.full((12,), -1.0, dtype=torch.float64), "classes": classes,
-                    "map_per_class": torch.full((len(classes),), -1.0),
-                    "precision": torch.full((10, 101, len(classes), 4, 3), -1.0, dtype=torch.float64),
-                    "recall": torch.full((10, len(classes), 4, 3), -1.0, dtype=torch.float64)}
+            return {
+                "stats": torch.full((12,), -1.0, dtype=torch.float64),
+                "classes": classes,
+                "map_per_class": torch.full((len(classes),), -1.0),
+                "precision": torch.full((10, 101, len(classes), 4, 3), -1.0, dtype=torch.float64),
+                "recall": torch.full((10, len(classes), 4, 3), -1.0, dtype=torch.float64),
+            }
         if self.backend == "tensors":
             precision, recall, classes = coco_evaluate(*(state[name] for name in self.STATES))
             stats = coco_summary(precision, recall)
@@ -467,8 +507,13 @@ class COCOAveragePrecision(Metric):
         valid = p > -1
         per_class = torch.where(valid, p, 0).sum((0, 1)) / valid.sum((0, 1)).clamp(min=1)
         per_class = per_class.masked_fill(~valid.any(0).any(0), -1.0)
-        return {"stats": stats, "classes": classes, "map_per_class": per_class, "precision": precision,
-                "recall": recall}
+        return {
+            "stats": stats,
+            "classes": classes,
+            "map_per_class": per_class,
+            "precision": precision,
+            "recall": recall,
+        }
 
 
 def _cocoeval(state: dict[str, Tensor], classes: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -484,13 +529,19 @@ def _cocoeval(state: dict[str, Tensor], classes: Tensor, backend: str) -> tuple[
 
     # dict literals in one comprehension: the Python side of building ~10⁶ annotations dominates here
     image, bbox, area = columns(state["gt_boxes"], gt_counts)
-    gt_annotations = [{"id": i, "image_id": m, "category_id": c, "bbox": b, "area": a, "iscrowd": z}
-                      for i, m, c, b, a, z in zip(range(1, len(image) + 1), image, state["gt_labels"].tolist(), bbox,
-                                                  area, state["gt_crowd"].tolist())]
+    gt_annotations = [
+        {"id": i, "image_id": m, "category_id": c, "bbox": b, "area": a, "iscrowd": z}
+        for i, m, c, b, a, z in zip(
+            range(1, len(image) + 1), image, state["gt_labels"].tolist(), bbox, area, state["gt_crowd"].tolist()
+        )
+    ]
     image, bbox, area = columns(state["det_boxes"], det_counts)
-    det_annotations = [{"id": i, "image_id": m, "category_id": c, "bbox": b, "area": a, "score": s, "iscrowd": 0}
-                       for i, m, c, b, a, s in zip(range(1, len(image) + 1), image, state["det_labels"].tolist(), bbox,
-                                                   area, state["det_scores"].tolist())]
+    det_annotations = [
+        {"id": i, "image_id": m, "category_id": c, "bbox": b, "area": a, "score": s, "iscrowd": 0}
+        for i, m, c, b, a, s in zip(
+            range(1, len(image) + 1), image, state["det_labels"].tolist(), bbox, area, state["det_scores"].tolist()
+        )
+    ]
     COCO, COCOeval = _coco_tools(backend)
     with contextlib.redirect_stdout(io.StringIO()):
         gt, dt = COCO(), COCO()
@@ -502,8 +553,11 @@ def _cocoeval(state: dict[str, Tensor], classes: Tensor, backend: str) -> tuple[
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return (torch.as_tensor(evaluator.eval["precision"]), torch.as_tensor(evaluator.eval["recall"]),
-            torch.as_tensor(evaluator.stats[:12], dtype=torch.float64))
+    return (
+        torch.as_tensor(evaluator.eval["precision"]),
+        torch.as_tensor(evaluator.eval["recall"]),
+        torch.as_tensor(evaluator.stats[:12], dtype=torch.float64),
+    )
 
 
 @contextlib.contextmanager
@@ -562,8 +616,9 @@ class DetectionMetrics:
             states = [None] * world
             torch.distributed.all_gather_object(states, {"coco": coco, "voc": {k: v.cpu() for k, v in voc.items()}})
             coco = {k: torch.cat([s["coco"][k] for s in states]) for k in coco}
-            voc = {k: (sum if k == "num_gt" else torch.cat)([s["voc"][k] for s in states]).to(self.voc.device)
-                   for k in voc}
+            voc = {
+                k: (sum if k == "num_gt" else torch.cat)([s["voc"][k] for s in states]).to(self.voc.device) for k in voc
+            }
         return coco, voc
 
     def compute(self, prefix: str) -> dict[str, float]:
@@ -581,8 +636,11 @@ class DetectionMetrics:
                     out[f"{prefix}/ap/{self.class_names[cls]}"] = float(ap)
         recall = torch.from_numpy(RECALL_THRESHOLDS).float()
         curves = coco["precision"][0, :, :, 0, -1].float()  # IoU 0.5, all areas, 100 detections: (R, K)
-        self.pr_curves = {self.class_names[cls]: (recall.clone(), curves[:, k].clone()) for k, cls in enumerate(classes)
-                          if 0 <= cls < len(self.class_names) and bool((curves[:, k] >= 0).all())}
+        self.pr_curves = {
+            self.class_names[cls]: (recall.clone(), curves[:, k].clone())
+            for k, cls in enumerate(classes)
+            if 0 <= cls < len(self.class_names) and bool((curves[:, k] >= 0).all())
+        }
         return out
 
     def reset(self) -> None:

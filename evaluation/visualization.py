@@ -31,15 +31,25 @@ def fit_to_tile(image: Tensor, boxes: Sequence[Tensor], tile: int) -> tuple[Tens
     h, w = image.shape[-2:]
     scale = tile / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", align_corners=False,
-                            antialias=scale < 1)[0].round().clamp(0, 255).to(torch.uint8)
+    resized = (
+        F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+    )
     out = torch.zeros((3, tile, tile), dtype=torch.uint8)
     out[:, :nh, :nw] = resized
     return out, [b.float() * b.new_tensor([nw / w, nh / h, nw / w, nh / h]).float() for b in boxes]
 
 
-def draw_boxes(image: Tensor, boxes: Tensor, labels: Tensor, class_names: Sequence[str],
-               scores: Tensor | None = None, width: int = 2) -> Tensor:
+def draw_boxes(
+    image: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    class_names: Sequence[str],
+    scores: Tensor | None = None,
+    width: int = 2,
+) -> Tensor:
     """Boxes (N,4 xyxy pixels) drawn on a uint8 (3,H,W) image in their class colours, each with a caption
     "name" or "name 0.87" in black on the box colour."""
     if len(boxes) == 0:
@@ -54,8 +64,9 @@ def draw_boxes(image: Tensor, boxes: Tensor, labels: Tensor, class_names: Sequen
     if scores is not None:
         names = [f"{n} {s:.2f}" for n, s in zip(names, scores.tolist())]
     colors = [palette[k % len(palette)] for k in labels]
-    return draw_bounding_boxes(image, boxes, labels=names, colors=colors, width=width, fill_labels=True,
-                               label_colors="black")
+    return draw_bounding_boxes(
+        image, boxes, labels=names, colors=colors, width=width, fill_labels=True, label_colors="black"
+    )
 
 
 def _caption(image: Tensor, text: str) -> Tensor:
@@ -68,9 +79,15 @@ def _caption(image: Tensor, text: str) -> Tensor:
     return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
 
 
-def prediction_grid(images: Sequence[Tensor], targets: Sequence[Mapping[str, Tensor]],
-                    predictions: Sequence[Mapping[str, Tensor]], class_names: Sequence[str],
-                    score_threshold: float = 0.3, tile: int = 320, images_per_row: int = 2) -> Tensor:
+def prediction_grid(
+    images: Sequence[Tensor],
+    targets: Sequence[Mapping[str, Tensor]],
+    predictions: Sequence[Mapping[str, Tensor]],
+    class_names: Sequence[str],
+    score_threshold: float = 0.3,
+    tile: int = 320,
+    images_per_row: int = 2,
+) -> Tensor:
     """A uint8 (3,H,W) grid: for each image, its ground truth (left) and its predictions with score
     ≥ ``score_threshold`` (right), in the same class colours. Boxes are in each image's own pixels."""
     tiles = []
@@ -92,14 +109,17 @@ def save_png(image: Tensor, path: str | Path) -> Path:
     return path
 
 
-def wandb_boxes(boxes: Tensor, labels: Tensor, class_names: Sequence[str],
-                scores: Tensor | None = None) -> dict:
+def wandb_boxes(boxes: Tensor, labels: Tensor, class_names: Sequence[str], scores: Tensor | None = None) -> dict:
     """One ``boxes`` entry of ``wandb.Image``: pixel-domain boxes with class ids, captions and scores."""
     names = dict(enumerate(class_names))
     data = []
     for i, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist())):
-        item = {"position": {"minX": box[0], "minY": box[1], "maxX": box[2], "maxY": box[3]}, "domain": "pixel",
-                "class_id": int(label), "box_caption": names.get(label, str(label))}
+        item = {
+            "position": {"minX": box[0], "minY": box[1], "maxX": box[2], "maxY": box[3]},
+            "domain": "pixel",
+            "class_id": int(label),
+            "box_caption": names.get(label, str(label)),
+        }
         if scores is not None:
             score = float(scores[i])
             item["scores"] = {"score": score}
@@ -108,8 +128,11 @@ def wandb_boxes(boxes: Tensor, labels: Tensor, class_names: Sequence[str],
     return {"box_data": data, "class_labels": names}
 
 
-def plot_pr_curves(curves: Mapping[str, tuple[Tensor, Tensor]], path: str | Path | None = None,
-                   title: str = "precision-recall at IoU 0.5") -> np.ndarray:
+def plot_pr_curves(
+    curves: Mapping[str, tuple[Tensor, Tensor]],
+    path: str | Path | None = None,
+    title: str = "precision-recall at IoU 0.5",
+) -> np.ndarray:
     """One line per class (recall → precision; classes whose precision is all negative, i.e. absent from the
     ground truth, are left out), its AP (mean precision over the recall points) in the legend. Saved as PNG
     at ``path`` if given; returns the picture as a (H, W, 3) uint8 array."""
@@ -127,8 +150,13 @@ def plot_pr_curves(curves: Mapping[str, tuple[Tensor, Tensor]], path: str | Path
             continue
         ap = precision.clamp(min=0).mean().item()
         # darkened class colour: the bright box colours are too pale for thin lines on white
-        ax.plot(recall.numpy(), precision.clamp(min=0).numpy(), color=tuple(c / 255 * 0.8 for c in color),
-                linewidth=1.8, label=f"{name} (AP {ap:.3f})")
+        ax.plot(
+            recall.numpy(),
+            precision.clamp(min=0).numpy(),
+            color=tuple(c / 255 * 0.8 for c in color),
+            linewidth=1.8,
+            label=f"{name} (AP {ap:.3f})",
+        )
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=title)
     ax.grid(alpha=0.3)
     if ax.lines:

@@ -30,18 +30,18 @@ NO_METRICS = "no metrics.json: failed or unfinished"
 
 @dataclass
 class Job:
-    name: str                                  # folder relative to the sweep folder ("3", "2026-11-25_10-00-00")
-    overrides: dict[str, str]                  # key → value as given on the command line
-    metrics: dict[str, float] | None           # metrics.json, None if missing or unreadable
+    name: str  # folder relative to the sweep folder ("3", "2026-11-25_10-00-00")
+    overrides: dict[str, str]  # key → value as given on the command line
+    metrics: dict[str, float] | None  # metrics.json, None if missing or unreadable
     note: str = ""
 
 
 @dataclass
 class Summary:
     root: Path
-    keys: list[str]                            # the overrides that differ between jobs: the swept settings
+    keys: list[str]  # the overrides that differ between jobs: the swept settings
     metrics: list[str]
-    jobs: list[Job]                            # sorted: best first, jobs without metrics last
+    jobs: list[Job]  # sorted: best first, jobs without metrics last
     notes: list[str] = field(default_factory=list)
 
 
@@ -147,8 +147,15 @@ def _fmt(value: float | None) -> str:
 
 def rows(summary: Summary) -> list[list[str]]:
     header = ["job", *summary.keys, *summary.metrics, "note"]
-    body = [[job.name, *(job.overrides.get(k, "") for k in summary.keys),
-             *(_fmt((job.metrics or {}).get(m)) for m in summary.metrics), job.note] for job in summary.jobs]
+    body = [
+        [
+            job.name,
+            *(job.overrides.get(k, "") for k in summary.keys),
+            *(_fmt((job.metrics or {}).get(m)) for m in summary.metrics),
+            job.note,
+        ]
+        for job in summary.jobs
+    ]
     return [header, *body]
 
 
@@ -158,8 +165,11 @@ def to_markdown(summary: Summary) -> str:
     numeric = {i for i, h in enumerate(table[0]) if h in summary.metrics}
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if i in numeric else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
     text = [f"Sweep {summary.root}", "", line(table[0]), rule, *(line(r) for r in table[1:]), ""]
@@ -171,18 +181,28 @@ def write_csv(summary: Summary, path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["job", *summary.keys, *summary.metrics, "note"])
         for job in summary.jobs:  # full precision here; the markdown rounds
-            writer.writerow([job.name, *(job.overrides.get(k, "") for k in summary.keys),
-                             *("" if (v := (job.metrics or {}).get(m)) is None else repr(v) for m in summary.metrics),
-                             job.note])
+            writer.writerow(
+                [
+                    job.name,
+                    *(job.overrides.get(k, "") for k in summary.keys),
+                    *("" if (v := (job.metrics or {}).get(m)) is None else repr(v) for m in summary.metrics),
+                    job.note,
+                ]
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="a multirun folder (runs/<task>/multirun/<date>_<time>) "
-                                                  "or any folder holding run folders")
-    parser.add_argument("--metric", action="append", help="metric column(s), the first sorts "
-                                                          f"(default: {' '.join(DEFAULT_METRICS)})")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "folder",
+        type=Path,
+        help="a multirun folder (runs/<task>/multirun/<date>_<time>) or any folder holding run folders",
+    )
+    parser.add_argument(
+        "--metric", action="append", help=f"metric column(s), the first sorts (default: {' '.join(DEFAULT_METRICS)})"
+    )
     parser.add_argument("--minimize", action="store_true", help="smallest first (for a loss)")
     args = parser.parse_args(argv)
     try:

@@ -49,8 +49,15 @@ def _composed(overrides: tuple[str, ...]):
         return hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
-TINY = ("experiment=retinanet_shapes", "data.image_size=64", "data.num_train=64", "data.num_val=16",
-        "data.batch_size=8", "model.backbone.out_channels=32", "model.priors.size_factor=0.125")
+TINY = (
+    "experiment=retinanet_shapes",
+    "data.image_size=64",
+    "data.num_train=64",
+    "data.num_val=16",
+    "data.batch_size=8",
+    "model.backbone.out_channels=32",
+    "model.priors.size_factor=0.125",
+)
 
 
 # our postprocesses decode and score in float32 (at least float32 under autocast), from float32 priors, whatever the
@@ -58,8 +65,9 @@ TINY = ("experiment=retinanet_shapes", "data.image_size=64", "data.num_train=64"
 FLOAT32_ROUNDINGS_IN_DECODE = 4
 
 
-def assert_same_detections(ours, theirs, label_offset: int = 0, min_detections: int = 10, box_atol: float = 1e-3,
-                           score_atol: float = 1e-5):
+def assert_same_detections(
+    ours, theirs, label_offset: int = 0, min_detections: int = 10, box_atol: float = 1e-3, score_atol: float = 1e-5
+):
     """Our per-image detections equal torchvision's: boxes to ``box_atol`` px, scores to ``score_atol``, same labels
     (``label_offset`` = 1 where torchvision counts background as class 0)."""
     for o, t in zip(ours, theirs, strict=True):
@@ -86,7 +94,7 @@ def float32_box_atol(model) -> float:
     """The box tolerance for a float64 ``model`` whose detections passed through our float32 decode: a few float32
     roundings of the largest coordinate involved, its priors' (those of the one input size it has seen)."""
     (priors,) = model.priors._cache.values()
-    return FLOAT32_ROUNDINGS_IN_DECODE * 2.0 ** -24 * float(priors.boxes.abs().max())
+    return FLOAT32_ROUNDINGS_IN_DECODE * 2.0**-24 * float(priors.boxes.abs().max())
 
 
 def fit_fixed_batch(model, batch, steps: int) -> list[dict[str, float]]:
@@ -108,7 +116,8 @@ def pytest_collection_finish(session):
     """Start the preloaded-interpreter server (tests/preloaded.py) as soon as tests that use it are selected: its
     ~10 s of imports then overlap the tests that run before them."""
     if not session.config.option.collectonly and any(
-            getattr(getattr(item, "module", None), "run_python", None) for item in session.items):
+        getattr(getattr(item, "module", None), "run_python", None) for item in session.items
+    ):
         from . import preloaded
 
         preloaded.start()

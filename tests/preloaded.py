@@ -34,8 +34,9 @@ PRELOAD = ("torch", "torchvision", "lightning", "hydra", "omegaconf", "train")
 
 class _Server:
     def __init__(self) -> None:
-        self.process = subprocess.Popen([sys.executable, __file__], cwd=ROOT, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, bufsize=0)
+        self.process = subprocess.Popen(
+            [sys.executable, __file__], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+        )
         self.lock = threading.Lock()
         self._buffer = b""  # our own: a buffered reader may hold a reply that select() then never sees arrive
 
@@ -80,8 +81,9 @@ def start() -> None:
         atexit.register(_server.close)
 
 
-def run_python(args: list[str], cwd: str | Path, timeout: float = 600,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_python(
+    args: list[str], cwd: str | Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`python *args` (a script path, `-c CODE` or `-m MODULE`, then its arguments) in ``cwd``, its output
     captured as text; raises subprocess.TimeoutExpired (the run killed) after ``timeout`` seconds."""
     start()

@@ -38,12 +38,12 @@ PLACEHOLDER = re.compile(r"<[^<>\n]+>")
 # --- extraction ------------------------------------------------------------------------------------------------
 @dataclass
 class Command:
-    line: int                 # 1-based README line where the command starts
-    text: str                 # as written, continuation lines joined, the comment dropped
-    argv: list[str]           # shell words (quotes removed), environment assignments left out
+    line: int  # 1-based README line where the command starts
+    text: str  # as written, continuation lines joined, the comment dropped
+    argv: list[str]  # shell words (quotes removed), environment assignments left out
     env: dict[str, str] = field(default_factory=dict)
-    comment: str = ""         # what follows `#` on the line
-    lang: str = "bash"        # bash | python (a ```python block is one command: its code)
+    comment: str = ""  # what follows `#` on the line
+    lang: str = "bash"  # bash | python (a ```python block is one command: its code)
     script: list[str] = field(default_factory=list)  # a `#!` block's directive lines (#SBATCH ...)
 
     @property
@@ -60,7 +60,7 @@ def words(text: str) -> tuple[list[str], str]:
     lexer.whitespace_split, lexer.commenters = True, ""
     raw = list(lexer)
     cut = next((i for i, w in enumerate(raw) if w.startswith("#")), len(raw))
-    comment = text[text.index(raw[cut]):].lstrip("#").strip() if cut < len(raw) else ""
+    comment = text[text.index(raw[cut]) :].lstrip("#").strip() if cut < len(raw) else ""
     return [shlex.split(w)[0] if w[0] in "'\"" or "'" in w or '"' in w else w for w in raw[:cut]], comment
 
 
@@ -92,8 +92,11 @@ def readme_commands(path: Path = README) -> list[Command]:
             continue
         if lang not in ("bash", "sh", "shell", "console"):
             continue
-        directives = [ln for ln in token.content.splitlines() if ln.startswith("#") and not ln.startswith("# ")
-                      and ln.strip() != "#"]
+        directives = [
+            ln
+            for ln in token.content.splitlines()
+            if ln.startswith("#") and not ln.startswith("# ") and ln.strip() != "#"
+        ]
         script = directives if token.content.startswith("#!") else []
         for line, text in logical_lines(token.content, first):
             if not text.strip() or text.lstrip().startswith("#"):
@@ -130,8 +133,9 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 # --- the runner (a separate interpreter: python tests/readme_commands.py plan.json results.json) -----------------
 def newest(pattern: str, workdir: Path) -> str:
-    found = sorted((Path(p) for p in glob.glob(str(workdir / pattern), recursive=True)),
-                   key=lambda p: p.stat().st_mtime)
+    found = sorted(
+        (Path(p) for p in glob.glob(str(workdir / pattern), recursive=True)), key=lambda p: p.stat().st_mtime
+    )
     if not found:
         raise FileNotFoundError(f"placeholder: nothing matches {pattern} in the test's folder")
     return str(found[-1].relative_to(workdir))
@@ -232,9 +236,17 @@ def kind_of(cfg, args: list[str]) -> tuple:
     def get(key):
         return str(OmegaConf.select(cfg, key, default=None))
 
-    return (get("model.backbone._target_"), get("model.head._target_"), get("data._target_"),
-            get("data.train_transform._target_"), "-m" in args, get("hydra.sweeper._target_") if "-m" in args else "",
-            get("ckpt_path") != "None", get("model.finetune_from") != "None", get("trainer.fast_dev_run"))
+    return (
+        get("model.backbone._target_"),
+        get("model.head._target_"),
+        get("data._target_"),
+        get("data.train_transform._target_"),
+        "-m" in args,
+        get("hydra.sweeper._target_") if "-m" in args else "",
+        get("ckpt_path") != "None",
+        get("model.finetune_from") != "None",
+        get("trainer.fast_dev_run"),
+    )
 
 
 def build_same_kind(args: list[str]) -> str:
@@ -258,8 +270,11 @@ def coco_fixture(train_split: str, val_split: str, classes: list[str], workdir: 
         data = json.loads((COCO_SAMPLE / "annotations" / f"instances_{source}.json").read_text())
         cats = [c for c in data["categories"] if c["name"] in classes]
         kept = {a["image_id"] for a in data["annotations"] if a["category_id"] in {c["id"] for c in cats}}
-        data = {"images": [im for im in data["images"] if im["id"] in kept], "categories": cats,
-                "annotations": [a for a in data["annotations"] if a["category_id"] in {c["id"] for c in cats}]}
+        data = {
+            "images": [im for im in data["images"] if im["id"] in kept],
+            "categories": cats,
+            "annotations": [a for a in data["annotations"] if a["category_id"] in {c["id"] for c in cats}],
+        }
         (folder / "annotations").mkdir(parents=True, exist_ok=True)
         (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
         (folder / split).mkdir(exist_ok=True)
@@ -283,8 +298,11 @@ def data_fixture(cfg, args: list[str], workdir: Path) -> list[str]:
         extra.append(f"data.root={VOC_SAMPLE}")
         for key, split in (("data.train_sets", "train"), ("data.val_sets", "val")):
             sets = cfg.data.get(key.split(".")[1])
-            if key not in own and sets is not None and not all(
-                    (VOC_SAMPLE / f"VOC{y}" / "ImageSets" / "Main" / f"{s}.txt").is_file() for y, s in sets):
+            if (
+                key not in own
+                and sets is not None
+                and not all((VOC_SAMPLE / f"VOC{y}" / "ImageSets" / "Main" / f"{s}.txt").is_file() for y, s in sets)
+            ):
                 extra.append(f"{key}=[[2012,{split}]]")
     elif target.endswith("COCODataModule"):
         if not COCO_SAMPLE.is_dir():
@@ -351,8 +369,9 @@ def run_one(spec: dict, workdir: Path) -> dict:
         os.environ.update(saved_env)
     result["seconds"] = round(time.perf_counter() - started, 2)
     result["output"] = out.getvalue()[-6000:]
-    result["new_files"] = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")
-                                 if p.is_file() and p not in before)
+    result["new_files"] = sorted(
+        str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file() and p not in before
+    )
     return result
 
 
@@ -377,15 +396,16 @@ def prepare(spec: dict, workdir: Path) -> list[str]:
     cfg = compose_train(data_args) if any(a.startswith("data=") for a in data_args) else None
     target = str(cfg.data._target_) if cfg is not None else None
     if cfg is not None:  # the data's own keys shortened (eval's data group has no training transform)
-        args = data_fixture(cfg, args, workdir) + [a for a in shortening(cfg, data_args)
-                                                   if a.startswith("data.") and "_transform." not in a]
+        args = data_fixture(cfg, args, workdir) + [
+            a for a in shortening(cfg, data_args) if a.startswith("data.") and "_transform." not in a
+        ]
     args = resolve_placeholders(args, workdir, target)
     if kind == "eval.py":
         args.append("++trainer.limit_val_batches=1")
     if kind == "predict.py":
         for arg in args:
             if arg.startswith("input=") and arg.endswith("/"):
-                make_photos(workdir / arg[len("input="):])
+                make_photos(workdir / arg[len("input=") :])
         args += ["num_workers=0", "batch_size=2"]
     if kind == "export.py" and "format=torchscript" not in args:
         # torch.export's ONNX exporter takes ~10 s more here; tests/test_tools.py round-trips its files
@@ -426,8 +446,17 @@ SHORTEN = [
     ("memory_check", False, "no memory probe (its probe steps cost as much as the run; batches here are 2 images)"),
 ]
 FORCED = {"trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "model.backbone.weights"}
-SMALLER_ONLY = {"data.num_train", "data.num_val", "data.batch_size", "data.val_batch_size", "model.backbone.depth",
-                "model.backbone.width", "model.head.hidden", "trainer.devices", "trainer.num_nodes"}
+SMALLER_ONLY = {
+    "data.num_train",
+    "data.num_val",
+    "data.batch_size",
+    "data.val_batch_size",
+    "model.backbone.depth",
+    "model.backbone.width",
+    "model.head.hidden",
+    "trainer.devices",
+    "trainer.num_nodes",
+}
 MAX_SWEEP_JOBS = 2  # a multirun runs its first two jobs (the README's job count is checked on the full sweep)
 
 
@@ -508,12 +537,17 @@ def make_recipe(target: str) -> list[str]:
     """What `make <target>` runs, as make prints it without running it (`make -n`): its last recipe line."""
     # under `make test` this is a sub-make: without --no-print-directory it adds "Leaving directory" lines
     # ARGS= : the README's command as typed, not with the pytest options of a `make test ARGS=...` around it
-    done = subprocess.run(["make", "--no-print-directory", "-n", target, "ARGS="], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "MAKEFLAGS": ""})
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-n", target, "ARGS="],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MAKEFLAGS": ""},
+    )
     assert done.returncode == 0, done.stderr
     return shlex.split(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
-

@@ -17,8 +17,9 @@ def _assert_same_steps(case, steps: int = 2) -> None:
 
 @pytest.mark.slow
 def test_retinanet_step_matches_torchvision():
-    case = retinanet_case(torch.device("cpu"), image_size=128, batch_size=1, num_classes=80, objects=3,
-                          channels_last=False)  # the layout probe (engine/layout.py) is tested apart
+    case = retinanet_case(
+        torch.device("cpu"), image_size=128, batch_size=1, num_classes=80, objects=3, channels_last=False
+    )  # the layout probe (engine/layout.py) is tested apart
     assert case.batch.images.shape == (1, 3, 128, 128)
     assert not case.theirs.backbone.body.conv1.weight.requires_grad  # fine-tuning build: 3 trainable stages
     _assert_same_steps(case)
@@ -35,8 +36,9 @@ def test_ssd_step_matches_torchvision():
 def test_mixed_precision_channels_last_case_runs_both_sides_alike():
     """The GPU row's settings (bf16 autocast, NHWC weights on both sides), here on the CPU at 64 px (bf16 kernels
     are emulated on CPUs without AVX-512 BF16: 128 px took 30 s)."""
-    case = retinanet_case(torch.device("cpu"), image_size=64, batch_size=1, objects=3, autocast=torch.bfloat16,
-                          channels_last=True)
+    case = retinanet_case(
+        torch.device("cpu"), image_size=64, batch_size=1, objects=3, autocast=torch.bfloat16, channels_last=True
+    )
     assert case.mismatches() == []
     assert case.theirs.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with case._precision():
@@ -55,9 +57,13 @@ def test_loader_rate_runs_the_projects_voc_loader(tmp_path):
     from .datamodules.test_voc import obj, voc_xml, write_devkit
 
     xml = voc_xml(obj("dog", "5 5 40 30"), size="<size><width>64</width><height>48</height><depth>3</depth></size>")
-    root = write_devkit(tmp_path, {f"{i:03d}": xml for i in range(6)},
-                        {f"{i:03d}": Image.new("RGB", (64, 48), (i * 40, 90, 30)) for i in range(6)},
-                        year=2012, split="trainval")
+    root = write_devkit(
+        tmp_path,
+        {f"{i:03d}": xml for i in range(6)},
+        {f"{i:03d}": Image.new("RGB", (64, 48), (i * 40, 90, 30)) for i in range(6)},
+        year=2012,
+        split="trainval",
+    )
     rate, what = loader_rate(root, workers=1, batch_size=2, batches=4)
     assert rate > 0 and "VOC 2012 trainval (6 images), batch 2, 1 workers" in what
     with pytest.raises(FileNotFoundError, match="VOCdevkit"):

@@ -36,8 +36,9 @@ def test_ssd_recipes_keep_the_papers_augmentation_and_decay():
         assert cfg.data._target_.endswith("VOCDataModule") and cfg.optimized_metric == "val/voc07_map_50"
 
 
-@pytest.mark.parametrize(("name", "priors"), [("retinanet_r50_coco_1x", None), ("ssd300_voc0712", 8732),
-                                              ("ssd512_voc0712", 24564)])
+@pytest.mark.parametrize(
+    ("name", "priors"), [("retinanet_r50_coco_1x", None), ("ssd300_voc0712", 8732), ("ssd512_voc0712", 24564)]
+)
 def test_recipe_models_build(name, priors):
     cfg = compose(f"experiment={name}", "data.root=/data", "model.backbone.weights=null")
     model = instantiate(cfg.model).net

@@ -22,10 +22,12 @@ def test_the_metrics_import_first_without_a_cycle():
 
 @pytest.mark.slow
 def test_the_network_and_its_parts_load_no_lightning():
-    done = fresh_python("import sys, detectors.retinanet, detectors.ssd, detectors.yolo, detectors.boxes\n"
-                        "from detectors import DenseDetector\n"
-                        "assert not any(m.startswith('lightning') for m in sys.modules), 'lightning imported'\n"
-                        "from engine.detection_module import DetectionModule\n"
-                        "import lightning\n"
-                        "assert issubclass(DetectionModule, lightning.LightningModule)")
+    done = fresh_python(
+        "import sys, detectors.retinanet, detectors.ssd, detectors.yolo, detectors.boxes\n"
+        "from detectors import DenseDetector\n"
+        "assert not any(m.startswith('lightning') for m in sys.modules), 'lightning imported'\n"
+        "from engine.detection_module import DetectionModule\n"
+        "import lightning\n"
+        "assert issubclass(DetectionModule, lightning.LightningModule)"
+    )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -55,7 +55,7 @@ RUNNER_TIMEOUT = 240  # s; each runner's commands take ~30 s on the 2-core refer
 def train_args(cmd: Command) -> list[str]:
     """The overrides after `train.py` (also inside `srun python train.py ...`)."""
     i = cmd.argv.index("train.py")
-    return cmd.argv[i + 1:]
+    return cmd.argv[i + 1 :]
 
 
 def with_reference(args: list[str]) -> list[str]:
@@ -139,8 +139,10 @@ def run_spec(cmd: Command) -> dict | None:
     spec = {"id": cmd.id, "env": cmd.env}
     if cmd.lang == "python":
         # the loaded weights equal torchvision's, mapped: what the block is for
-        check = ("[sum(__import__('torch').equal(module.net.state_dict()[k], v) for k, v in "
-                 "torchvision_retinanet_state_dict(tv.state_dict()).items()), len(module.net.state_dict())]")
+        check = (
+            "[sum(__import__('torch').equal(module.net.state_dict()[k], v) for k, v in "
+            "torchvision_retinanet_state_dict(tv.state_dict()).items()), len(module.net.state_dict())]"
+        )
         return {**spec, "kind": "python-block", "args": [], "code": cmd.text, "check": check}
     argv = cmd.argv
     if argv[0] == "make":
@@ -166,10 +168,18 @@ class Runner:
         plan = {"workdir": str(workdir), "commands": specs}
         (workdir / "plan.json").write_text(json.dumps(plan))
         self.log = open(workdir / "runner.log", "w")
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "readme_commands.py"),
-                                         str(workdir / "plan.json"), str(self.results_path)],
-                                        cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "readme_commands.py"),
+                str(workdir / "plan.json"),
+                str(self.results_path),
+            ],
+            cwd=workdir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+        )
         self.started = time.monotonic()
 
     def result(self, command_id: str) -> dict:
@@ -231,8 +241,9 @@ def test_checked_without_running(cmd):
     check(cmd)
 
 
-COUNTED = [c for c in COMMANDS if "-m" in c.argv and "train.py" in c.argv and re.search(r"\d+ (jobs|trials)",
-                                                                                          c.comment)]
+COUNTED = [
+    c for c in COMMANDS if "-m" in c.argv and "train.py" in c.argv and re.search(r"\d+ (jobs|trials)", c.comment)
+]
 
 
 @pytest.mark.parametrize("cmd", COUNTED, ids=[c.id for c in COUNTED])

@@ -30,8 +30,7 @@ SWEEPS = ROOT / "sweeps"
 
 # the papers' grids, as the issue gives them: RetinaNet Table 1a/1b, SSD Table 3
 PAPER_GRIDS = {
-    "focal_loss.yaml": {"model.loss.gamma": [0, 0.1, 0.2, 0.5, 1, 2, 5],
-                        "model.loss.alpha": [0.25, 0.5, 0.75, 0.999]},
+    "focal_loss.yaml": {"model.loss.gamma": [0, 0.1, 0.2, 0.5, 1, 2, 5], "model.loss.alpha": [0.25, 0.5, 0.75, 0.999]},
     "ssd_layers.yaml": {"model.num_prediction_layers": [1, 2, 3, 4, 5, 6]},
 }
 AGENT_PREFIX = ["/usr/bin/env", "python", "train.py"]  # what ${env} ${interpreter} ${program} become on Linux
@@ -112,6 +111,7 @@ def is_number(v) -> bool:
 
 
 # --- the W&B sweep files -----------------------------------------------------------------------------
+
 
 def test_every_sweep_file_is_checked():
     assert sorted(p.name for p in SWEEPS.glob("*.yaml")) == sorted(PAPER_GRIDS)
@@ -198,13 +198,14 @@ def test_every_run_command_composes_with_the_real_config(name):
             argv = agent_argv(sweep, run)
             assert argv[:3] == AGENT_PREFIX
             assert argv[3:] == fixed + [f"{k}={v['value']}" for k, v in run.items()]
-            for override in parser.parse_overrides(argv[3 + len(fixed):]):
+            for override in parser.parse_overrides(argv[3 + len(fixed) :]):
                 key, value = override.key_or_group, override.value()
                 assert override.type.name == "CHANGE" and not override.is_sweep_override(), override
                 assert is_number(OmegaConf.select(base, key, throw_on_missing=True)), f"{key}: not a setting"
                 expected = run[key]["value"]
                 assert is_number(value) and value == expected and type(value) is type(expected), (
-                    f"{' '.join(argv[3:])}: Hydra reads {key} as {value!r}, the sweep gives {expected!r}")
+                    f"{' '.join(argv[3:])}: Hydra reads {key} as {value!r}, the sweep gives {expected!r}"
+                )
         for run in covering(runs):
             cfg = compose(agent_argv(sweep, run)[3:])
             for key, param in run.items():
@@ -232,9 +233,9 @@ def test_every_ssd_layer_count_builds_and_runs_at_the_sweep_input_size():
 
 # --- the equivalent Hydra multiruns --------------------------------------------------------------------
 
+
 def test_focal_loss_multirun_expands_to_28_jobs():
-    jobs = multirun_jobs("python train.py -m model.loss.gamma=0,0.1,0.2,0.5,1,2,5 "
-                         "model.loss.alpha=0.25,0.5,0.75,0.999")
+    jobs = multirun_jobs("python train.py -m model.loss.gamma=0,0.1,0.2,0.5,1,2,5 model.loss.alpha=0.25,0.5,0.75,0.999")
     assert len(jobs) == 28
     assert jobs[0] == ["model.loss.gamma=0", "model.loss.alpha=0.25"]
     assert jobs[-1] == ["model.loss.gamma=5", "model.loss.alpha=0.999"]
@@ -263,6 +264,7 @@ def test_documented_multirun_runs_the_same_settings_as_the_wandb_sweep(name):
 
 
 # --- the Optuna search (hydra-optuna-sweeper) ----------------------------------------------------------
+
 
 def hparams_search_override(option: str) -> str:
     """`hparams_search=...` once conf/train.yaml lists the group in its defaults, `+hparams_search=...` before."""
@@ -293,12 +295,19 @@ def test_optuna_focal_loss_search_composes():
         assert isinstance(gamma, UniformDistribution) and (gamma.low, gamma.high) == (0.0, 5.0)
         assert isinstance(alpha, UniformDistribution) and (alpha.low, alpha.high) == (0.25, 0.999)
         # a trial's job: the sampled values as overrides on top of the search's config
-        trial = compose([hparams_search_override("focal_loss_optuna"), "experiment=retinanet_shapes",
-                         "model.loss.gamma=3.7", "model.loss.alpha=0.61"])
+        trial = compose(
+            [
+                hparams_search_override("focal_loss_optuna"),
+                "experiment=retinanet_shapes",
+                "model.loss.gamma=3.7",
+                "model.loss.alpha=0.61",
+            ]
+        )
         assert (trial.model.loss.gamma, trial.model.loss.alpha) == (3.7, 0.61)
 
 
 # --- sweeps/summarize.py ----------------------------------------------------------------------------------
+
 
 def load_summarize():
     spec = importlib.util.spec_from_file_location("sweeps_summarize", SWEEPS / "summarize.py")
@@ -320,14 +329,23 @@ def test_summarize_tabulates_a_multirun_best_first(tmp_path, capsys):
     sweep = tmp_path / "multirun" / "2026-01-01_00-00-00"
     task = ["experiment=retinanet_shapes", "model.loss.gamma=0,2", "model.loss.alpha=0.25,0.5"]
     sweep.mkdir(parents=True)
-    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
-        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
-        "overrides": {"task": task}}}))
+    (sweep / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "hydra": {
+                    "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
+                    "overrides": {"task": task},
+                }
+            }
+        )
+    )
     fixed = ["experiment=retinanet_shapes"]
-    fake_job(sweep / "0", fixed + ["model.loss.gamma=0", "model.loss.alpha=0.25"],
-             {"val/map": 0.30, "val/map_50": 0.55, "val/map_75": 0.2})
-    fake_job(sweep / "1", fixed + ["model.loss.gamma=0", "model.loss.alpha=0.5"],
-             {"val/map": 0.45, "val/map_50": 0.71})
+    fake_job(
+        sweep / "0",
+        fixed + ["model.loss.gamma=0", "model.loss.alpha=0.25"],
+        {"val/map": 0.30, "val/map_50": 0.55, "val/map_75": 0.2},
+    )
+    fake_job(sweep / "1", fixed + ["model.loss.gamma=0", "model.loss.alpha=0.5"], {"val/map": 0.45, "val/map_50": 0.71})
     fake_job(sweep / "2", fixed + ["model.loss.gamma=2", "model.loss.alpha=0.25"], None)  # crashed
     # job 3 never started: no folder
 
@@ -355,8 +373,11 @@ def test_summarize_reads_wandb_agent_run_folders_and_other_metrics(tmp_path, cap
     summarize = load_summarize()
     fixed = ["experiment=ssd_shapes", "data.image_size=300", "logger=wandb", "task_name=ssd_layers_sweep"]
     for i, (n, m) in enumerate([(6, 0.61), (1, 0.40), (4, 0.70)]):
-        fake_job(tmp_path / f"2026-01-01_00-00-0{i}", fixed + [f"model.num_prediction_layers={n}"],
-                 {"val/map": m, "val/map_50": m + 0.2})
+        fake_job(
+            tmp_path / f"2026-01-01_00-00-0{i}",
+            fixed + [f"model.num_prediction_layers={n}"],
+            {"val/map": m, "val/map_50": m + 0.2},
+        )
     summary = summarize.summarize(tmp_path, metrics=("val/map_50",))
     assert summary.keys == ["model.num_prediction_layers"]  # what differs between the runs
     assert [j.overrides["model.num_prediction_layers"] for j in summary.jobs] == ["4", "6", "1"]

@@ -15,8 +15,14 @@ from PIL import Image
 from datamodules.images import read_image
 from datamodules.shapes import SHAPE_CLASSES, render_shapes_image
 from detectors.batch import collate_detection
-from engine.checkpoint_loading import (MOVED_TARGETS, CheckpointError, ClassMismatchError, build_model, finetune_from,
-                                       load_checkpoint)
+from engine.checkpoint_loading import (
+    MOVED_TARGETS,
+    CheckpointError,
+    ClassMismatchError,
+    build_model,
+    finetune_from,
+    load_checkpoint,
+)
 from engine.detection_module import DetectionModule
 
 from .conftest import ROOT, TINY, compose
@@ -45,9 +51,18 @@ def run_tool(script: str, cwd: Path, *args: str) -> str:
 def run(tmp_path_factory) -> Path:
     """One train.py run of the tiny RetinaNet (1 epoch, 8 steps); its threshold 0.01 leaves detections to score."""
     logs = tmp_path_factory.mktemp("train")
-    run_tool("train.py", logs, *TINY, f"paths.log_dir={logs}", "trainer.max_epochs=1", "logger=csv",
-             "callbacks.prediction_images=null", "callbacks.pr_curves=null", "model.scheduler.warmup_steps=2",
-             "model.postprocess.score_thresh=0.01")
+    run_tool(
+        "train.py",
+        logs,
+        *TINY,
+        f"paths.log_dir={logs}",
+        "trainer.max_epochs=1",
+        "logger=csv",
+        "callbacks.prediction_images=null",
+        "callbacks.pr_curves=null",
+        "model.scheduler.warmup_steps=2",
+        "model.postprocess.score_thresh=0.01",
+    )
     (folder,) = (logs / "retinanet_shapes").iterdir()
     return folder
 
@@ -76,8 +91,9 @@ def xywh_to_xyxy(boxes: list[list[float]]) -> torch.Tensor:
 
 # --- eval.py --------------------------------------------------------------------------------------------------
 def test_eval_reproduces_train_metrics_and_its_coco_files_reevaluate(run, best, tmp_path):
-    out = run_tool("eval.py", tmp_path, f"ckpt_path={best}", f"paths.log_dir={tmp_path}", "data=shapes", *TINY_DATA,
-                   "trainer=cpu")
+    out = run_tool(
+        "eval.py", tmp_path, f"ckpt_path={best}", f"paths.log_dir={tmp_path}", "data=shapes", *TINY_DATA, "trainer=cpu"
+    )
     (folder,) = (tmp_path / "eval").iterdir()
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics == json.loads((run / "metrics.json").read_text())  # same data, same numbers, same keys
@@ -114,8 +130,13 @@ def test_eval_data_defaults_to_the_training_run_and_transform_overrides(best):
 def test_eval_refuses_other_classes_naming_both_lists(best, tmp_path):
     from eval import evaluate
 
-    cfg = compose_tool("eval", f"ckpt_path={best}", "data=shapes", "data.classes=[ellipse,rectangle,triangle]",
-                       f"paths.output_dir={tmp_path}")
+    cfg = compose_tool(
+        "eval",
+        f"ckpt_path={best}",
+        "data=shapes",
+        "data.classes=[ellipse,rectangle,triangle]",
+        f"paths.output_dir={tmp_path}",
+    )
     with pytest.raises(ClassMismatchError) as e:
         evaluate(cfg)
     message = str(e.value)
@@ -127,8 +148,18 @@ def test_eval_refuses_other_classes_naming_both_lists(best, tmp_path):
 def test_predict_draws_each_image_at_its_size_and_writes_model_detections(best, tmp_path):
     inputs = tiny_images(tmp_path / "in")
     out = tmp_path / "out"
-    run_tool("predict.py", tmp_path, f"ckpt_path={best}", f"input={tmp_path / 'in'}", f"output={out}",
-             f"paths.log_dir={tmp_path}", "score_thresh=0", "batch_size=2", "num_workers=0", LOW_THRESHOLD)
+    run_tool(
+        "predict.py",
+        tmp_path,
+        f"ckpt_path={best}",
+        f"input={tmp_path / 'in'}",
+        f"output={out}",
+        f"paths.log_dir={tmp_path}",
+        "score_thresh=0",
+        "batch_size=2",
+        "num_workers=0",
+        LOW_THRESHOLD,
+    )
     for path in inputs:
         picture = out / path.name
         with Image.open(path) as original, Image.open(picture) as drawn:
@@ -141,8 +172,21 @@ def test_predict_draws_each_image_at_its_size_and_writes_model_detections(best, 
     images = [read_image(p) for p in inputs]
     expected = []
     for pair in (images[:2], images[2:]):  # predict.py's batches
-        expected += model.detect(collate_detection([(img, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(
-            0, dtype=torch.long), "image_id": torch.tensor(0)}) for img in pair]))
+        expected += model.detect(
+            collate_detection(
+                [
+                    (
+                        img,
+                        {
+                            "boxes": torch.zeros(0, 4),
+                            "labels": torch.zeros(0, dtype=torch.long),
+                            "image_id": torch.tensor(0),
+                        },
+                    )
+                    for img in pair
+                ]
+            )
+        )
     for index, (path, det) in enumerate(zip(inputs, expected)):
         mine = [e for e in entries if e["image_id"] == index]
         assert len(mine) == len(det["scores"]) > 0 and {e["file_name"] for e in mine} == {str(path)}
@@ -246,18 +290,27 @@ def test_a_checkpoint_of_the_old_layout_still_builds_and_resumes(best, tmp_path)
     checkpoint = load_checkpoint(best)
     old_ckpt = old_layout_checkpoint(best, tmp_path / "old.ckpt")
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "image_id": torch.tensor(0)}
-    batch = collate_detection([(render_shapes_image(seed, 64, SHAPE_CLASSES, 2, 5, 10, 0.8)[0], empty)
-                               for seed in (1, 2)])
+    batch = collate_detection(
+        [(render_shapes_image(seed, 64, SHAPE_CLASSES, 2, 5, 10, 0.8)[0], empty) for seed in (1, 2)]
+    )
     new_model, old_model = (build_model(c, best).net.eval() for c in (checkpoint, load_checkpoint(old_ckpt)))
     assert type(old_model.postprocess) is type(new_model.postprocess)
     for mine, theirs in zip(old_model.detect(batch), new_model.detect(batch), strict=True):
         assert all(torch.equal(mine[k], theirs[k]) for k in ("boxes", "scores", "labels"))
 
     module = instantiate(compose(*TINY).model)
-    trainer = instantiate(compose(*TINY).trainer, logger=False, callbacks=[], enable_progress_bar=False,
-                          enable_model_summary=False, limit_val_batches=1, default_root_dir=str(tmp_path))
-    trainer.validate(module, datamodule=instantiate(compose(*TINY).data), ckpt_path=old_ckpt, verbose=False,
-                     weights_only=True)
+    trainer = instantiate(
+        compose(*TINY).trainer,
+        logger=False,
+        callbacks=[],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.validate(
+        module, datamodule=instantiate(compose(*TINY).data), ckpt_path=old_ckpt, verbose=False, weights_only=True
+    )
     assert torch.equal(module.net.head.cls_score.weight, checkpoint["state_dict"]["net.head.cls_score.weight"])
 
 
@@ -279,9 +332,11 @@ def test_finetune_loads_all_but_the_class_dependent_layers(best, classes):
 def test_checkpoint_configs_may_only_target_this_project_and_torch():
     from engine.checkpoint_loading import CheckpointError, check_targets
 
-    safe = {"_target_": "engine.detection_module.DetectionModule",
-            "backbone": {"_target_": "torchvision.ops.FeaturePyramidNetwork"},
-            "steps": [{"_target_": "datamodules.transforms.ResizeTo", "size": 64}]}
+    safe = {
+        "_target_": "engine.detection_module.DetectionModule",
+        "backbone": {"_target_": "torchvision.ops.FeaturePyramidNetwork"},
+        "steps": [{"_target_": "datamodules.transforms.ResizeTo", "size": 64}],
+    }
     check_targets(safe, "x.ckpt")
     crafted = {**safe, "steps": [{"_target_": "os.system", "_args_": ["echo pwned"]}]}
     with pytest.raises(CheckpointError, match=r"model_config\.steps\.0\._target_ is 'os.system'.*trust_checkpoint"):

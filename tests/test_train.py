@@ -45,8 +45,18 @@ def test_model_configs_instantiate(model):
 
 
 def run_train(tmp_path, *overrides):
-    done = run_python([ROOT / "train.py", *TINY, f"paths.log_dir={tmp_path}", "trainer.max_epochs=2",
-                       "model.scheduler.milestones=[6,7]", "model.scheduler.warmup_steps=2", *overrides], tmp_path)
+    done = run_python(
+        [
+            ROOT / "train.py",
+            *TINY,
+            f"paths.log_dir={tmp_path}",
+            "trainer.max_epochs=2",
+            "model.scheduler.milestones=[6,7]",
+            "model.scheduler.warmup_steps=2",
+            *overrides,
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -61,8 +71,16 @@ def test_train_py_writes_checkpoints_metrics_and_resumes(tmp_path):
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / ".hydra" / "config.yaml").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("val/map", "val/map_50", "val/map_75", "val/map_small", "val/mar_100", "val/voc07_map_50",
-                "val/voc_map_50", "val/ap/ellipse"):
+    for key in (
+        "val/map",
+        "val/map_50",
+        "val/map_75",
+        "val/map_small",
+        "val/mar_100",
+        "val/voc07_map_50",
+        "val/voc_map_50",
+        "val/ap/ellipse",
+    ):
         assert key in metrics and -1 <= metrics[key] <= 1
     timed = [r["time/train_min"] for r in read_metrics(run) if "time/train_min" in r]
     assert len(timed) == 2 and 0 < timed[0] < timed[1]  # one per validation, growing
@@ -86,6 +104,7 @@ def test_help_lists_config_groups():
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    done = run_python([ROOT / "train.py", *TINY, f"paths.log_dir={tmp_path}", "ckpt_path=nope.ckpt"], tmp_path,
-                      timeout=300)
+    done = run_python(
+        [ROOT / "train.py", *TINY, f"paths.log_dir={tmp_path}", "ckpt_path=nope.ckpt"], tmp_path, timeout=300
+    )
     assert done.returncode != 0 and "ckpt_path=nope.ckpt: no such file" in done.stderr

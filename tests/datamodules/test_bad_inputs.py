@@ -47,12 +47,17 @@ def test_truncated_file_names_the_file(tmp_path, fmt, keep):
 
 def png_with_missing_rows(width: int, height: int, rows: int) -> bytes:
     """A well-formed PNG (valid chunks and CRCs) whose pixel data stops after ``rows`` of its ``height`` rows."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     pixels = zlib.compress(b"".join(b"\x00" + bytes(3 * width) for _ in range(rows)))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", pixels)
+        + chunk(b"IEND", b"")
+    )
 
 
 CORRUPT_PNGS = """
@@ -95,7 +100,7 @@ def test_corrupted_jpeg_data_decodes_at_full_size(tmp_path):
     its size with some wrong pixels (libjpeg prints 'Corrupt JPEG data' on stderr). The boxes stay right."""
     raw = bytearray(encoded(noise(160, 120), "JPEG", quality=90))
     middle = len(raw) // 2
-    raw[middle:middle + 200] = np.random.default_rng(1).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    raw[middle : middle + 200] = np.random.default_rng(1).integers(0, 256, 200, dtype=np.uint8).tobytes()
     path = tmp_path / "damaged.jpg"
     path.write_bytes(bytes(raw))
     out = read_image(path)
@@ -158,8 +163,13 @@ def test_malformed_exif_orientation_leaves_the_image_as_stored(tmp_path, exif):
     assert out.shape == (3, 40, 60)
 
 
-TRANSFORMS = {"ssd": SSDAugmentation(300), "yolo": YOLOAugmentation(448), "retinanet": ShortSideAugmentation([800]),
-              "retinanet val": ShortSideResize(800, 1333), "val": ResizeTo(300)}
+TRANSFORMS = {
+    "ssd": SSDAugmentation(300),
+    "yolo": YOLOAugmentation(448),
+    "retinanet": ShortSideAugmentation([800]),
+    "retinanet val": ShortSideResize(800, 1333),
+    "val": ResizeTo(300),
+}
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
@@ -264,8 +274,9 @@ def test_coco_zero_size_box_is_dropped_with_a_count(tmp_path, caplog):
     assert "000001.jpg: dropped 1 box(es) of zero width or height" in caplog.text
 
 
-@pytest.mark.parametrize("bbox", [[0, 0, float("inf"), 5], [float("nan"), 0, 5, 5], [10, 10, -5, 5], [0, 0, 5, "5"],
-                                  [0, 0, 5, None]])
+@pytest.mark.parametrize(
+    "bbox", [[0, 0, float("inf"), 5], [float("nan"), 0, 5, 5], [10, 10, -5, 5], [0, 0, 5, "5"], [0, 0, 5, None]]
+)
 def test_coco_bbox_that_is_not_four_finite_numbers_names_the_annotation(tmp_path, bbox):
     root = write_coco(tmp_path, [image(1)], [ann(1, 1, 7, [0, 0, 1, 1]) | {"bbox": bbox}], CATEGORIES)
     with pytest.raises(COCOFormatError, match=r"instances_val\.json: annotation id 1 has bbox .*finite"):
@@ -277,6 +288,7 @@ def test_coco_image_entry_without_its_fields_names_the_image(tmp_path, missing):
     root = write_coco(tmp_path, [image(1)], [], CATEGORIES)
     entry = {k: v for k, v in image(1).items() if k != missing}
     (root / "annotations" / "instances_val.json").write_text(
-        json.dumps({"images": [entry], "annotations": [], "categories": CATEGORIES}))
+        json.dumps({"images": [entry], "annotations": [], "categories": CATEGORIES})
+    )
     with pytest.raises(COCOFormatError, match=rf"instances_val\.json: image id 1 .*{missing}"):
         COCODataset(root, "val", ["dog", "cat"])[0]

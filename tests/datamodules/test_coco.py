@@ -66,8 +66,11 @@ def test_our_coco_metrics_equal_pycocotools_on_the_same_files(tmp_path):
         labels[wrong] = torch.randint(0, 80, (int(wrong.sum()),), generator=g)
         clutter = torch.rand(5, 2, generator=g) * 300
         det_boxes = torch.cat((jitter, torch.cat((clutter, clutter + 40), 1)))
-        det = {"boxes": det_boxes, "scores": torch.rand(len(det_boxes), generator=g),
-               "labels": torch.cat((labels, torch.randint(0, 80, (5,), generator=g)))}
+        det = {
+            "boxes": det_boxes,
+            "scores": torch.rand(len(det_boxes), generator=g),
+            "labels": torch.cat((labels, torch.randint(0, 80, (5,), generator=g))),
+        }
         keep = torch.rand(len(det_boxes), generator=g) < 0.9
         det = {k: v[keep][:100] for k, v in det.items()}
         detections.append(det)
@@ -76,8 +79,12 @@ def test_our_coco_metrics_equal_pycocotools_on_the_same_files(tmp_path):
     ours = metrics.compute("val")
     results = write_coco_results(detections, data, indices, tmp_path / "results.json")
     entries = json.loads(results.read_text())
-    assert sum(len(d["scores"]) for d in detections) == len(entries) and {"image_id", "category_id", "bbox",
-                                                                            "score"} <= set(entries[0])
+    assert sum(len(d["scores"]) for d in detections) == len(entries) and {
+        "image_id",
+        "category_id",
+        "bbox",
+        "score",
+    } <= set(entries[0])
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(data.annotation_file))
         evaluator = COCOeval(gt, gt.loadRes(str(results)), "bbox")
@@ -94,14 +101,30 @@ def test_our_coco_metrics_equal_pycocotools_on_the_same_files(tmp_path):
 @pytest.mark.slow
 @needs_sample
 def test_config_trains_a_short_run_on_the_real_sample(tmp_path):
-    cmd = [ROOT / "train.py", "model=ssd", "model.num_prediction_layers=4",
-           "model.backbone.width=0.25", "model.backbone.norm=bn", "model/optimizer=adamw", "trainer=cpu",
-           "task_name=coco_sample", "data=coco", f"data.root={COCO_SAMPLE}", "data.train_transform.size=128",
-           "data.batch_size=8", "data.num_workers=0", "data.pin_memory=false", "trainer.max_epochs=1",
-           "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=3", "trainer.log_every_n_steps=1",
-           "model.scheduler.warmup_steps=2", "model.scheduler.milestones=[8,9]",
-           "model.postprocess.score_thresh=0.05",  # untrained: 1/81 > 0.01 would send every box to NMS
-           f"paths.log_dir={tmp_path}"]
+    cmd = [
+        ROOT / "train.py",
+        "model=ssd",
+        "model.num_prediction_layers=4",
+        "model.backbone.width=0.25",
+        "model.backbone.norm=bn",
+        "model/optimizer=adamw",
+        "trainer=cpu",
+        "task_name=coco_sample",
+        "data=coco",
+        f"data.root={COCO_SAMPLE}",
+        "data.train_transform.size=128",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=3",
+        "+trainer.limit_val_batches=3",
+        "trainer.log_every_n_steps=1",
+        "model.scheduler.warmup_steps=2",
+        "model.scheduler.milestones=[8,9]",
+        "model.postprocess.score_thresh=0.05",  # untrained: 1/81 > 0.01 would send every box to NMS
+        f"paths.log_dir={tmp_path}",
+    ]
     done = run_python(cmd, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run,) = (tmp_path / "coco_sample").iterdir()
@@ -110,8 +133,14 @@ def test_config_trains_a_short_run_on_the_real_sample(tmp_path):
 
 
 # --- fixture jsons for the quirks of exported files -----------------------------------------------------
-def write_coco(root: Path, images: list[dict], annotations: list[dict], categories: list[dict],
-               split: str = "val", extra_files: tuple[str, ...] = ()) -> Path:
+def write_coco(
+    root: Path,
+    images: list[dict],
+    annotations: list[dict],
+    categories: list[dict],
+    split: str = "val",
+    extra_files: tuple[str, ...] = (),
+) -> Path:
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for im in images:
         path = root / split / im["file_name"]
@@ -120,7 +149,8 @@ def write_coco(root: Path, images: list[dict], annotations: list[dict], categori
     for name in extra_files:
         Image.new("RGB", (8, 8)).save(root / split / name)
     (root / "annotations" / f"instances_{split}.json").write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return root
 
 
@@ -129,8 +159,14 @@ def image(i, name=None, w=64, h=48):
 
 
 def ann(i, image_id, category_id, bbox, iscrowd=0):
-    return {"id": i, "image_id": image_id, "category_id": category_id, "bbox": bbox, "iscrowd": iscrowd,
-            "area": bbox[2] * bbox[3]}
+    return {
+        "id": i,
+        "image_id": image_id,
+        "category_id": category_id,
+        "bbox": bbox,
+        "iscrowd": iscrowd,
+        "area": bbox[2] * bbox[3],
+    }
 
 
 CATEGORIES = [{"id": 0, "name": "placeholder"}, {"id": 7, "name": "cat"}, {"id": 3, "name": "dog"}]
@@ -149,21 +185,39 @@ def test_sparse_ids_placeholder_category_sub_folders_and_json_order(tmp_path):
     assert t["labels"].tolist() == [0, 1] and t["iscrowd"].tolist() == [0, 1]
     assert len(data[2][1]["boxes"]) == 0  # no annotations: kept for evaluation
     assert data.category_of_label == {0: 3, 1: 7}
-    entries = json.loads(write_coco_results(
-        [{"boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0]]), "scores": torch.tensor([0.5]), "labels": torch.tensor([1])}],
-        data, [1], tmp_path / "r.json").read_text())
+    entries = json.loads(
+        write_coco_results(
+            [
+                {
+                    "boxes": torch.tensor([[1.0, 2.0, 11.0, 22.0]]),
+                    "scores": torch.tensor([0.5]),
+                    "labels": torch.tensor([1]),
+                }
+            ],
+            data,
+            [1],
+            tmp_path / "r.json",
+        ).read_text()
+    )
     assert entries == [{"image_id": 5, "category_id": 7, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.5}]
     train = COCODataset(root, "val", ["dog", "cat"], keep_empty=False)
     assert train.image_ids == [42, 5]
 
 
-@pytest.mark.parametrize(("images", "anns", "message"), [
-    ([image(1), image(1)], [], r"image id 1 appears 2 times"),
-    ([image(1)], [ann(1, 2, 7, [0, 0, 5, 5])], r"annotation id 1 refers to image id 2, which is not in 'images'"),
-    ([image(1)], [ann(1, 1, 99, [0, 0, 5, 5])], r"annotation id 1 has category_id 99, not in 'categories'"),
-    ([image(1)], [{"id": 4, "image_id": 1, "category_id": 7}], r"annotation id 4 has no 'bbox'"),
-    ([image(1)], [ann(1, 1, 0, [0, 0, 5, 5])], r"category 0 'placeholder' has annotations but is not in data.classes"),
-])
+@pytest.mark.parametrize(
+    ("images", "anns", "message"),
+    [
+        ([image(1), image(1)], [], r"image id 1 appears 2 times"),
+        ([image(1)], [ann(1, 2, 7, [0, 0, 5, 5])], r"annotation id 1 refers to image id 2, which is not in 'images'"),
+        ([image(1)], [ann(1, 1, 99, [0, 0, 5, 5])], r"annotation id 1 has category_id 99, not in 'categories'"),
+        ([image(1)], [{"id": 4, "image_id": 1, "category_id": 7}], r"annotation id 4 has no 'bbox'"),
+        (
+            [image(1)],
+            [ann(1, 1, 0, [0, 0, 5, 5])],
+            r"category 0 'placeholder' has annotations but is not in data.classes",
+        ),
+    ],
+)
 def test_bad_jsons_name_the_file_and_entry(tmp_path, images, anns, message):
     root = write_coco(tmp_path, images, anns, CATEGORIES)
     with pytest.raises(COCOFormatError, match=rf"instances_val\.json: .*{message}"):

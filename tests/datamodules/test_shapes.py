@@ -47,8 +47,9 @@ def test_train_transform_flips_after_rendering_and_val_stays_plain():
         img, t = flipped[i]
         ref_img, ref_t = plain[i]
         if torch.equal(img, ref_img.flip(-1)):
-            mirrored = torch.stack((128 - ref_t["boxes"][:, 2], ref_t["boxes"][:, 1],
-                                    128 - ref_t["boxes"][:, 0], ref_t["boxes"][:, 3]), 1)
+            mirrored = torch.stack(
+                (128 - ref_t["boxes"][:, 2], ref_t["boxes"][:, 1], 128 - ref_t["boxes"][:, 0], ref_t["boxes"][:, 3]), 1
+            )
             assert torch.allclose(t["boxes"], mirrored)
         else:
             assert torch.equal(img, ref_img) and torch.equal(t["boxes"], ref_t["boxes"])

@@ -14,9 +14,17 @@ from torchvision.transforms.v2 import functional as F
 
 from datamodules.browse import main as browse_main
 from datamodules.base import AspectRatioGroupedBatchSampler
-from datamodules.transforms import (MinIoURandomCrop, PhotometricDistort, RandomHSVScale, ResizeTo,
-                                    ShortSideAugmentation, ShortSideResize, SSDAugmentation, YOLOAugmentation,
-                                    scale_saturation_value)
+from datamodules.transforms import (
+    MinIoURandomCrop,
+    PhotometricDistort,
+    RandomHSVScale,
+    ResizeTo,
+    ShortSideAugmentation,
+    ShortSideResize,
+    SSDAugmentation,
+    YOLOAugmentation,
+    scale_saturation_value,
+)
 from detectors.batch import collate_detection
 
 from ..conftest import compose
@@ -33,16 +41,25 @@ def random_sample(g: torch.Generator, h: int, w: int, n: int) -> tuple[torch.Ten
     x0 = torch.rand(n, generator=g) * (w - side[:, 0])
     y0 = torch.rand(n, generator=g) * (h - side[:, 1])
     boxes = torch.stack((x0, y0, x0 + side[:, 0], y0 + side[:, 1]), 1)
-    boxes[n // 4: n // 4 + 1, 2] = boxes[n // 4: n // 4 + 1, 0]  # one zero-width box
+    boxes[n // 4 : n // 4 + 1, 2] = boxes[n // 4 : n // 4 + 1, 0]  # one zero-width box
     labels = torch.arange(n)
-    return image, {"boxes": boxes, "labels": labels, "difficult": labels % 2 == 0, "iscrowd": (labels % 3 == 0).long(),
-                   "image_id": torch.tensor(7)}
+    return image, {
+        "boxes": boxes,
+        "labels": labels,
+        "difficult": labels % 2 == 0,
+        "iscrowd": (labels % 3 == 0).long(),
+        "image_id": torch.tensor(7),
+    }
 
 
 def empty_target() -> dict:
-    return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
-            "difficult": torch.zeros(0, dtype=torch.bool), "iscrowd": torch.zeros(0, dtype=torch.long),
-            "image_id": torch.tensor(3)}
+    return {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.long),
+        "difficult": torch.zeros(0, dtype=torch.bool),
+        "iscrowd": torch.zeros(0, dtype=torch.long),
+        "image_id": torch.tensor(3),
+    }
 
 
 def iou64(a: list[float], b: list[float]) -> float:
@@ -112,8 +129,12 @@ def test_crop_keeps_boxes_whose_centres_lie_in_the_patch_clipped_to_it():
         expected = []
         for i, b in enumerate(target["boxes"].tolist()):
             if centre_in(b, [x0, y0, x1, y1]):
-                c = [min(max(b[0], x0), x1) - x0, min(max(b[1], y0), y1) - y0,
-                     min(max(b[2], x0), x1) - x0, min(max(b[3], y0), y1) - y0]
+                c = [
+                    min(max(b[0], x0), x1) - x0,
+                    min(max(b[1], y0), y1) - y0,
+                    min(max(b[2], x0), x1) - x0,
+                    min(max(b[3], y0), y1) - y0,
+                ]
                 if c[2] - c[0] >= 1 and c[3] - c[1] >= 1:
                     expected.append((i, c))
         assert out["labels"].tolist() == [i for i, _ in expected]
@@ -143,8 +164,18 @@ def test_no_degenerate_box_survives_and_fields_stay_aligned():
     assert dropped > 150  # the tiny boxes (3 per image) and cropped-away objects were there to drop
 
 
-@pytest.mark.parametrize("switches", [{}, ALL_OFF, {"crop": False}, {"expand": False}, {"photometric": False},
-                                      {**ALL_OFF, "expand": True}, {**ALL_OFF, "crop": True}])
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {},
+        ALL_OFF,
+        {"crop": False},
+        {"expand": False},
+        {"photometric": False},
+        {**ALL_OFF, "expand": True},
+        {**ALL_OFF, "crop": True},
+    ],
+)
 def test_images_without_objects_pass_every_step(switches):
     augment = SSDAugmentation(size=(48, 40), **switches)
     for seed in range(40):
@@ -159,8 +190,11 @@ def square_sample(h: int = 40, w: int = 60) -> tuple[torch.Tensor, dict]:
     image = torch.zeros(3, h, w, dtype=torch.uint8)
     image[1] = 200
     image[:, 5:15, 10:20] = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None]
-    return image, {"boxes": torch.tensor([[10.0, 5.0, 20.0, 15.0]]), "labels": torch.tensor([2]),
-                   "image_id": torch.tensor(0)}
+    return image, {
+        "boxes": torch.tensor([[10.0, 5.0, 20.0, 15.0]]),
+        "labels": torch.tensor([2]),
+        "image_id": torch.tensor(0),
+    }
 
 
 def is_red(image: torch.Tensor) -> torch.Tensor:
@@ -265,8 +299,9 @@ def test_eval_resize_maps_back_to_the_original_frame():
     torch.testing.assert_close(out["scale"], torch.tensor([96 / 60, 128 / 80]))
     batch = collate_detection([(image2, out), ResizeTo((96, 128))(image, target)])
     for i in range(2):
-        torch.testing.assert_close(batch.boxes_in_original_frame(batch.boxes[i][batch.valid[i]], i), original,
-                                   rtol=0, atol=1e-3)
+        torch.testing.assert_close(
+            batch.boxes_in_original_frame(batch.boxes[i][batch.valid[i]], i), original, rtol=0, atol=1e-3
+        )
     assert torch.equal(target["boxes"], original)  # the input target is untouched
 
 
@@ -311,13 +346,25 @@ def test_browse_writes_a_png_grid(tmp_path, capsys):
     from PIL import Image
 
     out = tmp_path / "grid" / "browse.png"
-    path = browse_main(["data=shapes", "data/transform=ssd", "data.train_transform.size=48", "data.num_train=8",
-                        "split=train", "n=5", f"out={out}", "zoom=2", "seed=3"])
+    path = browse_main(
+        [
+            "data=shapes",
+            "data/transform=ssd",
+            "data.train_transform.size=48",
+            "data.num_train=8",
+            "split=train",
+            "n=5",
+            f"out={out}",
+            "zoom=2",
+            "seed=3",
+        ]
+    )
     assert path == out and out.is_file() and str(out.resolve()) in capsys.readouterr().out
     # 5 images of 96 px (48 × zoom 2) in rows of 3: 2 rows, 2 px padding around each
     assert Image.open(out).size == (3 * 96 + 4 * 2, 2 * 96 + 3 * 2)
-    path = browse_main(["data.image_size=64", "data/transform=none", "data.num_val=4", "split=val", "n=4",
-                        f"out={out}", "zoom=1"])
+    path = browse_main(
+        ["data.image_size=64", "data/transform=none", "data.num_val=4", "split=val", "n=4", f"out={out}", "zoom=1"]
+    )
     assert Image.open(path).size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
 
 
@@ -343,14 +390,30 @@ def photo_like(seed: int = 0) -> torch.Tensor:
     return (base + torch.randn(3, 60, 80, generator=g) * 10).clamp(0, 255).to(torch.uint8)
 
 
-NO_STEP = dict(brightness_factor=None, contrast_factor=None, saturation_factor=None, hue_factor=None,
-               channel_permutation=None, contrast_before=True)
+NO_STEP = dict(
+    brightness_factor=None,
+    contrast_factor=None,
+    saturation_factor=None,
+    hue_factor=None,
+    channel_permutation=None,
+    contrast_before=True,
+)
 
 
-@pytest.mark.parametrize(("step", "factor", "max_diff"), [
-    ("brightness_factor", 1.125, 1), ("brightness_factor", 0.875, 1), ("contrast_factor", 1.5, 1),
-    ("contrast_factor", 0.5, 1), ("saturation_factor", 1.5, 1), ("saturation_factor", 0.5, 1),
-    ("hue_factor", 0.05, 8), ("hue_factor", -0.04, 8), ("channel_permutation", torch.tensor([2, 0, 1]), 0)])
+@pytest.mark.parametrize(
+    ("step", "factor", "max_diff"),
+    [
+        ("brightness_factor", 1.125, 1),
+        ("brightness_factor", 0.875, 1),
+        ("contrast_factor", 1.5, 1),
+        ("contrast_factor", 0.5, 1),
+        ("saturation_factor", 1.5, 1),
+        ("saturation_factor", 0.5, 1),
+        ("hue_factor", 0.05, 8),
+        ("hue_factor", -0.04, 8),
+        ("channel_permutation", torch.tensor([2, 0, 1]), 0),
+    ],
+)
 def test_opencv_photometric_kernels_match_torchvisions(step, factor, max_diff):
     image = tv_tensors.Image(photo_like())
     params = {**NO_STEP, step: factor}
@@ -471,8 +534,10 @@ def test_yolo_transform_group_wires_both_splits():
 
 
 # --- RetinaNet: shorter side 800 (jittered in training), longer ≤ 1333, aspect-ratio batches padded to 128 -------
-@pytest.mark.parametrize(("h", "w", "expected"), [(375, 500, (800, 1066)), (500, 375, (1066, 800)),
-                                                   (300, 1000, (399, 1333)), (800, 800, (800, 800))])
+@pytest.mark.parametrize(
+    ("h", "w", "expected"),
+    [(375, 500, (800, 1066)), (500, 375, (1066, 800)), (300, 1000, (399, 1333)), (800, 800, (800, 800))],
+)
 def test_short_side_resize_keeps_the_aspect_ratio_and_maps_back(h, w, expected):
     image, target = random_sample(torch.Generator().manual_seed(12), h, w, n=3)
     out_image, out = ShortSideResize(800, 1333)(image, target)
@@ -505,8 +570,10 @@ def test_short_side_augmentation_draws_its_sizes_and_flips():
 
 
 def test_collate_pads_to_a_multiple():
-    samples = [(torch.ones(3, 130, 200, dtype=torch.uint8), empty_target()),
-               (torch.ones(3, 90, 257, dtype=torch.uint8), empty_target())]
+    samples = [
+        (torch.ones(3, 130, 200, dtype=torch.uint8), empty_target()),
+        (torch.ones(3, 90, 257, dtype=torch.uint8), empty_target()),
+    ]
     batch = collate_detection(samples, size_divisible=128)
     assert batch.images.shape == (2, 3, 256, 384) and batch.image_sizes.tolist() == [[130, 200], [90, 257]]
     assert batch.images[0, :, :130, :200].all() and not batch.images[0, :, 130:].any()
@@ -524,11 +591,18 @@ def test_aspect_ratio_batches_hold_one_orientation_and_every_index_once():
     assert len(list(dropped)) == len(dropped) == 5 and all(len(b) == 2 for b in dropped)
 
 
-@pytest.mark.parametrize(("model", "transform", "size"), [
-    ("retinanet", ShortSideAugmentation, None), ("retinanet_torchvision", ShortSideAugmentation, None),
-    ("ssd", SSDAugmentation, (300, 300)), ("ssd512", SSDAugmentation, (512, 512)),
-    ("ssd_torchvision", SSDAugmentation, (300, 300)), ("yolo", YOLOAugmentation, (448, 448)),
-    ("yolo_fast", YOLOAugmentation, (448, 448))])
+@pytest.mark.parametrize(
+    ("model", "transform", "size"),
+    [
+        ("retinanet", ShortSideAugmentation, None),
+        ("retinanet_torchvision", ShortSideAugmentation, None),
+        ("ssd", SSDAugmentation, (300, 300)),
+        ("ssd512", SSDAugmentation, (512, 512)),
+        ("ssd_torchvision", SSDAugmentation, (300, 300)),
+        ("yolo", YOLOAugmentation, (448, 448)),
+        ("yolo_fast", YOLOAugmentation, (448, 448)),
+    ],
+)
 def test_each_model_brings_its_papers_augmentation_and_input_size(model, transform, size):
     cfg = compose(f"model={model}", "data.num_train=2", "data.num_val=2")
     data = instantiate(cfg.data)

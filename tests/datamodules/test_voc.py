@@ -31,8 +31,13 @@ def reference_objects(xml_path: Path) -> list[tuple[str, list[float], bool]]:
     for obj in root.iter("object"):
         b = obj.find("bndbox")
         d = obj.find("difficult")
-        out.append((obj.find("name").text, [float(b.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")],
-                    d is not None and d.text is not None and d.text.strip() == "1"))
+        out.append(
+            (
+                obj.find("name").text,
+                [float(b.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")],
+                d is not None and d.text is not None and d.text.strip() == "1",
+            )
+        )
     return out
 
 
@@ -60,8 +65,9 @@ def test_real_sample_loads_every_image_with_its_boxes_converted():
 
 @needs_sample
 def test_training_split_drops_difficult_and_validation_keeps_them_flagged():
-    data = VOCDataModule(str(VOC_SAMPLE), train_sets=[[2012, "train"]], val_sets=[[2012, "val"], [2012, "val"]],
-                         num_workers=0)
+    data = VOCDataModule(
+        str(VOC_SAMPLE), train_sets=[[2012, "train"]], val_sets=[[2012, "val"], [2012, "val"]], num_workers=0
+    )
     data.setup("fit")
     assert len(data.train_set) == 80 and len(data.val_set) == 40
     train_targets = [data.train_set[i][1] for i in range(len(data.train_set))]
@@ -69,21 +75,42 @@ def test_training_split_drops_difficult_and_validation_keeps_them_flagged():
     val_ids = [int(data.val_set[i][1]["image_id"]) for i in range(len(data.val_set))]
     assert val_ids == list(range(40))  # unique across the concatenated sets
     kept = sum(len(data.val_set[i][1]["labels"]) for i in range(20))
-    ref = sum(len(reference_objects(r.image_path.parent.parent / "Annotations" / f"{r.image_path.stem}.xml"))
-              for r in data.val_set.datasets[0].records)
+    ref = sum(
+        len(reference_objects(r.image_path.parent.parent / "Annotations" / f"{r.image_path.stem}.xml"))
+        for r in data.val_set.datasets[0].records
+    )
     assert kept == ref
 
 
 @pytest.mark.slow
 @needs_sample
 def test_config_trains_a_short_run_on_the_real_sample(tmp_path):
-    cmd = [ROOT / "train.py", "model=ssd", "model.num_prediction_layers=4",
-           "model.backbone.width=0.25", "model.backbone.norm=bn", "model/optimizer=adamw", "model.optimizer.lr=0.001",
-           "trainer=cpu", "task_name=voc_sample", "data=voc", f"data.root={VOC_SAMPLE}",
-           "data.train_sets=[[2012,train]]", "data.val_sets=[[2012,val]]", "data.train_transform.size=128",
-           "data.batch_size=8", "data.num_workers=0", "data.pin_memory=false", "trainer.max_epochs=1",
-           "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=3", "trainer.log_every_n_steps=1",
-           "model.scheduler.warmup_steps=2", "model.scheduler.milestones=[8,9]", f"paths.log_dir={tmp_path}"]
+    cmd = [
+        ROOT / "train.py",
+        "model=ssd",
+        "model.num_prediction_layers=4",
+        "model.backbone.width=0.25",
+        "model.backbone.norm=bn",
+        "model/optimizer=adamw",
+        "model.optimizer.lr=0.001",
+        "trainer=cpu",
+        "task_name=voc_sample",
+        "data=voc",
+        f"data.root={VOC_SAMPLE}",
+        "data.train_sets=[[2012,train]]",
+        "data.val_sets=[[2012,val]]",
+        "data.train_transform.size=128",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=3",
+        "+trainer.limit_val_batches=3",
+        "trainer.log_every_n_steps=1",
+        "model.scheduler.warmup_steps=2",
+        "model.scheduler.milestones=[8,9]",
+        f"paths.log_dir={tmp_path}",
+    ]
     done = run_python(cmd, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run,) = (tmp_path / "voc_sample").iterdir()
@@ -104,8 +131,13 @@ def test_data_root_is_required_and_pairs_are_checked():
 
 
 # --- fixture folders for the quirks of real files ---------------------------------------------------------
-def write_devkit(root: Path, annotations: dict[str, str], images: dict[str, Image.Image | bytes | None],
-                 year: int = 2007, split: str = "train") -> Path:
+def write_devkit(
+    root: Path,
+    annotations: dict[str, str],
+    images: dict[str, Image.Image | bytes | None],
+    year: int = 2007,
+    split: str = "train",
+) -> Path:
     base = root / "VOCdevkit" / f"VOC{year}"
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -121,16 +153,22 @@ def write_devkit(root: Path, annotations: dict[str, str], images: dict[str, Imag
     return root / "VOCdevkit"
 
 
-def voc_xml(objects: str, size: str = "<size><width>60</width><height>40</height><depth>3</depth></size>",
-            filename: str | None = None, prolog: str = "") -> str:
+def voc_xml(
+    objects: str,
+    size: str = "<size><width>60</width><height>40</height><depth>3</depth></size>",
+    filename: str | None = None,
+    prolog: str = "",
+) -> str:
     name = f"<filename>{filename}</filename>" if filename else ""
     return f"{prolog}<annotation>{name}{size}{objects}</annotation>"
 
 
 def obj(name: str, box: str, extra: str = "") -> str:
     x0, y0, x1, y1 = box.split()
-    return (f"<object>{extra}<name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
-            f"<ymax>{y1}</ymax></bndbox></object>")
+    return (
+        f"<object>{extra}<name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
+        f"<ymax>{y1}</ymax></bndbox></object>"
+    )
 
 
 def rgb(w=60, h=40):
@@ -140,8 +178,10 @@ def rgb(w=60, h=40):
 def test_quirks_of_real_files_are_read(tmp_path):
     xmls = {
         # float coordinates, empty <difficult/>, an extra tag and attribute, no <filename>
-        "a": voc_xml(obj("dog", "10.5 5.5 30.25 20", "<difficult/><truncated>1</truncated><pose>Left</pose>")
-                     + obj("cat", "1 1 60 40", "<difficult>1</difficult><occluded>0</occluded>")),
+        "a": voc_xml(
+            obj("dog", "10.5 5.5 30.25 20", "<difficult/><truncated>1</truncated><pose>Left</pose>")
+            + obj("cat", "1 1 60 40", "<difficult>1</difficult><occluded>0</occluded>")
+        ),
         # no <size> at all: read from the image
         "b": voc_xml(obj("person", "2 3 10 12"), size=""),
     }
@@ -159,8 +199,11 @@ def test_quirks_of_real_files_are_read(tmp_path):
 
 def test_custom_classes_and_unknown_names(tmp_path):
     root = write_devkit(tmp_path, {"a": voc_xml(obj("dog", "1 1 5 5") + obj("zebra", "2 2 8 8"))}, {"a": rgb()})
-    with pytest.raises(VOCFormatError, match=r"a\.xml: <object> 1 has class 'zebra', not in data.classes.*"
-                                             r"data.unknown_classes=skip"):
+    with pytest.raises(
+        VOCFormatError,
+        match=r"a\.xml: <object> 1 has class 'zebra', not in data.classes.*"
+        r"data.unknown_classes=skip",
+    ):
         VOCDataset(root, 2007, "train")
     skipped = VOCDataset(root, 2007, "train", unknown_classes="skip")
     assert skipped.skipped_objects == 1 and skipped[0][1]["labels"].tolist() == [VOC_CLASSES.index("dog")]
@@ -168,14 +211,17 @@ def test_custom_classes_and_unknown_names(tmp_path):
     assert custom[0][1]["labels"].tolist() == [1, 0]
 
 
-@pytest.mark.parametrize(("xml", "message"), [
-    (voc_xml(obj("dog", "30 5 10 20")), r"xmin/ymin beyond xmax/ymax"),
-    (voc_xml(obj("dog", "nan 5 10 20")), r"xmin/ymin beyond xmax/ymax"),
-    (voc_xml(obj("dog", "a 5 10 20")), r"is not numeric"),
-    (voc_xml("<object><name>dog</name></object>"), r"lacks <bndbox>"),
-    (voc_xml(obj("dog", "1 1 5 5", "<difficult>maybe</difficult>")), r"<difficult>maybe</difficult> is not 0 or 1"),
-    ("<annotation><object>", r"not well-formed XML"),
-])
+@pytest.mark.parametrize(
+    ("xml", "message"),
+    [
+        (voc_xml(obj("dog", "30 5 10 20")), r"xmin/ymin beyond xmax/ymax"),
+        (voc_xml(obj("dog", "nan 5 10 20")), r"xmin/ymin beyond xmax/ymax"),
+        (voc_xml(obj("dog", "a 5 10 20")), r"is not numeric"),
+        (voc_xml("<object><name>dog</name></object>"), r"lacks <bndbox>"),
+        (voc_xml(obj("dog", "1 1 5 5", "<difficult>maybe</difficult>")), r"<difficult>maybe</difficult> is not 0 or 1"),
+        ("<annotation><object>", r"not well-formed XML"),
+    ],
+)
 def test_bad_annotations_name_the_file_and_field(tmp_path, xml, message):
     root = write_devkit(tmp_path, {"bad": xml}, {"bad": rgb()})
     with pytest.raises(VOCFormatError, match=rf"bad\.xml: .*{message}"):
@@ -254,13 +300,20 @@ def test_missing_empty_and_corrupt_images_name_the_file(tmp_path):
 def test_unreadable_images_stop_the_run_or_are_skipped_with_a_count(tmp_path, caplog):
     xmls = {i: voc_xml(obj("dog", "1 1 20 20")) for i in ("a", "b", "c")}
     root = write_devkit(tmp_path, xmls, {"a": rgb(), "b": b"", "c": rgb()})  # b: a zero-byte file
-    data = VOCDataModule(str(root), train_sets=[[2007, "train"]], val_sets=[[2007, "train"]], num_workers=0,
-                         batch_size=3)
+    data = VOCDataModule(
+        str(root), train_sets=[[2007, "train"]], val_sets=[[2007, "train"]], num_workers=0, batch_size=3
+    )
     data.setup("fit")
     with pytest.raises(ImageReadError, match=r"b\.jpg: the image file is empty"):
         next(iter(data.val_dataloader()))
-    skipping = VOCDataModule(str(root), train_sets=[[2007, "train"]], val_sets=[[2007, "train"]], num_workers=0,
-                             batch_size=3, bad_images="skip")
+    skipping = VOCDataModule(
+        str(root),
+        train_sets=[[2007, "train"]],
+        val_sets=[[2007, "train"]],
+        num_workers=0,
+        batch_size=3,
+        bad_images="skip",
+    )
     skipping.setup("fit")
     with caplog.at_level(logging.WARNING):
         batch = next(iter(skipping.val_dataloader()))

@@ -11,8 +11,9 @@ SIZES = [32, 64, 128, 256, 512]
 
 def torchvision_anchors(image_size, feature_sizes, integer_scales=True):
     scale = (lambda x: int(x)) if integer_scales else (lambda x: x)
-    tv = TVAnchorGenerator(tuple((s, scale(s * 2 ** (1 / 3)), scale(s * 2 ** (2 / 3))) for s in SIZES),
-                           ((0.5, 1.0, 2.0),) * 5)
+    tv = TVAnchorGenerator(
+        tuple((s, scale(s * 2 ** (1 / 3)), scale(s * 2 ** (2 / 3))) for s in SIZES), ((0.5, 1.0, 2.0),) * 5
+    )
     images = ImageList(torch.zeros(1, 3, *image_size), [image_size])
     feats = [torch.zeros(1, 1, h, w) for h, w in feature_sizes]
     return tv(images, feats)[0]
@@ -30,8 +31,12 @@ def test_count_and_shapes_match_torchvision_at_512():
     first_level = wh[: ours.level_sizes[0]][:9]
     areas = (first_level[:, 0] * first_level[:, 1]).reshape(3, 3)
     for ratio_row in areas:  # per ratio: areas (32·2^(k/3))², k = 0, 1, 2
-        torch.testing.assert_close(ratio_row.double(), torch.tensor([(32 * 2 ** (k / 3)) ** 2 for k in range(3)],
-                                                                     dtype=torch.float64), rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(
+            ratio_row.double(),
+            torch.tensor([(32 * 2 ** (k / 3)) ** 2 for k in range(3)], dtype=torch.float64),
+            rtol=1e-5,
+            atol=1e-3,
+        )
 
 
 def test_integer_sizes_reproduce_torchvision_exactly():

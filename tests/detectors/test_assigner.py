@@ -14,11 +14,18 @@ K = 4
 
 
 def batch_of(*per_image):
-    samples = [(torch.zeros(3, 64, 64, dtype=torch.uint8),
-                {"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
-                 "labels": torch.tensor(labels, dtype=torch.long),
-                 "image_id": torch.tensor(i), **extra})
-               for i, (b, labels, extra) in enumerate(per_image)]
+    samples = [
+        (
+            torch.zeros(3, 64, 64, dtype=torch.uint8),
+            {
+                "boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor(labels, dtype=torch.long),
+                "image_id": torch.tensor(i),
+                **extra,
+            },
+        )
+        for i, (b, labels, extra) in enumerate(per_image)
+    ]
     return collate_detection(samples)
 
 
@@ -33,8 +40,7 @@ def grid_priors():
 
 def test_matches_torchvision_matcher_per_image():
     priors = grid_priors()
-    batch = batch_of(([[3, 5, 15, 13], [30, 30, 50, 44], [31, 29, 49, 45]], [1, 2, 3], {}),
-                     ([[0, 0, 63, 63]], [0], {}))
+    batch = batch_of(([[3, 5, 15, 13], [30, 30, 50, 44], [31, 29, 49, 45]], [1, 2, 3], {}), ([[0, 0, 63, 63]], [0], {}))
     out = MaxIoUAssigner(0.5, 0.4, True)(priors, batch, K)
     matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)
     for i in range(2):
@@ -89,10 +95,17 @@ def test_best_match_assigner_equals_the_dense_formulation(seed, crowd_ioa):
     boxes[0, 3] = boxes[0, 4] = priors.boxes[5]  # two exact fits of one prior
     valid = torch.rand(b, m, generator=g) < 0.8
     crowd = torch.rand(b, m, generator=g) < 0.1
-    batch = DetectionBatch(images=torch.zeros(b, 3, 64, 64, dtype=torch.uint8), image_sizes=torch.full((b, 2), 64),
-                           boxes=boxes, labels=torch.randint(0, K, (b, m), generator=g), valid=valid,
-                           difficult=torch.zeros_like(valid), crowd=crowd, scales=torch.ones(b, 2),
-                           image_ids=torch.arange(b))
+    batch = DetectionBatch(
+        images=torch.zeros(b, 3, 64, 64, dtype=torch.uint8),
+        image_sizes=torch.full((b, 2), 64),
+        boxes=boxes,
+        labels=torch.randint(0, K, (b, m), generator=g),
+        valid=valid,
+        difficult=torch.zeros_like(valid),
+        crowd=crowd,
+        scales=torch.ones(b, 2),
+        image_ids=torch.arange(b),
+    )
     out = BestMatchIoUAssigner(0.5, crowd_ioa=crowd_ioa)(priors, batch, K)
     expected = BestMatchIoUAssigner(0.5, crowd_ioa=crowd_ioa, fast=False)(priors, batch, K)
     assert (out["labels"] < K).sum() > b  # positives from claims and from the threshold
@@ -110,9 +123,11 @@ def area_inside(prior, box):
 def test_background_inside_crowd_regions_is_ignored_and_positives_stay(assigner):
     priors = grid_priors()
     crowd_box, person = [0, 0, 40, 30], [8, 8, 24, 20]  # a person inside the crowd region keeps its positives
-    batch = batch_of(([person, crowd_box, [44, 44, 60, 60]], [1, 0, 2], {"iscrowd": torch.tensor([0, 1, 0])}),
-                     ([crowd_box], [3], {"iscrowd": torch.tensor([1])}),
-                     ([[44, 44, 60, 60]], [2], {}))
+    batch = batch_of(
+        ([person, crowd_box, [44, 44, 60, 60]], [1, 0, 2], {"iscrowd": torch.tensor([0, 1, 0])}),
+        ([crowd_box], [3], {"iscrowd": torch.tensor([1])}),
+        ([[44, 44, 60, 60]], [2], {}),
+    )
     plain = type(assigner)(**{**vars(assigner), "crowd_ioa": None})(priors, batch, K)["labels"]
     out = assigner(priors, batch, K)["labels"]
     for i in range(3):
@@ -132,9 +147,11 @@ def test_blocks_of_priors_give_the_one_block_result(low_quality):
     """The CPU path computes the IoU in blocks of priors; any block size gives exactly the one-block result,
     ties between priors (a grid of equal anchors) and crowd and padding slots included."""
     priors = grid_priors()  # 512 priors, many with equal IoU to an object
-    batch = batch_of(([[3, 5, 15, 13], [30, 30, 50, 44], [31, 29, 49, 45]], [1, 2, 3], {}),
-                     ([[0, 0, 63, 63], [8, 8, 16, 16]], [0, 3], {"iscrowd": torch.tensor([0, 1])}),
-                     ([], [], {}))
+    batch = batch_of(
+        ([[3, 5, 15, 13], [30, 30, 50, 44], [31, 29, 49, 45]], [1, 2, 3], {}),
+        ([[0, 0, 63, 63], [8, 8, 16, 16]], [0, 3], {"iscrowd": torch.tensor([0, 1])}),
+        ([], [], {}),
+    )
     whole = MaxIoUAssigner(0.5, 0.4, low_quality, cpu_block=None)(priors, batch, K)
     for block in (1, 7, 100, 511, 512, 4096):
         blocked = MaxIoUAssigner(0.5, 0.4, low_quality, cpu_block=block)(priors, batch, K)
@@ -154,10 +171,16 @@ def test_best_match_assigner_on_its_docstrings_worked_example(monkeypatch, fast)
     table = torch.tensor([[[0.70, 0.55, 0.10, 0.00], [0.65, 0.20, 0.40, 0.00]]])  # (B, M, N): A, B × d0..d3
     monkeypatch.setattr(detectors.ssd, "batched_box_iou", lambda boxes, priors: table.clone())
     priors = Priors(torch.tensor([[0.0, 0, 8, 8]]).repeat(4, 1), [4])
-    batch = DetectionBatch(images=torch.zeros(1, 3, 8, 8, dtype=torch.uint8), image_sizes=torch.full((1, 2), 8),
-                           boxes=torch.tensor([[[0.0, 0, 4, 4], [4.0, 4, 8, 8]]]), labels=torch.tensor([[0, 1]]),
-                           valid=torch.ones(1, 2, dtype=torch.bool), difficult=torch.zeros(1, 2, dtype=torch.bool),
-                           crowd=torch.zeros(1, 2, dtype=torch.bool), scales=torch.ones(1, 2),
-                           image_ids=torch.arange(1))
+    batch = DetectionBatch(
+        images=torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
+        image_sizes=torch.full((1, 2), 8),
+        boxes=torch.tensor([[[0.0, 0, 4, 4], [4.0, 4, 8, 8]]]),
+        labels=torch.tensor([[0, 1]]),
+        valid=torch.ones(1, 2, dtype=torch.bool),
+        difficult=torch.zeros(1, 2, dtype=torch.bool),
+        crowd=torch.zeros(1, 2, dtype=torch.bool),
+        scales=torch.ones(1, 2),
+        image_ids=torch.arange(1),
+    )
     out = BestMatchIoUAssigner(0.5, crowd_ioa=None, fast=fast)(priors, batch, num_classes=2)
     assert out["labels"].tolist() == [[0, 0, 2, 2]]  # A's class 0, background 2: B has no positive

@@ -11,15 +11,27 @@ from engine.detection_module import warmup_multistep
 def test_width_scales_every_stage_and_the_fpn_reads_them(depth):
     full, half = build_resnet(depth), build_resnet(depth, width=0.5)
     for name in ("conv1", "layer1", "layer2", "layer3", "layer4"):
-        convs = [m for m in getattr(full, name).modules() if isinstance(m, torch.nn.Conv2d)] if name != "conv1" \
+        convs = (
+            [m for m in getattr(full, name).modules() if isinstance(m, torch.nn.Conv2d)]
+            if name != "conv1"
             else [full.conv1]
-        halves = [m for m in getattr(half, name).modules() if isinstance(m, torch.nn.Conv2d)] if name != "conv1" \
+        )
+        halves = (
+            [m for m in getattr(half, name).modules() if isinstance(m, torch.nn.Conv2d)]
+            if name != "conv1"
             else [half.conv1]
+        )
         assert [c.out_channels // 2 for c in convs] == [c.out_channels for c in halves], name
     assert stage_channels(depth, 0.5) == tuple(c // 2 for c in stage_channels(depth))
     fpn = ResNetFPN(depth, out_channels=32, width=0.5)
-    assert [tuple(f.shape[1:]) for f in fpn(torch.randn(1, 3, 64, 64))] == [(32, 8, 8), (32, 4, 4), (32, 2, 2),
-                                                                            (32, 1, 1), (32, 1, 1)]
+    assert [tuple(f.shape[1:]) for f in fpn(torch.randn(1, 3, 64, 64))] == [
+        (32, 8, 8),
+        (32, 4, 4),
+        (32, 2, 2),
+        (32, 1, 1),
+        (32, 1, 1),
+    ]
+
     def convolution_weights(net):  # a quarter at half the widths (the ImageNet classifier fc aside)
         return sum(p.numel() for n, p in net.named_parameters() if not n.startswith("fc"))
 

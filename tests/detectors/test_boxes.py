@@ -34,8 +34,9 @@ def test_encode_matches_torchvision_and_decode_inverts_it():
         deltas = ours.encode(boxes, priors)
         torch.testing.assert_close(deltas, theirs.encode_single(boxes, priors))
         torch.testing.assert_close(ours.decode(deltas, priors), boxes, atol=1e-3, rtol=1e-5)
-        torch.testing.assert_close(ours.decode(deltas, priors), theirs.decode_single(deltas, priors),
-                                   atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(
+            ours.decode(deltas, priors), theirs.decode_single(deltas, priors), atol=1e-3, rtol=1e-5
+        )
 
 
 def test_decode_clamps_huge_sizes_like_torchvision():

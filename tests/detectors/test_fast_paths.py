@@ -48,8 +48,9 @@ def test_folded_frozen_batchnorm_equals_conv_then_batchnorm(trainable_layers):
     frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in plain.modules())
     assert sum(isinstance(m, ConvFrozenBN2d) for m in folded.modules()) == frozen == 20  # stem + 8×2 + 3 downsample
     assert sum(isinstance(m, FoldedFrozenBatchNorm2d) for m in folded.modules()) == frozen
-    assert [n for n, p in plain.named_parameters() if p.requires_grad] == \
-        [n for n, p in folded.named_parameters() if p.requires_grad]
+    assert [n for n, p in plain.named_parameters() if p.requires_grad] == [
+        n for n, p in folded.named_parameters() if p.requires_grad
+    ]
 
     x = torch.randn(2, 3, 96, 128, dtype=torch.float64, requires_grad=True)
     want, want_grads = _values_and_grads(plain, x)
@@ -81,9 +82,11 @@ def test_folding_applies_only_to_frozen_batchnorm():
     assert copy.conv1._frozen_bn is copy.bn1 and copy.bn1 is not net.bn1
 
 
-SHAPES = {"retinanet": ("experiment=retinanet_shapes", "model.backbone.norm=frozen_bn"),
-          "ssd": ("experiment=ssd_shapes",),
-          "yolo": ("experiment=yolo_shapes",)}
+SHAPES = {
+    "retinanet": ("experiment=retinanet_shapes", "model.backbone.norm=frozen_bn"),
+    "ssd": ("experiment=ssd_shapes",),
+    "yolo": ("experiment=yolo_shapes",),
+}
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -157,8 +160,9 @@ def test_sparse_box_deltas_equal_the_dense_ones_where_needed():
     computed = (sparse != 0).any(-1)
     assert bool(needed[computed].any()) and bool((needed <= computed).all())  # only whole tiles beside them
     torch.testing.assert_close(sparse[computed], dense[computed], rtol=1e-12, atol=1e-12)
-    for got, want in zip(_box_grads(sparse, needed, head, features), _box_grads(dense, needed, head, features),
-                         strict=True):
+    for got, want in zip(
+        _box_grads(sparse, needed, head, features), _box_grads(dense, needed, head, features), strict=True
+    ):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -178,8 +182,9 @@ def test_sparse_box_training_only_without_groupnorm_and_its_switch():
     cfg = compose("model=retinanet", "data=shapes")
     assert cfg.model.head.sparse_box_training is True
     assert instantiate(compose(*TINY, "model.head.norm=none").model).net.sparse_box_training
-    assert not instantiate(compose(*TINY, "model.head.norm=none", "model.head.sparse_box_training=false").model
-                           ).net.sparse_box_training
+    assert not instantiate(
+        compose(*TINY, "model.head.norm=none", "model.head.sparse_box_training=false").model
+    ).net.sparse_box_training
     assert not instantiate(compose(*TINY).model).net.sparse_box_training  # make train's GroupNorm head
     model = instantiate(compose(*TINY, "model.head.norm=none").model).net
     model.assigner = ResponsiblePredictorAssigner()  # an assignment by the predicted boxes must see them all
@@ -198,8 +203,9 @@ def test_sparse_box_training_gives_the_dense_losses_and_gradients(monkeypatch):
         assert model.sparse_box_training
         model.head.sparse_box_training = sparse
         dense_calls = []
-        monkeypatch.setattr(model.head, "box_deltas", lambda f, m=model: dense_calls.append(1) or
-                            RetinaNetHead.box_deltas(m.head, f))
+        monkeypatch.setattr(
+            model.head, "box_deltas", lambda f, m=model: dense_calls.append(1) or RetinaNetHead.box_deltas(m.head, f)
+        )
         losses = model.compute_losses(batch)
         assert len(dense_calls) == (0 if sparse else 1)  # the sparse run never computed the whole maps
         sum(losses.values()).backward()

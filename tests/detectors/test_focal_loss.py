@@ -37,14 +37,15 @@ def test_sparse_equals_torchvision_value_and_gradient(gamma, alpha):
 
 def test_sparse_handles_chunk_boundaries_and_extreme_logits(monkeypatch):
     from detectors import losses
+
     monkeypatch.setattr(losses._SparseFocalLoss, "CHUNK", {"cpu": 37})  # many ragged chunks
     logits, labels = random_case(b=2, n=50, k=5, scale=40.0)
     ours = focal_loss_sparse(logits, labels, 2.0, 0.25)
     reference = focal_loss_dense(logits, labels, 2.0, 0.25)
     assert torch.isfinite(ours)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)
-    g1, = torch.autograd.grad(ours, logits)
-    g2, = torch.autograd.grad(reference, logits)
+    (g1,) = torch.autograd.grad(ours, logits)
+    (g2,) = torch.autograd.grad(reference, logits)
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
@@ -73,7 +74,7 @@ def test_retinanet_loss_normalises_by_positives_and_ignores_ignored():
     torch.testing.assert_close(losses["loss_cls"], plain["loss_cls"])
     expected = focal_loss_dense(logits, labels, 2.0, 0.25) / 4  # 4 positive anchors in the batch
     torch.testing.assert_close(losses["loss_cls"], expected)
-    grad, = torch.autograd.grad(losses["loss_cls"] + losses["loss_box"], logits)
+    (grad,) = torch.autograd.grad(losses["loss_cls"] + losses["loss_box"], logits)
     assert (grad[1, 10:20] == 0).all()
 
 

@@ -18,15 +18,23 @@ def test_matches_torchvision_postprocess_detections():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(b, n, k, generator=g) * 2 - 4
     deltas = torch.randn(b, n, 4, generator=g) * 0.3
-    ours = RetinaNetPostprocess(0.05, 300, 0.5, 50)({"class_scores": logits, "box_deltas": deltas}, priors,
-                                                torch.tensor([image_size] * b))
+    ours = RetinaNetPostprocess(0.05, 300, 0.5, 50)(
+        {"class_scores": logits, "box_deltas": deltas}, priors, torch.tensor([image_size] * b)
+    )
 
-    model = RetinaNet(resnet_fpn_backbone(backbone_name="resnet18", weights=None), num_classes=k,
-                      score_thresh=0.05, nms_thresh=0.5, detections_per_img=50, topk_candidates=300)
+    model = RetinaNet(
+        resnet_fpn_backbone(backbone_name="resnet18", weights=None),
+        num_classes=k,
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        detections_per_img=50,
+        topk_candidates=300,
+    )
     split = lambda x: list(x.split(priors.level_sizes, 1))  # noqa: E731
     anchors = [list(priors.boxes.split(priors.level_sizes))] * b
-    theirs = model.postprocess_detections({"cls_logits": split(logits), "bbox_regression": split(deltas)},
-                                          anchors, [image_size] * b)
+    theirs = model.postprocess_detections(
+        {"cls_logits": split(logits), "bbox_regression": split(deltas)}, anchors, [image_size] * b
+    )
     for o, t in zip(ours, theirs):
         assert len(o["scores"]) == len(t["scores"]) > 0
         torch.testing.assert_close(o["scores"], t["scores"])
@@ -39,8 +47,9 @@ def test_caps_detections_per_image_and_handles_nothing_above_threshold():
     n = priors.boxes.shape[0]
     logits = torch.full((2, n, 3), -10.0)
     logits[0] = torch.randn(n, 3) + 3  # image 0: everything confident
-    out = RetinaNetPostprocess(0.05, 1000, 0.5, 7)({"class_scores": logits, "box_deltas": torch.zeros(2, n, 4)},
-                                               priors, torch.tensor([[32, 32], [32, 32]]))
+    out = RetinaNetPostprocess(0.05, 1000, 0.5, 7)(
+        {"class_scores": logits, "box_deltas": torch.zeros(2, n, 4)}, priors, torch.tensor([[32, 32], [32, 32]])
+    )
     assert len(out[0]["boxes"]) == 7 and len(out[1]["boxes"]) == 0
     assert (out[0]["scores"][:-1] >= out[0]["scores"][1:]).all()
     assert (out[0]["boxes"] >= 0).all() and (out[0]["boxes"] <= 32).all()

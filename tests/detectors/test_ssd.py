@@ -14,8 +14,17 @@ from detectors.assigners import IGNORE
 from detectors.batch import collate_detection
 from detectors.boxes import BoxCoder
 from detectors.priors import Priors
-from detectors.ssd import (SSD300_LAYERS, BestMatchIoUAssigner, DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess,
-                           VGG16Atrous, default_box_scales, load_vgg16_weights, torchvision_ssd_state_dict)
+from detectors.ssd import (
+    SSD300_LAYERS,
+    BestMatchIoUAssigner,
+    DefaultBoxGenerator,
+    MultiBoxLoss,
+    SSDPostprocess,
+    VGG16Atrous,
+    default_box_scales,
+    load_vgg16_weights,
+    torchvision_ssd_state_dict,
+)
 
 from ..conftest import assert_same_detections, compose, detections_in_float64, fit_fixed_batch, float32_box_atol
 
@@ -25,8 +34,11 @@ SSD300_MAPS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 def make_batch(boxes_per_image, labels_per_image, crowd_per_image=None):
     samples = []
     for i, (boxes, labels) in enumerate(zip(boxes_per_image, labels_per_image)):
-        t = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-             "labels": torch.tensor(labels, dtype=torch.long), "image_id": torch.tensor(i)}
+        t = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "image_id": torch.tensor(i),
+        }
         if crowd_per_image is not None:
             t["iscrowd"] = torch.tensor(crowd_per_image[i], dtype=torch.long)
         samples.append((torch.zeros(3, 300, 300, dtype=torch.uint8), t))
@@ -47,9 +59,11 @@ def test_ssd512_adds_conv12_2():
     backbone = VGG16Atrous("ssd512", width=0.125)
     maps = [tuple(f.shape[-2:]) for f in backbone(torch.zeros(1, 3, 512, 512))]
     assert maps == [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
-    assert DefaultBoxGenerator("ssd512", scales=[0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05],
-                               aspect_ratios=[[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]])(
-        (512, 512), maps).boxes.shape == (24564, 4)
+    assert DefaultBoxGenerator(
+        "ssd512",
+        scales=[0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05],
+        aspect_ratios=[[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]],
+    )((512, 512), maps).boxes.shape == (24564, 4)
 
 
 def test_default_box_scales_follow_equation_4():
@@ -58,7 +72,8 @@ def test_default_box_scales_follow_equation_4():
     assert default_box_scales(m, s_min, s_max) == pytest.approx(expected)
     # the released code's variant: conv4_3 at 0.1, the formula over the other five layers
     assert default_box_scales(m, 0.2, 0.9, first_scale=0.1) == pytest.approx(
-        [0.1] + [0.2 + 0.7 * (k - 1) / 4 for k in range(1, 7)])
+        [0.1] + [0.2 + 0.7 * (k - 1) / 4 for k in range(1, 7)]
+    )
 
 
 def test_paper_default_boxes_shapes_and_centres():
@@ -68,20 +83,24 @@ def test_paper_default_boxes_shapes_and_centres():
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     s = default_box_scales(6)
     # the first location of conv7 (6 boxes): s, √(s·s'), then ratios 2, 1/2, 3, 1/3 (w = s√a, h = s/√a)
-    first = wh[38 * 38 * 4: 38 * 38 * 4 + 6] / 300
+    first = wh[38 * 38 * 4 : 38 * 38 * 4 + 6] / 300
     a = torch.tensor([1, 1, 2, 0.5, 3, 1 / 3], dtype=torch.float64)
     scale = torch.tensor([s[1], math.sqrt(s[1] * s[2])] + [s[1]] * 4, dtype=torch.float64)
     torch.testing.assert_close(first, torch.stack((scale * a.sqrt(), scale / a.sqrt()), 1), atol=1e-5, rtol=0)
     # centres at ((i + 0.5)/|f_k|) of the image
-    torch.testing.assert_close(centre[38 * 38 * 4], torch.tensor([0.5 / 19 * 300] * 2, dtype=torch.float64),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        centre[38 * 38 * 4], torch.tensor([0.5 / 19 * 300] * 2, dtype=torch.float64), atol=1e-4, rtol=0
+    )
 
 
 def test_torchvision_preset_equals_torchvision_default_boxes():
     cfg = compose("model=ssd_torchvision")
     ours = instantiate(cfg.model.priors)((300, 300), SSD300_MAPS)
-    tv = TVDefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]],
-                               scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], steps=[8, 16, 32, 64, 100, 300])
+    tv = TVDefaultBoxGenerator(
+        [[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+        scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
+        steps=[8, 16, 32, 64, 100, 300],
+    )
     images = ImageList(torch.zeros(1, 3, 300, 300), [(300, 300)])
     theirs = tv(images, [torch.zeros(1, 1, h, w) for h, w in SSD300_MAPS])[0]
     torch.testing.assert_close(ours.boxes, theirs, atol=1e-3, rtol=0)
@@ -119,8 +138,13 @@ def test_boundary_boxes_ignored_by_setting():
 
 
 def test_best_match_then_iou_assignment():
-    priors = Priors(torch.tensor([[0, 0, 10, 10], [0, 0, 12, 10], [40, 40, 60, 60], [100, 100, 120, 120],
-                                  [200, 200, 230, 230]], dtype=torch.float32), [5])
+    priors = Priors(
+        torch.tensor(
+            [[0, 0, 10, 10], [0, 0, 12, 10], [40, 40, 60, 60], [100, 100, 120, 120], [200, 200, 230, 230]],
+            dtype=torch.float32,
+        ),
+        [5],
+    )
     # object 0 overlaps priors 0 (IoU 1) and 1 (IoU 10/12 > 0.5); object 1 has no prior above 0.5, keeps its
     # best (prior 2, IoU 0.25); the crowd box covers prior 3 exactly but never makes a positive: it is
     # background without crowd handling, ignored (no hard negative) with it
@@ -153,7 +177,7 @@ def reference_multibox_loss(logits, deltas, labels, gt_boxes, priors, ratio, min
             target = coder.encode(gt_boxes[b, i], priors[i])
             for d in range(4):
                 diff = (deltas[b, i, d] - target[d]).abs()
-                loc = loc + (0.5 * diff ** 2 if diff < 1 else diff - 0.5)
+                loc = loc + (0.5 * diff**2 if diff < 1 else diff - 0.5)
         bg_losses = sorted(((-F.log_softmax(logits[b, i], -1)[0], i) for i in bg), key=lambda t: -t[0].item())
         k = min(max(int(ratio * len(pos)), min_neg), len(bg))
         for value, _ in bg_losses[:k]:
@@ -178,8 +202,9 @@ def test_multibox_loss_equals_the_papers_formula(min_negatives):
     deltas = torch.randn(b, n, 4, generator=g, requires_grad=True)
     loss = MultiBoxLoss(neg_pos_ratio=3, min_negatives=min_negatives)
     ours = loss({"class_scores": logits, "box_deltas": deltas}, {"labels": labels, "boxes": gt}, Priors(priors, [n]))
-    ref_cls, ref_box = reference_multibox_loss(logits, deltas, labels, gt, priors, 3, min_negatives,
-                                               (0.1, 0.1, 0.2, 0.2))
+    ref_cls, ref_box = reference_multibox_loss(
+        logits, deltas, labels, gt, priors, 3, min_negatives, (0.1, 0.1, 0.2, 0.2)
+    )
     torch.testing.assert_close(ours["loss_cls"], ref_cls, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours["loss_box"], ref_box, rtol=1e-5, atol=1e-6)
     got = torch.autograd.grad(ours["loss_cls"] + ours["loss_box"], (logits, deltas))
@@ -195,8 +220,11 @@ def test_hard_negatives_never_exceed_the_background_boxes():
     labels = torch.tensor([[0, 1, 0, 2, 2, IGNORE]])
     logits = torch.randn(1, 6, 3, requires_grad=True)
     priors = Priors(torch.tensor([[0, 0, 10, 10]] * 6, dtype=torch.float32), [6])
-    out = MultiBoxLoss()({"class_scores": logits, "box_deltas": torch.zeros(1, 6, 4)},
-                         {"labels": labels, "boxes": priors.boxes[None]}, priors)
+    out = MultiBoxLoss()(
+        {"class_scores": logits, "box_deltas": torch.zeros(1, 6, 4)},
+        {"labels": labels, "boxes": priors.boxes[None]},
+        priors,
+    )
     target = torch.tensor([1, 2, 1, 0, 0])
     expected = F.cross_entropy(logits[0, :5], target, reduction="sum") / 3
     torch.testing.assert_close(out["loss_cls"], expected)
@@ -237,8 +265,14 @@ def test_imported_torchvision_weights_give_torchvision_detections():
     g = torch.Generator().manual_seed(5)
     images = [torch.randint(0, 256, (3, 300, 300), generator=g, dtype=torch.uint8)]  # one: float64 VGG16 is slow
     got, expected = detections_in_float64(ours, theirs, images)
-    assert_same_detections(got, expected, label_offset=1, min_detections=20,  # torchvision: background = 0
-                           box_atol=float32_box_atol(ours), score_atol=1e-6)
+    assert_same_detections(
+        got,
+        expected,
+        label_offset=1,
+        min_detections=20,  # torchvision: background = 0
+        box_atol=float32_box_atol(ours),
+        score_atol=1e-6,
+    )
 
 
 def test_ssd_config_errors_name_the_setting():
@@ -254,12 +288,18 @@ def test_ssd_config_errors_name_the_setting():
         VGG16Atrous("ssd300", norm="gn")
 
 
-
 @pytest.mark.slow
 def test_tiny_ssd_learns_a_fixed_batch():
-    cfg = compose("model=ssd", "model/optimizer=adamw", "model.optimizer.lr=0.001", "model.backbone.width=0.125",
-                  "model.num_prediction_layers=4", "data.image_size=128", "data.num_train=16",
-                  "data.train_transform.size=128")  # the shapes' own size: the transform's 300 px took 27 s
+    cfg = compose(
+        "model=ssd",
+        "model/optimizer=adamw",
+        "model.optimizer.lr=0.001",
+        "model.backbone.width=0.125",
+        "model.num_prediction_layers=4",
+        "data.image_size=128",
+        "data.num_train=16",
+        "data.train_transform.size=128",
+    )  # the shapes' own size: the transform's 300 px took 27 s
     model, data = instantiate(cfg.model), instantiate(cfg.data)
     batch = collate_detection([data.train_set[i] for i in range(8)])
     history = fit_fixed_batch(model, batch, 60)

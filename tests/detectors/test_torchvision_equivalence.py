@@ -16,12 +16,17 @@ from ..conftest import assert_same_detections, compose, detections_in_float64, f
 # (NHWC, folded BN) equal it in float64 (test_fast_paths.py), and float64 convolutions cost 5-10× float32's.
 def test_imported_torchvision_weights_give_torchvision_detections():
     size = 192
-    cfg = compose("model=retinanet_torchvision", f"data.image_size={size}", "model.channels_last=false",
-                  "model.backbone.fold_frozen_bn=false")
+    cfg = compose(
+        "model=retinanet_torchvision",
+        f"data.image_size={size}",
+        "model.channels_last=false",
+        "model.backbone.fold_frozen_bn=false",
+    )
     ours = instantiate(cfg.model).net.eval()
     k = ours.num_classes
-    theirs = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=k, min_size=size,
-                                    max_size=size).eval()
+    theirs = retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=k, min_size=size, max_size=size
+    ).eval()
     with torch.no_grad():  # random init scores all sit at π=0.01; spread them so detections pass 0.05
         theirs.head.classification_head.cls_logits.weight.normal_(std=0.05)
         theirs.head.classification_head.cls_logits.bias.uniform_(-6, -1)

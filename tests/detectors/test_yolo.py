@@ -8,8 +8,14 @@ import torch
 from hydra.utils import instantiate
 
 from detectors.batch import collate_detection
-from detectors.yolo import (GridCells, ResponsiblePredictorAssigner, YOLOv1Head, YOLOv1Loss, YOLOv1Network,
-                            YOLOv1Postprocess)
+from detectors.yolo import (
+    GridCells,
+    ResponsiblePredictorAssigner,
+    YOLOv1Head,
+    YOLOv1Loss,
+    YOLOv1Network,
+    YOLOv1Postprocess,
+)
 
 from ..conftest import compose, fit_fixed_batch
 
@@ -19,8 +25,12 @@ def batch_of(objects_per_image, size=96):
     for i, objects in enumerate(objects_per_image):
         boxes = torch.tensor([o[:4] for o in objects], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([o[4] for o in objects], dtype=torch.long)
-        samples.append((torch.zeros(3, size, size, dtype=torch.uint8),
-                        {"boxes": boxes, "labels": labels, "image_id": torch.tensor(i)}))
+        samples.append(
+            (
+                torch.zeros(3, size, size, dtype=torch.uint8),
+                {"boxes": boxes, "labels": labels, "image_id": torch.tensor(i)},
+            )
+        )
     return collate_detection(samples)
 
 
@@ -60,13 +70,16 @@ def paper_loss(box, conf, probs, objects_per_image, s, nb, size, l_coord=5.0, l_
             for j in range(nb):
                 c = conf[b, cell * nb + j]
                 if j == responsible:
-                    t = [((obj[0] + obj[2]) / 2 - col * cell_px) / cell_px,
-                         ((obj[1] + obj[3]) / 2 - row * cell_px) / cell_px,
-                         math.sqrt((obj[2] - obj[0]) / size), math.sqrt((obj[3] - obj[1]) / size)]
+                    t = [
+                        ((obj[0] + obj[2]) / 2 - col * cell_px) / cell_px,
+                        ((obj[1] + obj[3]) / 2 - row * cell_px) / cell_px,
+                        math.sqrt((obj[2] - obj[0]) / size),
+                        math.sqrt((obj[3] - obj[1]) / size),
+                    ]
                     total = total + l_coord * sum((box[b, cell * nb + j, d] - t[d]) ** 2 for d in range(4))
                     total = total + (c - iou(preds[j], obj)) ** 2
                 else:
-                    total = total + l_noobj * c ** 2
+                    total = total + l_noobj * c**2
             if obj is not None:
                 for k in range(probs.shape[-1]):
                     total = total + (probs[b, cell, k] - (1.0 if k == obj[4] else 0.0)) ** 2
@@ -76,8 +89,10 @@ def paper_loss(box, conf, probs, objects_per_image, s, nb, size, l_coord=5.0, l_
 def test_loss_equals_the_papers_formula_value_and_gradient():
     s, nb, k, size = 3, 2, 3, 96
     g = torch.Generator().manual_seed(0)
-    objects = [[(10, 10, 40, 50, 1), (60, 5, 90, 30, 2), (12, 14, 30, 26, 0)],  # two centres in cell 0: largest wins
-               [(33, 40, 62, 60, 0)]]
+    objects = [
+        [(10, 10, 40, 50, 1), (60, 5, 90, 30, 2), (12, 14, 30, 26, 0)],  # two centres in cell 0: largest wins
+        [(33, 40, 62, 60, 0)],
+    ]
     box = (torch.rand(2, s * s * nb, 4, generator=g) * 1.2 - 0.1).requires_grad_()  # some √w < 0
     conf = torch.rand(2, s * s * nb, generator=g).requires_grad_()
     probs = torch.rand(2, s * s, k, generator=g).requires_grad_()
@@ -96,8 +111,11 @@ def test_loss_equals_the_papers_formula_value_and_gradient():
 def test_two_objects_in_one_cell_the_largest_takes_it():
     s, nb, k, size = 2, 2, 3, 100
     priors = GridCells(s, nb)((size, size), [(s, s)])
-    outputs = {"box_deltas": torch.zeros(1, s * s * nb, 4), "objectness": torch.zeros(1, s * s * nb),
-               "class_scores": torch.zeros(1, s * s, k)}
+    outputs = {
+        "box_deltas": torch.zeros(1, s * s * nb, 4),
+        "objectness": torch.zeros(1, s * s * nb),
+        "class_scores": torch.zeros(1, s * s, k),
+    }
     # both centres in cell 0; the second is larger and takes the cell whatever the order
     for objects in ([(10, 10, 20, 20, 0), (5, 5, 40, 40, 2)], [(5, 5, 40, 40, 2), (10, 10, 20, 20, 0)]):
         out = ResponsiblePredictorAssigner(s)(priors, batch_of([objects], size), k, outputs)
@@ -120,8 +138,11 @@ def test_the_predictor_with_the_higher_iou_is_responsible():
 def test_negative_sqrt_predictions_give_finite_loss_and_gradients():
     s, nb, k, size = 3, 2, 2, 96
     box = torch.full((1, s * s * nb, 4), -0.5, requires_grad=True)
-    outputs = {"box_deltas": box, "objectness": torch.zeros(1, s * s * nb, requires_grad=True),
-               "class_scores": torch.zeros(1, s * s, k)}
+    outputs = {
+        "box_deltas": box,
+        "objectness": torch.zeros(1, s * s * nb, requires_grad=True),
+        "class_scores": torch.zeros(1, s * s, k),
+    }
     priors = GridCells(s, nb)((size, size), [(s, s)])
     assigned = ResponsiblePredictorAssigner(s)(priors, batch_of([[(10, 10, 50, 50, 1)]], size), k, outputs)
     total = sum(YOLOv1Loss(grid_size=s)(outputs, assigned, priors).values())
@@ -134,8 +155,11 @@ def test_negative_sqrt_predictions_give_finite_loss_and_gradients():
 def test_confidence_target_one_by_setting():
     s, nb, k, size = 2, 1, 2, 100
     priors = GridCells(s, nb)((size, size), [(s, s)])
-    outputs = {"box_deltas": torch.zeros(1, 4, 4), "objectness": torch.zeros(1, 4),
-               "class_scores": torch.zeros(1, 4, k)}
+    outputs = {
+        "box_deltas": torch.zeros(1, 4, 4),
+        "objectness": torch.zeros(1, 4),
+        "class_scores": torch.zeros(1, 4, k),
+    }
     assigned = ResponsiblePredictorAssigner(s)(priors, batch_of([[(10, 10, 30, 30, 0)]], size), k, outputs)
     assert YOLOv1Loss(confidence_target="one", grid_size=s)(outputs, assigned, priors)["loss_obj"] == 1.0
     assert YOLOv1Loss(confidence_target="iou", grid_size=s)(outputs, assigned, priors)["loss_obj"] == 0.0
@@ -156,7 +180,7 @@ def test_class_specific_confidence_and_boxes_in_image_pixels():
     det = YOLOv1Postprocess(score_thresh=0.05, grid_size=s)(outputs, priors, torch.tensor([[size, size]]))[0]
     assert det["labels"].tolist() == [1, 0, 2]
     torch.testing.assert_close(det["scores"], torch.tensor([0.72, 0.09, 0.09]))
-    w, h = 0.4 ** 2 * size, 0.6 ** 2 * size
+    w, h = 0.4**2 * size, 0.6**2 * size
     torch.testing.assert_close(det["boxes"][0], torch.tensor([75 - w / 2, 75 - h / 2, 75 + w / 2, 75 + h / 2]))
 
 
@@ -183,9 +207,18 @@ def test_model_configs_compose():
 
 @pytest.mark.slow
 def test_tiny_yolo_learns_a_fixed_batch():
-    cfg = compose("model=yolo", "model/optimizer=adamw", "model.optimizer.lr=0.001", "model/backbone=resnet_c5",
-                  "model.head.hidden=256", "model.head.dropout=0", "data.image_size=128", "data.num_train=16",
-                  "data.train_transform.size=128", "model.priors.grid_size=4")  # C5 4×4 = S×S (448 px: 2.5 min)
+    cfg = compose(
+        "model=yolo",
+        "model/optimizer=adamw",
+        "model.optimizer.lr=0.001",
+        "model/backbone=resnet_c5",
+        "model.head.hidden=256",
+        "model.head.dropout=0",
+        "data.image_size=128",
+        "data.num_train=16",
+        "data.train_transform.size=128",
+        "model.priors.grid_size=4",
+    )  # C5 4×4 = S×S (448 px: 2.5 min)
     model, data = instantiate(cfg.model), instantiate(cfg.data)
     batch = collate_detection([data.train_set[i] for i in range(4)])
     history = fit_fixed_batch(model, batch, 30)  # 30 steps: total ÷29, box ÷70, class ÷12 (AVX2 EPYC)

@@ -21,11 +21,17 @@ def test_from_config_records_the_config_and_refuses_another_target():
 
 def test_an_old_checkpoint_is_brought_up_to_date_once():
     weight = torch.ones(2)
-    old = {"state_dict": {"backbone.w": weight, "head.b": weight},
-           "callbacks": {"AtomicModelCheckpoint{'monitor': 'val/map', 'mode': 'max'}": {"best_model_score": 0.5},
-                         "RandomStateCheckpoint": {"torch": weight}}}
+    old = {
+        "state_dict": {"backbone.w": weight, "head.b": weight},
+        "callbacks": {
+            "AtomicModelCheckpoint{'monitor': 'val/map', 'mode': 'max'}": {"best_model_score": 0.5},
+            "RandomStateCheckpoint": {"torch": weight},
+        },
+    }
     upgraded = upgrade_checkpoint(old)
     assert set(upgraded["state_dict"]) == {"net.backbone.w", "net.head.b"}
-    assert set(upgraded["callbacks"]) == {"ModelCheckpoint{'monitor': 'val/map', 'mode': 'max'}",
-                                          "RandomStateCheckpoint"}
+    assert set(upgraded["callbacks"]) == {
+        "ModelCheckpoint{'monitor': 'val/map', 'mode': 'max'}",
+        "RandomStateCheckpoint",
+    }
     assert with_net_prefix(upgraded["state_dict"]) == upgraded["state_dict"]  # a current checkpoint is left as it is

@@ -15,14 +15,23 @@ from train import resolve_ckpt_path, scale_learning_rate
 from ..conftest import ROOT, TINY, compose
 from ..preloaded import run_python
 
-DDP_RUN = (*TINY, "trainer=ddp_sim", "trainer.max_epochs=1", "data.num_train=32", "data.num_val=19",
-           "data.val_batch_size=5", "model.scheduler.warmup_steps=0")  # batches of ≥ 2: GroupNorm on the 1×1 P7
+DDP_RUN = (
+    *TINY,
+    "trainer=ddp_sim",
+    "trainer.max_epochs=1",
+    "data.num_train=32",
+    "data.num_val=19",
+    "data.val_batch_size=5",
+    "model.scheduler.warmup_steps=0",
+)  # batches of ≥ 2: GroupNorm on the 1×1 P7
 
 
 def run(tmp_path, *overrides, check=True):
     flags = [o for o in overrides if o.startswith("-")]  # Hydra's argparse wants -m before the overrides
-    done = run_python([ROOT / "train.py", *flags, f"paths.log_dir={tmp_path}",
-                       *(o for o in overrides if not o.startswith("-"))], tmp_path)
+    done = run_python(
+        [ROOT / "train.py", *flags, f"paths.log_dir={tmp_path}", *(o for o in overrides if not o.startswith("-"))],
+        tmp_path,
+    )
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -100,8 +109,9 @@ def test_learning_rate_scales_with_the_total_batch():
     scale_learning_rate(off, SimpleNamespace(world_size=4, accumulate_grad_batches=1))
     assert off.model.optimizer.lr == base_lr
     with pytest.raises(ValueError, match="lr_scaling.base_batch_size"):
-        scale_learning_rate(compose(*TINY, "lr_scaling.enabled=true"), SimpleNamespace(world_size=2,
-                                                                                      accumulate_grad_batches=1))
+        scale_learning_rate(
+            compose(*TINY, "lr_scaling.enabled=true"), SimpleNamespace(world_size=2, accumulate_grad_batches=1)
+        )
 
 
 def test_last_prefers_this_run_folders_checkpoint(tmp_path):
@@ -110,14 +120,20 @@ def test_last_prefers_this_run_folders_checkpoint(tmp_path):
         (folder / "checkpoints").mkdir(parents=True)
         (folder / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert resolve_ckpt_path("last", str(tmp_path), "t", str(own)) == str(own / "checkpoints" / "last.ckpt")
-    assert resolve_ckpt_path("last", str(tmp_path), "t", str(tmp_path / "t" / "fresh")) == \
-        str(newer / "checkpoints" / "last.ckpt")
+    assert resolve_ckpt_path("last", str(tmp_path), "t", str(tmp_path / "t" / "fresh")) == str(
+        newer / "checkpoints" / "last.ckpt"
+    )
 
 
 def test_slurm_launcher_gives_one_task_per_device():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = compose("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-                  "hydra.launcher.partition=gpu")
+    cfg = compose(
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)

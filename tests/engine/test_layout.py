@@ -22,8 +22,11 @@ def tiny(*overrides):
 
 
 def is_nhwc(model) -> bool:
-    weight = model.backbone.body.conv1.weight if hasattr(model.backbone, "body") else next(
-        p for p in model.parameters() if p.dim() == 4)
+    weight = (
+        model.backbone.body.conv1.weight
+        if hasattr(model.backbone, "body")
+        else next(p for p in model.parameters() if p.dim() == 4)
+    )
     return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
 
@@ -113,9 +116,12 @@ def test_every_rank_takes_rank_zeros_choice(monkeypatch, global_zero):
         sent.append(obj)
         return True  # rank 0's answer, whatever this rank holds
 
-    trainer = SimpleNamespace(is_global_zero=global_zero, datamodule=data,
-                              strategy=SimpleNamespace(root_device=torch.device("cpu"), broadcast=broadcast),
-                              precision_plugin=SimpleNamespace(forward_context=None))
+    trainer = SimpleNamespace(
+        is_global_zero=global_zero,
+        datamodule=data,
+        strategy=SimpleNamespace(root_device=torch.device("cpu"), broadcast=broadcast),
+        precision_plugin=SimpleNamespace(forward_context=None),
+    )
     callback = layout.ChannelsLastAuto(batch_size=8, model_config={"a": 1})
     callback.setup(trainer, model, "validate")
     assert not sent and not model.net.channels_last  # fitting only

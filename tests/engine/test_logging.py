@@ -60,13 +60,13 @@ def _read_records(data: bytes, record_type) -> list:
         if left < 7:  # a block's tail too short for a chunk header is padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             pos += left
             continue
         if pos + 7 + length > len(data):  # a chunk still being written
             break
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk: a record is complete
             record = record_type()
@@ -152,12 +152,15 @@ def colour_pixels(picture: np.ndarray, color) -> int:
 def test_prediction_grid_draws_boxes_in_class_colours():
     image = torch.full((3, 64, 48), 40, dtype=torch.uint8)
     target = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 40.0]]), "labels": torch.tensor([1])}
-    pred = {"boxes": torch.tensor([[6.0, 5.0, 28.0, 38.0], [0.0, 0.0, 10.0, 10.0]]),
-            "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([3, 2])}
+    pred = {
+        "boxes": torch.tensor([[6.0, 5.0, 28.0, 38.0], [0.0, 0.0, 10.0, 10.0]]),
+        "scores": torch.tensor([0.9, 0.1]),
+        "labels": torch.tensor([3, 2]),
+    }
     grid = prediction_grid([image], [target], [pred], NAMES, score_threshold=0.3, tile=128).permute(1, 2, 0).numpy()
     colors = class_colors(len(NAMES))
     assert grid.shape == (128 + 8, 2 * 128 + 12, 3)
-    left, right = grid[:, : grid.shape[1] // 2], grid[:, grid.shape[1] // 2:]
+    left, right = grid[:, : grid.shape[1] // 2], grid[:, grid.shape[1] // 2 :]
     assert colour_pixels(left, colors[1]) > 100 and colour_pixels(left, colors[3]) == 0  # ground truth
     assert colour_pixels(right, colors[3]) > 100 and colour_pixels(right, colors[1]) == 0  # predictions ≥ 0.3
     assert colour_pixels(right, colors[2]) == 0  # the 0.1 one is not shown
@@ -174,8 +177,14 @@ def test_pr_plot_has_a_line_per_class(tmp_path):
 
 # the second job only needs its W&B run: no checkpoints, no re-validation
 SECOND_JOB = ("validate_best=false", "callbacks.best_checkpoint=null", "callbacks.last_checkpoint=null")
-FAST = ("trainer.max_epochs=1", "+trainer.limit_train_batches=1", "trainer.log_every_n_steps=1", "data.num_val=8",
-        "callbacks.prediction_images.num_images=4", "callbacks.progress_bar=null")
+FAST = (
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=1",
+    "trainer.log_every_n_steps=1",
+    "data.num_val=8",
+    "callbacks.prediction_images.num_images=4",
+    "callbacks.progress_bar=null",
+)
 
 
 @pytest.mark.slow
@@ -189,8 +198,14 @@ def test_tiny_training_writes_pictures_and_one_wandb_run_per_job(tmp_path, monke
     runs = []
     for job in range(2):
         out = tmp_path / f"job{job}"
-        cfg = compose(*TINY, *FAST, "logger=many", f"paths.output_dir={out}", f"paths.root_dir={tmp_path}",
-                      *(() if job == 0 else SECOND_JOB))
+        cfg = compose(
+            *TINY,
+            *FAST,
+            "logger=many",
+            f"paths.output_dir={out}",
+            f"paths.root_dir={tmp_path}",
+            *(() if job == 0 else SECOND_JOB),
+        )
         with open_dict(cfg):
             del cfg["hydra"]  # as @hydra.main hands it to train()
         train.train(cfg)
@@ -215,7 +230,10 @@ def test_tiny_training_writes_pictures_and_one_wandb_run_per_job(tmp_path, monke
         assert config["model"]["backbone"]["depth"] == 18 and config["data"]["num_val"] == 8
         assert config["logger"]["wandb"]["project"] == "one-stage-detectors"
     assert ids[0] != ids[1]
-    history = [r.history for r in wandb_records(next((first / "wandb").glob("offline-run-*")))
-               if r.WhichOneof("record_type") == "history"]
+    history = [
+        r.history
+        for r in wandb_records(next((first / "wandb").glob("offline-run-*")))
+        if r.WhichOneof("record_type") == "history"
+    ]
     logged = {item.key or item.nested_key[0] for h in history for item in h.item}
     assert {"val/predictions", "val/pr_curve", "val/ap_per_class", "val/map", "train/loss_cls", "lr-AdamW"} <= logged

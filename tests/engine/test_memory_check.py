@@ -18,8 +18,14 @@ GiB = 2**30
 
 def parts(*overrides: str, tmp_path=None):
     cfg = compose(*TINY, *overrides)
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False,
-                          enable_model_summary=False, default_root_dir=str(tmp_path or "."))
+    trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path or "."),
+    )
     return cfg, trainer, instantiate(cfg.model), instantiate(cfg.data)
 
 
@@ -36,8 +42,14 @@ def test_estimate_matches_the_measured_peak_of_real_steps():
     rng = torch.get_rng_state()
     memory._malloc_trim()  # free heap earlier tests left in this process is not memory in use
     base = memory.rss()
-    estimate = memory.training_estimate(model, data.train_set, data.train_transform, data.size_divisible,
-                                        memory.available_memory(), optimizer=module.optimizer_factory)
+    estimate = memory.training_estimate(
+        model,
+        data.train_set,
+        data.train_transform,
+        data.size_divisible,
+        memory.available_memory(),
+        optimizer=module.optimizer_factory,
+    )
     assert estimate.measured and estimate.shape == (256, 256)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
@@ -54,8 +66,7 @@ def test_estimate_matches_the_measured_peak_of_real_steps():
     assert 0.85 <= ratio <= 1.3, (memory.gib(estimate.need(4)), memory.gib(measured.peak), memory.gib(base))
 
 
-def test_a_run_that_cannot_fit_stops_before_its_first_step_naming_need_available_and_settings(tmp_path,
-                                                                                              monkeypatch):
+def test_a_run_that_cannot_fit_stops_before_its_first_step_naming_need_available_and_settings(tmp_path, monkeypatch):
     """train.train with 1 GiB more than the process holds: no step is taken (Trainer.fit is never reached) and the
     error gives the estimate, the memory available and the settings that lower the need."""
     monkeypatch.setattr(memory, "available_memory", lambda device=None: memory.rss() + GiB)
@@ -71,8 +82,13 @@ def test_a_run_that_cannot_fit_stops_before_its_first_step_naming_need_available
 
 
 def test_auto_picks_the_largest_batch_that_fits_and_lr_scaling_sees_it(tmp_path, monkeypatch):
-    cfg, trainer, model, data = parts("data.batch_size=auto", "data.image_size=160", "lr_scaling.enabled=true",
-                                      "lr_scaling.base_batch_size=16", tmp_path=tmp_path)
+    cfg, trainer, model, data = parts(
+        "data.batch_size=auto",
+        "data.image_size=160",
+        "lr_scaling.enabled=true",
+        "lr_scaling.base_batch_size=16",
+        tmp_path=tmp_path,
+    )
     available = memory.rss() + 0.5 * GiB
     monkeypatch.setattr(memory, "available_memory", lambda device=None: available)
     seen = {}

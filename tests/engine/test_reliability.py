@@ -50,8 +50,11 @@ def test_nonfinite_loss_stops_naming_step_term_and_image_ids(term, value):
     model, data = tiny()
     batch = collate_detection([data.train_set[i] for i in (3, 5)])
     poison(model, term, value)
-    with pytest.raises(FloatingPointError, match=rf"step 0: non-finite {term} \(loss_cls=.*, loss_box=.*\) on the "
-                                                 rf"batch of image ids \[3, 5\].*model.nonfinite_loss=skip"):
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"step 0: non-finite {term} \(loss_cls=.*, loss_box=.*\) on the "
+        rf"batch of image ids \[3, 5\].*model.nonfinite_loss=skip",
+    ):
         model.training_step(batch, 0)
 
 
@@ -64,13 +67,22 @@ def test_skipped_batches_leave_the_weights_untouched_and_are_counted(tmp_path, c
     model, data = tiny("++model.nonfinite_loss=skip")
     poison(model)  # every batch: a NaN loss whose backward pass would make every weight NaN
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=data)
     assert model.skipped_batches == 3 and float(trainer.callback_metrics["train/skipped_batches"]) == 3
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no optimizer step was taken
-    assert re.search(r"step \d+: non-finite loss_box .* image ids \[.*\]: batch skipped .* 3 skipped so far",
-                     caplog.text)
+    assert re.search(
+        r"step \d+: non-finite loss_box .* image ids \[.*\]: batch skipped .* 3 skipped so far", caplog.text
+    )
 
 
 # --- box decoding and mixed precision ---------------------------------------------------------------------------
@@ -102,9 +114,7 @@ def test_huge_yolo_sizes_decode_to_finite_boxes():
     assert torch.isfinite(decode_boxes(box, priors, (64, 64), 5)).all()
 
 
-@pytest.mark.parametrize("name", [
-    "retinanet",
-    "ssd", "yolo"])
+@pytest.mark.parametrize("name", ["retinanet", "ssd", "yolo"])
 def test_losses_under_bf16_autocast_are_float32_and_finite(name):
     cfg = compose(*MODELS[name])
     model, data = instantiate(cfg.model).net, instantiate(cfg.data)
@@ -147,8 +157,16 @@ class Toy(L.LightningModule):
 
 
 def fit_toy(tmp_path: Path, checkpoint: ModelCheckpoint, plugins: list | None = None) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, callbacks=[checkpoint], logger=False, plugins=plugins,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[checkpoint],
+        logger=False,
+        plugins=plugins,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(Toy())
     return trainer
 
@@ -164,6 +182,7 @@ def crash_in_torch_save(monkeypatch) -> None:
 def crash_while_moving_into_place(monkeypatch) -> None:
     """Lightning writes to the system temp folder and moves the file into place: with /tmp on another filesystem
     than the checkpoints (a node's local disk), the move is a copy, and here the process dies halfway through it."""
+
     def cross_device(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link", src)
 
@@ -214,17 +233,31 @@ def test_lightning_alone_can_leave_a_truncated_last_ckpt(tmp_path, monkeypatch):
 # --- killed and resumed runs -------------------------------------------------------------------------------------
 # a tiny SSD (6 MB checkpoints), 4 steps an epoch, 3 epochs, deterministic, with the fault-handling callbacks of
 # conf/callbacks/default.yaml (++: whether or not a callbacks group in use has them)
-RUN = ("experiment=ssd_shapes", "data.image_size=64", "model.backbone.width=0.125", "data.num_train=16",
-       "data.num_val=4", "data.batch_size=4", "data.val_batch_size=4", "data.num_workers=0", "seed=3",
-       "trainer.max_epochs=3", "trainer.deterministic=true", "model.scheduler.warmup_steps=2",
-       "model.scheduler.milestones=[6,9]", "logger=csv", "validate_best=false",
-       # one layout for both runs: `auto` re-measures when the shared cache lost its entry (another test's run
-       # rewrote the file), and a resumed run in the other layout rounds differently
-       "model.channels_last=false",
-       "~callbacks.prediction_images", "~callbacks.pr_curves",
-       "++callbacks.random_state._target_=engine.checkpoint_saving.RandomStateCheckpoint",
-       "++callbacks.checkpoint_on_signal._target_=engine.checkpoint_saving.CheckpointOnSignal",
-       "++callbacks.checkpoint_on_signal.dirpath=${paths.output_dir}/checkpoints")
+RUN = (
+    "experiment=ssd_shapes",
+    "data.image_size=64",
+    "model.backbone.width=0.125",
+    "data.num_train=16",
+    "data.num_val=4",
+    "data.batch_size=4",
+    "data.val_batch_size=4",
+    "data.num_workers=0",
+    "seed=3",
+    "trainer.max_epochs=3",
+    "trainer.deterministic=true",
+    "model.scheduler.warmup_steps=2",
+    "model.scheduler.milestones=[6,9]",
+    "logger=csv",
+    "validate_best=false",
+    # one layout for both runs: `auto` re-measures when the shared cache lost its entry (another test's run
+    # rewrote the file), and a resumed run in the other layout rounds differently
+    "model.channels_last=false",
+    "~callbacks.prediction_images",
+    "~callbacks.pr_curves",
+    "++callbacks.random_state._target_=engine.checkpoint_saving.RandomStateCheckpoint",
+    "++callbacks.checkpoint_on_signal._target_=engine.checkpoint_saving.CheckpointOnSignal",
+    "++callbacks.checkpoint_on_signal.dirpath=${paths.output_dir}/checkpoints",
+)
 
 
 def train(log_dir: Path, *overrides: str, returncode: int = 0) -> str:
@@ -257,14 +290,19 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     # AdamW's moments: same steps, same gradients (so the same data order and augmentation after the resume)
     for index, state in whole["optimizer_states"][0]["state"].items():
         for name, value in state.items():
-            torch.testing.assert_close(resumed["optimizer_states"][0]["state"][index][name], value, atol=1e-6,
-                                       rtol=0, msg=f"{index}.{name}")
+            torch.testing.assert_close(
+                resumed["optimizer_states"][0]["state"][index][name], value, atol=1e-6, rtol=0, msg=f"{index}.{name}"
+            )
 
 
 @pytest.mark.slow
 def test_sigterm_saves_last_ckpt_at_the_current_step_and_exits_cleanly(tmp_path):
-    out = train(tmp_path, "++callbacks.fault._target_=engine.checkpoint_saving.SignalAtStep",
-                "++callbacks.fault.step=6", "++callbacks.fault.signum=15")  # exit code 0: Lightning's graceful stop
+    out = train(
+        tmp_path,
+        "++callbacks.fault._target_=engine.checkpoint_saving.SignalAtStep",
+        "++callbacks.fault.step=6",
+        "++callbacks.fault.signum=15",
+    )  # exit code 0: Lightning's graceful stop
     stopped, checkpoint = last_checkpoint(tmp_path)
     assert "SIGTERM: saved" in out and checkpoint["global_step"] == 7  # the batch in flight finishes first
     assert not (stopped / "metrics.json").exists()  # a stopped run reports no final metrics
@@ -308,7 +346,7 @@ def _calls(source: str, name: str) -> list[str]:
             depth += {"(": 1, ")": -1}.get(source[end], 0)
             if depth == 0:
                 break
-        calls.append(source[match.start():end + 1])
+        calls.append(source[match.start() : end + 1])
     return calls
 
 
@@ -317,8 +355,14 @@ def test_no_loader_in_our_code_can_run_code_from_a_file():
     weights_only (True unless a caller opted into trusting a file)."""
     files = [p for d in ("detectors", "datamodules", "bench", "sweeps") for p in (ROOT / d).rglob("*.py")]
     files += sorted(ROOT.glob("*.py"))
-    forbidden = [r"yaml\.(load|unsafe_load|full_load)\(", r"yaml\.(Unsafe|Full)?Loader\b", r"pickle\.loads?\(",
-                 r"(?<![.\w])(eval|exec)\(", r"^\s*(import|from) (xml|lxml)\b", r"shell=True"]
+    forbidden = [
+        r"yaml\.(load|unsafe_load|full_load)\(",
+        r"yaml\.(Unsafe|Full)?Loader\b",
+        r"pickle\.loads?\(",
+        r"(?<![.\w])(eval|exec)\(",
+        r"^\s*(import|from) (xml|lxml)\b",
+        r"shell=True",
+    ]
     for path in files:
         source = path.read_text()
         for pattern in forbidden:

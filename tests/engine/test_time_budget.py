@@ -40,9 +40,16 @@ class SlowModule(L.LightningModule):
 def fit(minutes):
     data = DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=1)  # 10 steps an epoch, 10 epochs
     budget = TimeBudget(minutes, check_after_steps=5)
-    trainer = L.Trainer(max_epochs=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[budget], num_sanity_val_steps=0,
-                        limit_val_batches=1)
+    trainer = L.Trainer(
+        max_epochs=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[budget],
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+    )
     module = SlowModule()
     start = time.monotonic()
     trainer.fit(module, data, data)
@@ -58,8 +65,8 @@ def test_a_plan_that_does_not_fit_is_cut_and_ends_on_the_decayed_rates():
     assert budget.total_steps == steps and budget.cuts
     planned = warmup_multistep(**SCHEDULE)
     assert module.lrs[-1] == pytest.approx(planned(99), rel=1e-6)  # both decays reached
-    assert module.lrs[:budget.cuts[0][0]] == pytest.approx([planned(s) for s in range(budget.cuts[0][0])])
-    after = module.lrs[budget.cuts[0][0]:]
+    assert module.lrs[: budget.cuts[0][0]] == pytest.approx([planned(s) for s in range(budget.cuts[0][0])])
+    after = module.lrs[budget.cuts[0][0] :]
     assert all(b <= a for a, b in zip(after, after[1:]))  # past the warm-up, only decays
 
 

@@ -18,8 +18,11 @@ def test_voc_ap_on_a_hand_computed_curve():
     # 2 objects; detections by score: TP, FP, TP → precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1
     metric = VOCAveragePrecision(num_classes=1)
     target = {"boxes": torch.tensor([box(0, 0), box(50, 50)]), "labels": torch.tensor([0, 0])}
-    pred = {"boxes": torch.tensor([box(0, 0), box(200, 200), box(50, 50)]), "scores": torch.tensor([0.9, 0.8, 0.7]),
-            "labels": torch.tensor([0, 0, 0])}
+    pred = {
+        "boxes": torch.tensor([box(0, 0), box(200, 200), box(50, 50)]),
+        "scores": torch.tensor([0.9, 0.8, 0.7]),
+        "labels": torch.tensor([0, 0, 0]),
+    }
     metric.update([pred], [target])
     out = metric.compute()
     assert out["voc_map_50"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
@@ -28,10 +31,16 @@ def test_voc_ap_on_a_hand_computed_curve():
 
 def test_devkit_rules_duplicates_difficult_and_unmatched():
     metric = VOCAveragePrecision(num_classes=2)
-    target = {"boxes": torch.tensor([box(0, 0), box(50, 50), box(100, 100)]), "labels": torch.tensor([0, 0, 0]),
-              "difficult": torch.tensor([False, False, True])}
-    pred = {"boxes": torch.tensor([box(0, 0), box(1, 0), box(100, 100), box(200, 200), box(50, 51)]),
-            "scores": torch.tensor([0.9, 0.8, 0.75, 0.7, 0.6]), "labels": torch.tensor([0, 0, 0, 0, 0])}
+    target = {
+        "boxes": torch.tensor([box(0, 0), box(50, 50), box(100, 100)]),
+        "labels": torch.tensor([0, 0, 0]),
+        "difficult": torch.tensor([False, False, True]),
+    }
+    pred = {
+        "boxes": torch.tensor([box(0, 0), box(1, 0), box(100, 100), box(200, 200), box(50, 51)]),
+        "scores": torch.tensor([0.9, 0.8, 0.75, 0.7, 0.6]),
+        "labels": torch.tensor([0, 0, 0, 0, 0]),
+    }
     metric.update([pred], [target])
     out = metric.compute()
     # 0.9 TP; 0.8 duplicate → FP; 0.75 on a difficult object → ignored; 0.7 matches nothing → FP; 0.6 TP.
@@ -54,13 +63,25 @@ def test_wrong_class_is_a_false_positive_and_missing_class_scores_zero():
 
 def test_detection_metrics_names_and_perfect_score():
     metrics = DetectionMetrics(["a", "b"])
-    target = {"boxes": torch.tensor([box(0, 0, 40), box(50, 50, 36)]), "labels": torch.tensor([0, 1]),
-              "iscrowd": torch.tensor([0, 0]), "difficult": torch.tensor([False, False])}
+    target = {
+        "boxes": torch.tensor([box(0, 0, 40), box(50, 50, 36)]),
+        "labels": torch.tensor([0, 1]),
+        "iscrowd": torch.tensor([0, 0]),
+        "difficult": torch.tensor([False, False]),
+    }
     pred = {"boxes": target["boxes"].clone(), "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])}
     metrics.update([pred], [target])
     out = metrics.compute("val")
-    for key in ("val/map", "val/map_50", "val/map_75", "val/mar_100", "val/voc07_map_50", "val/voc_map_50",
-                "val/ap/a", "val/ap/b"):
+    for key in (
+        "val/map",
+        "val/map_50",
+        "val/map_75",
+        "val/mar_100",
+        "val/voc07_map_50",
+        "val/voc_map_50",
+        "val/ap/a",
+        "val/ap/b",
+    ):
         assert out[key] == pytest.approx(1.0), key
     assert out["val/map_small"] == -1  # both boxes > 32² px: no small objects, COCO's "absent" value
 
@@ -102,8 +123,10 @@ MATLAB_LEVELS = [k * 0.1 if k <= 5 else 1 - (10 - k) * 0.1 for k in range(11)]
 def devkit_ap(detections, ground_truth, cls, levels=MATLAB_LEVELS):
     import numpy as np
 
-    gt = [(g["boxes"][g["labels"] == cls].double().numpy(), g["difficult"][g["labels"] == cls].numpy())
-          for g in ground_truth]
+    gt = [
+        (g["boxes"][g["labels"] == cls].double().numpy(), g["difficult"][g["labels"] == cls].numpy())
+        for g in ground_truth
+    ]
     npos = sum(int((~d).sum()) for _, d in gt)
     ids, confidence, bb = [], [], []
     for i, det in enumerate(detections):
@@ -159,8 +182,9 @@ def random_voc_set(seed, num_images=120, num_classes=6):
         labels = torch.randint(0, num_classes - 2, (n,), generator=g)
         labels[torch.rand(n, generator=g) < 0.1] = num_classes - 2
         difficult = (torch.rand(n, generator=g) < 0.2) | (labels == num_classes - 2)
-        ground_truth.append({"boxes": boxes, "labels": labels, "difficult": difficult,
-                             "iscrowd": torch.zeros(n, dtype=torch.long)})
+        ground_truth.append(
+            {"boxes": boxes, "labels": labels, "difficult": difficult, "iscrowd": torch.zeros(n, dtype=torch.long)}
+        )
         copies = boxes.repeat(3, 1)
         copies = copies + torch.randn(copies.shape, generator=g) * (copies[:, 2:] - copies[:, :2]).repeat(1, 2) * 0.1
         copy_labels = labels.repeat(3)
@@ -171,8 +195,11 @@ def random_voc_set(seed, num_images=120, num_classes=6):
         det_labels = torch.cat((copy_labels, torch.randint(0, num_classes, (m,), generator=g)))
         scores = torch.randint(1, 11, (len(det_boxes),), generator=g) / 10  # few values: many ties
         dup = torch.rand(len(det_boxes), generator=g) < 0.15  # exact duplicates (same box, same score)
-        det = {"boxes": torch.cat((det_boxes, det_boxes[dup])), "scores": torch.cat((scores, scores[dup])),
-               "labels": torch.cat((det_labels, det_labels[dup]))}
+        det = {
+            "boxes": torch.cat((det_boxes, det_boxes[dup])),
+            "scores": torch.cat((scores, scores[dup])),
+            "labels": torch.cat((det_labels, det_labels[dup])),
+        }
         if torch.rand((), generator=g) < 0.1:
             det = {k: v[:0] for k, v in det.items()}
         detections.append(det)
@@ -188,14 +215,14 @@ def test_voc_ap_equals_the_devkit_transcription(seed):
     i = 0
     while i < len(detections):  # uneven batches, as a last partial batch gives
         n = int(torch.randint(1, 20, (), generator=g))
-        metric.update(detections[i:i + n], ground_truth[i:i + n])
+        metric.update(detections[i : i + n], ground_truth[i : i + n])
         i += n
     out = metric.compute()
     reference = [devkit_ap(detections, ground_truth, c) for c in range(num_classes - 2)]
     ours = out["voc_ap_per_class"].tolist()
     for c, (_, area) in enumerate(reference):
         assert ours[c] == pytest.approx(area, abs=1e-6), c
-    assert ours[num_classes - 2:] == [-1, -1]  # only-difficult and no-object classes: no AP, out of the mean
+    assert ours[num_classes - 2 :] == [-1, -1]  # only-difficult and no-object classes: no AP, out of the mean
     assert float(out["voc_map_50"]) == pytest.approx(sum(a for _, a in reference) / len(reference), abs=1e-6)
     assert float(out["voc07_map_50"]) == pytest.approx(sum(a for a, _ in reference) / len(reference), abs=1e-6)
     assert 0.2 < float(out["voc_map_50"]) < 0.95  # a set that tells numbers apart
@@ -221,8 +248,10 @@ def test_voc07_levels_count_a_recall_of_exactly_six_tenths():
     objects = torch.tensor([box(60 * i, 0) for i in range(5)])
     preds = torch.tensor([box(0, 0), box(60, 0), box(120, 0), box(500, 500), box(180, 0)])
     labels = torch.zeros(5, dtype=torch.long)
-    metric.update([{"boxes": preds, "scores": torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]), "labels": labels}],
-                  [{"boxes": objects, "labels": labels}])
+    metric.update(
+        [{"boxes": preds, "scores": torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]), "labels": labels}],
+        [{"boxes": objects, "labels": labels}],
+    )
     assert float(metric.compute()["voc07_map_50"]) == pytest.approx((7 * 1 + 2 * 0.8) / 11)
 
 
@@ -249,8 +278,14 @@ def random_coco_set(seed, num_images=60, num_classes=7):
         crowd = (torch.rand(n, generator=g) < 0.1) | (labels == num_classes - 2)
         if i % 10 == 5:  # detections only
             boxes, labels, crowd = boxes[:0], labels[:0], crowd[:0]
-        targets.append({"boxes": boxes, "labels": labels, "iscrowd": crowd.long(),
-                        "difficult": torch.zeros(len(labels), dtype=torch.bool)})
+        targets.append(
+            {
+                "boxes": boxes,
+                "labels": labels,
+                "iscrowd": crowd.long(),
+                "difficult": torch.zeros(len(labels), dtype=torch.bool),
+            }
+        )
         copies = boxes.repeat(3, 1)
         copies = copies + torch.randn(copies.shape, generator=g) * (copies[:, 2:] - copies[:, :2]).repeat(1, 2) * 0.1
         copy_labels = labels.repeat(3)
@@ -269,14 +304,25 @@ def random_coco_set(seed, num_images=60, num_classes=7):
     det_boxes = boxes.repeat(33, 1)[:130] + torch.randn(130, 4, generator=g) * 5
     zeros = torch.zeros(4, dtype=torch.long)
     targets.append({"boxes": boxes, "labels": zeros, "iscrowd": zeros, "difficult": zeros.bool()})
-    detections.append({"boxes": det_boxes, "scores": torch.rand(130, generator=g),
-                       "labels": torch.zeros(130, dtype=torch.long)})
+    detections.append(
+        {"boxes": det_boxes, "scores": torch.rand(130, generator=g), "labels": torch.zeros(130, dtype=torch.long)}
+    )
     # IoU exactly 0.5 (a match at the first threshold), unmatched detections of areas 32², 96² and 0
-    targets.append({"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1]),
-                    "iscrowd": torch.tensor([0]), "difficult": torch.tensor([False])})
-    detections.append({"boxes": torch.tensor([[0.0, 0.0, 10.0, 5.0], box(100, 100, 32), box(200, 100, 96),
-                                              box(50, 50, 0)]),
-                       "scores": torch.tensor([0.3, 0.9, 0.8, 0.7]), "labels": torch.tensor([1, 1, 1, 1])})
+    targets.append(
+        {
+            "boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]),
+            "labels": torch.tensor([1]),
+            "iscrowd": torch.tensor([0]),
+            "difficult": torch.tensor([False]),
+        }
+    )
+    detections.append(
+        {
+            "boxes": torch.tensor([[0.0, 0.0, 10.0, 5.0], box(100, 100, 32), box(200, 100, 96), box(50, 50, 0)]),
+            "scores": torch.tensor([0.3, 0.9, 0.8, 0.7]),
+            "labels": torch.tensor([1, 1, 1, 1]),
+        }
+    )
     return detections, targets
 
 
@@ -306,7 +352,7 @@ def update_in_uneven_batches(metric, detections, targets, seed=0):
     i = 0
     while i < len(detections):
         n = int(torch.randint(1, 12, (), generator=g))
-        metric.update(detections[i:i + n], targets[i:i + n])
+        metric.update(detections[i : i + n], targets[i : i + n])
         i += n
 
 
@@ -341,8 +387,13 @@ def test_coco_tensors_in_small_blocks_and_with_float64_scores(monkeypatch):
     # float64 scores apart by less than float32 resolves: sorted as float32 they would tie again and give
     # the numbers above; the float64 sort breaks the set's many ties otherwise
     metric = COCOAveragePrecision()
-    metric.update([{**d, "scores": d["scores"].double() + 1e-12 * torch.rand(len(d["scores"]), dtype=torch.float64)}
-                   for d in detections], targets)
+    metric.update(
+        [
+            {**d, "scores": d["scores"].double() + 1e-12 * torch.rand(len(d["scores"]), dtype=torch.float64)}
+            for d in detections
+        ],
+        targets,
+    )
     assert (metric.compute()["precision"].numpy() != expected).any()
 
 
@@ -380,10 +431,16 @@ def test_coco_tensors_on_empty_and_degenerate_sets():
 def test_pr_curves_of_a_perfect_detector_and_against_pycocotools():
     names = [f"c{k}" for k in range(9)]
     metrics = DetectionMetrics(names)
-    target = {"boxes": torch.tensor([box(0, 0, 40), box(50, 50, 36), box(100, 0, 20)]),
-              "labels": torch.tensor([0, 2, 2]), "iscrowd": torch.tensor([0, 0, 0])}
-    pred = {"boxes": torch.cat([target["boxes"], torch.tensor([box(200, 200)])]),
-            "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]), "labels": torch.tensor([0, 2, 2, 5])}
+    target = {
+        "boxes": torch.tensor([box(0, 0, 40), box(50, 50, 36), box(100, 0, 20)]),
+        "labels": torch.tensor([0, 2, 2]),
+        "iscrowd": torch.tensor([0, 0, 0]),
+    }
+    pred = {
+        "boxes": torch.cat([target["boxes"], torch.tensor([box(200, 200)])]),
+        "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]),
+        "labels": torch.tensor([0, 2, 2, 5]),
+    }
     metrics.update([pred], [target])
     metrics.compute("val")
     assert list(metrics.pr_curves) == ["c0", "c2"]  # c5 has detections but no object: left out
@@ -399,8 +456,11 @@ def test_pr_curves_of_a_perfect_detector_and_against_pycocotools():
     metrics = DetectionMetrics([f"c{k}" for k in range(7)])
     metrics.update(detections, targets)
     metrics.compute("val")
-    expected = {f"c{c}": torch.from_numpy(reference.eval["precision"][0, :, k, 0, 2]).float()
-                for k, c in enumerate(reference.params.catIds) if reference.eval["precision"][0, 0, k, 0, 2] > -1}
+    expected = {
+        f"c{c}": torch.from_numpy(reference.eval["precision"][0, :, k, 0, 2]).float()
+        for k, c in enumerate(reference.params.catIds)
+        if reference.eval["precision"][0, 0, k, 0, 2] > -1
+    }
     assert metrics.pr_curves.keys() == expected.keys() and len(expected) == 5
     for name, (recall, precision) in metrics.pr_curves.items():
         assert torch.equal(precision, expected[name]), name

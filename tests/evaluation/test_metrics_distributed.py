@@ -16,7 +16,7 @@ SPLIT = 7  # rank 0 updates with the first 7 images, rank 1 with the other 4
 
 def update(metrics, detections, targets, batch_size=3):
     for i in range(0, len(detections), batch_size):
-        metrics.update(detections[i:i + batch_size], targets[i:i + batch_size])
+        metrics.update(detections[i : i + batch_size], targets[i : i + batch_size])
 
 
 def _worker(rank, world_size, init_file, detections, targets, out_dir):
@@ -30,6 +30,7 @@ def _worker(rank, world_size, init_file, detections, targets, out_dir):
         def wrapper(*args, **kwargs):
             calls[name] = calls.get(name, 0) + 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     # torchmetrics' own sync goes through dist.all_gather (and barrier); ours is one all_gather_object
@@ -43,9 +44,10 @@ def _worker(rank, world_size, init_file, detections, targets, out_dir):
         first_calls = dict(calls)
         again = metrics.compute("val")  # the states are left as they were: computing twice gives the same
         metrics.coco.compute(), metrics.voc.compute()  # torchmetrics' compute, its sync off: no collective
-        torch.save({"out": out, "again": again, "curves": metrics.pr_curves, "calls": first_calls,
-                    "calls_after": calls},
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"out": out, "again": again, "curves": metrics.pr_curves, "calls": first_calls, "calls_after": calls},
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -56,8 +58,9 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     assert len(detections) == SPLIT + 4
     # fork where there is one: spawn re-imports torch and Lightning in each process (several seconds apiece)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(2, tmp_path / "init", detections, targets, tmp_path), nprocs=2,
-                       start_method=method)
+    mp.start_processes(
+        _worker, args=(2, tmp_path / "init", detections, targets, tmp_path), nprocs=2, start_method=method
+    )
     single = DetectionMetrics(NAMES)
     update(single, detections, targets)
     expected = single.compute("val")
