@@ -13,6 +13,11 @@ IGNORE = -1  # label of priors that get no loss at all
 CROWD_IOA = 0.7  # Detectron's TRAIN.CROWD_FILTER_THRESH: anchors this much inside a crowd region get no label
 
 
+def positives(labels: Tensor, num_classes: int) -> Tensor:
+    """The priors labelled with a class: neither background (``num_classes``) nor ``IGNORE``."""
+    return (labels >= 0) & (labels < num_classes)
+
+
 def crowd_overlap(priors: Tensor, targets: DetectionBatch) -> Tensor:
     """(B, N): the largest fraction of each prior's area that lies inside one of its image's crowd boxes."""
     b = len(targets)

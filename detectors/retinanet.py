@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .assigners import CROWD_IOA, IGNORE, ignore_crowd_regions, matched_boxes
+from .assigners import CROWD_IOA, IGNORE, ignore_crowd_regions, matched_boxes, positives
 from .batch import DetectionBatch
 from .boxes import BoxCoder, batched_box_iou
 from .losses import box_regression_loss, focal_loss_dense, focal_loss_sparse
@@ -342,8 +342,7 @@ class RetinaNetLoss:
     @staticmethod
     def box_deltas_used(assigned: dict[str, Tensor], num_classes: int) -> Tensor:
         """(B, N) the anchors whose box deltas the loss reads: the positives (labelled with a class)."""
-        labels = assigned["labels"]
-        return (labels >= 0) & (labels < num_classes)
+        return positives(assigned["labels"], num_classes)
 
 
 class RetinaNetPostprocess:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models
 
-from .assigners import CROWD_IOA, IGNORE, ignore_crowd_regions, matched_boxes
+from .assigners import CROWD_IOA, IGNORE, ignore_crowd_regions, matched_boxes, positives
 from .batch import DetectionBatch
 from .boxes import BoxCoder, batched_box_iou
 from .postprocess import capped_nms_per_image, nms_per_image, topk_per_group
@@ -441,7 +441,7 @@ class MultiBoxLoss:
         logits, deltas = outputs["class_scores"], outputs["box_deltas"]
         labels = assigned["labels"]
         num_classes = logits.shape[-1] - 1
-        positive = (labels >= 0) & (labels < num_classes)
+        positive = positives(labels, num_classes)
         background = labels == num_classes
         num_pos = positive.sum(1)
         wanted = torch.clamp((num_pos * self.neg_pos_ratio).long(), min=self.min_negatives)
@@ -470,8 +470,7 @@ class MultiBoxLoss:
     @staticmethod
     def box_deltas_used(assigned: dict[str, Tensor], num_classes: int) -> Tensor:
         """(B, N) the default boxes whose offsets L_loc reads: the positives."""
-        labels = assigned["labels"]
-        return (labels >= 0) & (labels < num_classes)
+        return positives(assigned["labels"], num_classes)
 
 
 class SSDPostprocess:

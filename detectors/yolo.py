@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .backbones import build_resnet, freeze_resnet_stages
 from .batch import DetectionBatch
+from .boxes import aligned_box_iou
 from .postprocess import nms_per_image
 from .priors import PriorGenerator, Priors
 from .protocols import HeadOutputs
@@ -202,15 +203,6 @@ def decode_boxes(box: Tensor, priors: Priors, image_size: tuple[int, int], grid_
     bw = box[..., 2].clamp(0, 4.0) ** 2 * w
     bh = box[..., 3].clamp(0, 4.0) ** 2 * h
     return torch.stack((cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), -1)
-
-
-def aligned_box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of corresponding boxes (..., 4) × (..., 4) → (...)."""
-    wh = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
-    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
-    return inter / (area_a + area_b - inter).clamp(min=1e-9)
 
 
 class ResponsiblePredictorAssigner:

@@ -74,6 +74,15 @@ def check_make_test(cmd: Command) -> None:
     assert "pytest" in make_recipe("test")[1:3], make_recipe("test")
 
 
+def check_pip_install(cmd: Command) -> None:
+    """Installs the project (an editable install of this folder) with extras pyproject.toml defines."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    path, _, extras = cmd.argv[cmd.argv.index("-e") + 1].partition("[")
+    assert path == "." and set(filter(None, extras.rstrip("]").split(","))) <= set(project["optional-dependencies"])
+
+
 def check_srun(cmd: Command) -> None:
     """The script's #SBATCH geometry is what its train.py command asks Lightning for."""
     sbatch = dict(re.findall(r"--([\w-]+)=(\S+)", " ".join(cmd.script)))
@@ -121,6 +130,7 @@ def check_compile(cmd: Command) -> None:
 
 NOT_RUN = [  # (what the command contains, why it is not run, its check)
     ("make test", "runs the whole suite, this file included", check_make_test),
+    ("pip install", "installs into an environment: the suite runs in the one `make setup` built", check_pip_install),
     ("srun ", "SLURM's srun and a cluster are not here", check_srun),
     ("hydra/launcher=slurm", "submits SLURM jobs: no cluster here", check_slurm_launcher),
     ("wandb ", "creates / runs a sweep on the W&B server: no login or network here", check_wandb),

@@ -2,7 +2,7 @@ import torch
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 from torchvision.ops import box_iou
 
-from detectors.boxes import BoxCoder, batched_box_iou
+from detectors.boxes import BoxCoder, aligned_box_iou, batched_box_iou
 
 
 def random_boxes(n, size=100.0):
@@ -18,6 +18,17 @@ def test_batched_iou_matches_torchvision_per_image():
     assert ours.shape == (3, 7, 11)
     for i in range(3):
         torch.testing.assert_close(ours[i], box_iou(a[i], b[i]))
+
+
+def test_batched_iou_equals_the_plain_formula_in_float64():
+    """The in-place kernel against intersection ÷ union written out, on overlapping, disjoint, nested, touching
+    and zero-area boxes."""
+    a = torch.stack([random_boxes(40) for _ in range(2)]).double()
+    b = torch.cat([random_boxes(30), torch.tensor([[10.0, 10, 10, 30], [0, 0, 5, 5], [5, 0, 9, 5]])]).double()
+    a[0, :3] = torch.tensor([[0.0, 0, 5, 5], [1, 1, 2, 2], [200, 200, 300, 300]])  # touching, nested, disjoint
+    plain = aligned_box_iou(a[..., :, None, :], b[None, None, :, :])
+    torch.testing.assert_close(batched_box_iou(a, b), plain, rtol=0, atol=1e-15)
+    assert plain[0, 0, -2] == 1 and plain[0, 0, -1] == 0 and plain[0, 1, -2] == 1 / 25 and (plain[0, 2] == 0).all()
 
 
 def test_iou_broadcasts_priors_over_batch():
