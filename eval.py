@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
-from datamodules.coco import coco_result_entries, write_coco_results
+from datamodules.coco import COCODataset, coco_result_entries, write_coco_results
 from detectors.batch import DetectionBatch
 from engine.checkpoint_loading import (
     CheckpointError,
@@ -141,10 +141,22 @@ def write_results(records: list[dict[str, Any]], dataset: Any, class_names: list
     detections = [r["detection"] for r in records]
     indices = [r["index"] for r in records]
     results = output_dir / "coco_results.json"
-    if hasattr(dataset, "category_of_label") and hasattr(dataset, "image_ids"):  # datamodules.coco.COCODataset
+    if isinstance(dataset, COCODataset):
         write_coco_results(detections, dataset, indices, results)
-        log.info("coco_results.json uses the ids of %s", getattr(dataset, "annotation_file", "the COCO json"))
-        return [results]
+        log.info("coco_results.json uses the ids of %s", dataset.annotation_file)
+        everything = dataset.coco.dataset
+        if len(dataset.image_ids) == len(everything["images"]):
+            return [results]  # the json itself is the ground truth
+        # a part of its json (data.val_fraction): the truth is that part, with the json's own ids
+        kept = set(dataset.image_ids)
+        truth = output_dir / "coco_ground_truth.json"
+        part = {
+            **everything,
+            "images": [im for im in everything["images"] if im["id"] in kept],
+            "annotations": [a for a in everything["annotations"] if a["image_id"] in kept],
+        }
+        truth.write_text(json.dumps(part))
+        return [results, truth]
     results.write_text(json.dumps(coco_result_entries(detections, indices)))
     truth = output_dir / "coco_ground_truth.json"
     truth.write_text(json.dumps(coco_ground_truth(records, class_names)))
@@ -189,10 +201,12 @@ def format_table(metrics: dict[str, float], pr_curves: dict[str, Any]) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = str(cfg.ckpt_path)
     checkpoint = load_checkpoint(ckpt_path, trusted=bool(cfg.get("trust_checkpoint")))
-    datamodule = instantiate(eval_data_config(cfg.get("data"), checkpoint, ckpt_path))
-    check_classes(
-        checkpoint.get("class_names") or checkpoint["model_config"]["class_names"], datamodule.classes, ckpt_path
-    )
+    trained_classes = checkpoint.get("class_names") or checkpoint["model_config"]["class_names"]
+    data_config = eval_data_config(cfg.get("data"), checkpoint, ckpt_path)
+    if data_config.get("classes") is None:  # data.classes=null: the model's classes, the ones it was trained on
+        data_config["classes"] = list(trained_classes)
+    datamodule = instantiate(data_config)
+    check_classes(trained_classes, datamodule.classes, ckpt_path)
     model = build_model(checkpoint, ckpt_path, cfg.get("model"), trusted=bool(cfg.get("trust_checkpoint")))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -210,6 +210,10 @@ def check_memory(
 def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
+    if cfg.data.get("classes") is None:  # data.classes=null: the training data named them; the model is sized by them
+        log.info("data.classes from the training data: %d classes %s", len(datamodule.classes), datamodule.classes)
+        with open_dict(cfg):
+            cfg.data.classes = list(datamodule.classes)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     try:

@@ -9,6 +9,7 @@ from functools import partial
 
 import lightning as L
 from torch import Tensor
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
@@ -77,6 +78,31 @@ class AspectRatioGroupedBatchSampler(BatchSampler):
         return sum(math.ceil(c / self.batch_size) for c in counts)
 
 
+def fraction_split(ids: Sequence, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, val): a ``fraction`` of ``ids`` for validation, the rest for training, drawn by ``seed`` alone (the
+    same split on every machine and rank, whatever else was drawn before); each part keeps the ids' order. At least
+    one of each when there are two or more."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.val_fraction={fraction}: give a fraction between 0 and 1, e.g. 0.2")
+    n = len(ids)
+    if n < 2:
+        raise ValueError(f"data.val_fraction={fraction}: {n} image(s) cannot be split into training and validation")
+    num_val = min(n - 1, max(1, round(n * fraction)))
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:num_val]
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[chosen] = True
+    return [i for i, v in zip(ids, is_val.tolist()) if not v], [i for i, v in zip(ids, is_val.tolist()) if v]
+
+
+def unseen_classes_error(unseen: Sequence[str], where: str, classes: Sequence[str]) -> ValueError:
+    """The error for validation objects of classes the training data (which named the classes) does not have."""
+    return ValueError(
+        f"{where}: validation objects of class(es) {sorted(unseen)} that the training data does not have; the "
+        f"classes were read from the training data ({list(classes)}). Give data.classes=[...] with every class, "
+        f"or leave those objects out of the validation annotations"
+    )
+
+
 class DetectionDataModule(L.LightningDataModule):
     """Subclasses set ``self.train_set`` / ``self.val_set`` in ``__init__`` or ``setup``; loaders are built here.
 
@@ -93,7 +119,7 @@ class DetectionDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        classes: Sequence[str],
+        classes: Sequence[str] | None,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         num_workers: int = 0,
@@ -106,7 +132,8 @@ class DetectionDataModule(L.LightningDataModule):
         bad_images: str = "error",
     ) -> None:
         super().__init__()
-        self.classes = list(classes)
+        # None: read from the training data by the subclass (data.classes=null), before the model is built
+        self.classes: list[str] = list(classes) if classes is not None else []
         # batch_size may be set after construction (train.py resolves data.batch_size=auto): val follows it unless given
         self.batch_size, self._val_batch_size = batch_size, val_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory

@@ -13,6 +13,16 @@ from datetime import datetime
 from omegaconf import OmegaConf
 
 
+def _length(items: object) -> int:
+    """``${len:...}``; a null class list is the one that has to be read from the data first (train.py does)."""
+    if items is None:
+        raise ValueError(
+            "data.classes is null here: the class names are read from the training data when train.py starts; "
+            "elsewhere give them: data.classes=[name, ...]"
+        )
+    return len(items)
+
+
 def run_id() -> str:
     """The run folder's name: ``slurm-<job id>`` inside a SLURM job step, so a requeued job (same id) finds its own
     folder and checkpoints again and every task of the step agrees on it; else the start time."""
@@ -30,7 +40,7 @@ def launched_rank() -> int:
 def register_resolvers() -> None:
     """Idempotent: every entry point (train/eval/predict/export, the bench, the tests) imports this module."""
     if not OmegaConf.has_resolver("len"):
-        OmegaConf.register_new_resolver("len", lambda x: len(x))
+        OmegaConf.register_new_resolver("len", _length)
     if not OmegaConf.has_resolver("run_id"):  # cached: resolved once per config, like Hydra's ${now:}
         OmegaConf.register_new_resolver("run_id", run_id, use_cache=True)
     if not OmegaConf.has_resolver("rank_zero"):

@@ -234,3 +234,180 @@ def test_missing_json_and_root_are_clear_errors(tmp_path):
     data = COCODataModule(str(tmp_path), ["cat"], val_split="nope")
     with pytest.raises(FileNotFoundError, match="instances_nope.json"):
         data.setup("validate")
+
+
+# --- other layouts: explicit jsons (Roboflow, CVAT), a split of one json, classes from the data -----------------
+def write_json(path: Path, images: list[dict], annotations: list[dict], categories: list[dict], image_dir=None) -> Path:
+    """A COCO json at ``path`` with its images written under ``image_dir`` (default: beside it)."""
+    image_dir = path.parent if image_dir is None else image_dir
+    for im in images:
+        file = image_dir / im["file_name"]
+        file.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (im["width"], im["height"]), (90, 120, 30)).save(file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def xyxy(anns: list[dict]) -> torch.Tensor:
+    return torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=torch.float32)
+
+
+# Roboflow: a placeholder category 0 named after the project, the real ones from 1 (listed out of id order here)
+ROBOFLOW_CATEGORIES = [
+    {"id": 2, "name": "RBC", "supercategory": "cells"},
+    {"id": 0, "name": "cells", "supercategory": "none"},
+    {"id": 3, "name": "Platelets", "supercategory": "cells"},
+    {"id": 1, "name": "WBC", "supercategory": "cells"},
+]
+
+
+def test_roboflow_layout_reads_classes_and_images_beside_each_json(tmp_path, monkeypatch):
+    import datamodules.coco as coco_module
+
+    train_anns = [
+        ann(1, 10, 2, [4, 6, 20, 10]),
+        ann(2, 10, 1, [30, 8, 12.5, 30]),
+        ann(3, 11, 3, [0, 0, 8, 8]),
+        ann(4, 11, 2, [40, 20, 10, 10]),
+    ]
+    train = write_json(
+        tmp_path / "train" / "_annotations.coco.json",
+        [image(10, "a_jpg.rf.1.jpg"), image(11, "b_jpg.rf.2.jpg"), image(12, "c_jpg.rf.3.jpg")],
+        train_anns,
+        ROBOFLOW_CATEGORIES,
+    )
+    val = write_json(
+        tmp_path / "valid" / "_annotations.coco.json",
+        [image(1, "v_jpg.rf.4.jpg"), image(2, "w_jpg.rf.5.jpg")],
+        [ann(1, 1, 1, [2, 2, 10, 10])],
+        ROBOFLOW_CATEGORIES,
+    )
+    loads = []
+    real_load = coco_module.load_coco
+    monkeypatch.setattr(coco_module, "load_coco", lambda path, *a: loads.append(path) or real_load(path, *a))
+    data = COCODataModule(root=None, classes=None, train_json=str(train), val_json=str(val))
+    assert data.classes == ["WBC", "RBC", "Platelets"]  # the used categories in id order, placeholder 0 dropped
+    data.setup("fit")
+    assert sorted(map(str, loads)) == sorted([str(train), str(val)])  # each json read once (__init__, then setup)
+    assert data.train_set.image_dir == train.parent and data.val_set.image_dir == val.parent
+    assert data.train_set.image_ids == [10, 11]  # image 12 has no annotations: out of training
+    assert data.val_set.image_ids == [1, 2]  # validation keeps every image
+    for index, image_id in enumerate(data.train_set.image_ids):
+        img, target = data.train_set[index]
+        anns = [a for a in train_anns if a["image_id"] == image_id]
+        assert img.shape == (3, 48, 64)
+        torch.testing.assert_close(target["boxes"], xyxy(anns))
+        names = {c["id"]: c["name"] for c in ROBOFLOW_CATEGORIES}
+        assert [data.classes[k] for k in target["labels"]] == [names[a["category_id"]] for a in anns]
+    assert data.train_set.category_of_label == {0: 1, 1: 2, 2: 3}  # results are written with the json's ids
+    _, target = data.val_set[0]
+    assert target["labels"].tolist() == [0]
+
+
+def cvat_set(root: Path, num_images: int = 8, empty=(8,)) -> tuple[Path, list[int]]:
+    """CVAT's export: annotations/instances_default.json, the images in images/; ids not in file order."""
+    ids = [5, 3, 8, 1, 7, 2, 6, 4][:num_images]
+    images = [image(i, f"frame_{i:04d}.png") for i in ids]
+    anns = [ann(k + 1, i, 1, [k, k, 10, 12]) for k, i in enumerate(ids) if i not in empty]
+    categories = [{"id": 1, "name": "car"}, {"id": 2, "name": "bus"}]  # bus: no annotations
+    path = write_json(root / "annotations" / "instances_default.json", images, anns, categories, root / "images")
+    return path, ids
+
+
+def test_cvat_layout_with_one_json_splits_it_by_seed(tmp_path, caplog):
+    path, ids = cvat_set(tmp_path)
+
+    def split(seed: int, keep_empty: bool = True) -> tuple[list[int], list[int]]:
+        data = COCODataModule(
+            None, None, train_json=str(path), val_fraction=0.25, split_seed=seed, train_empty_images=keep_empty
+        )
+        data.setup("fit")
+        assert data.classes == ["car"]
+        assert data.train_set.image_dir == data.val_set.image_dir == tmp_path / "images"
+        return data.train_set.image_ids, data.val_set.image_ids
+
+    with caplog.at_level("INFO", logger="datamodules.coco"):
+        train, val = split(0)
+    assert f"its images are in {tmp_path / 'images'}" in caplog.text
+    assert f"data.val_fraction=0.25 (data.split_seed=0): 6 training and 2 validation images of {path}" in caplog.text
+    assert len(val) == 2 and len(train) == 6 and not set(train) & set(val) and sorted(train + val) == sorted(ids)
+    assert train == [i for i in ids if i in train] and val == [i for i in ids if i in val]  # the json's order
+    assert split(0) == (train, val)  # deterministic
+    assert any(split(seed)[1] != val for seed in (1, 2, 3))  # another seed, another split
+    train_no_empty, val_again = split(0, keep_empty=False)
+    assert val_again == val and train_no_empty == [i for i in train if i != 8]  # empty images out of training only
+    data = COCODataModule(None, None, train_json=str(path), val_fraction=0.25)
+    data.setup("validate")
+    img, target = data.val_set[0]
+    assert img.shape == (3, 48, 64) and len(target["boxes"]) == (0 if data.val_set.image_ids[0] == 8 else 1)
+
+
+def test_config_keys_build_a_split_with_classes_from_the_data(tmp_path):
+    from hydra.utils import instantiate
+
+    path, ids = cvat_set(tmp_path)
+    overrides = (f"data.train_json={path}", "data.val_fraction=0.5", "data.train_empty_images=true")
+    data = instantiate(compose("data=coco", *overrides, "data.classes=null").data)
+    assert data.classes == ["car"] and data.root is None
+    data.setup("fit")
+    assert len(data.val_set) == 4 and sorted(data.train_set.image_ids + data.val_set.image_ids) == sorted(ids)
+
+
+def test_file_name_with_sub_folders_and_explicit_images_folder(tmp_path):
+    images = [image(1, "day1/cam0/a.jpg"), image(2, "day2/b.jpg")]
+    anns = [ann(1, 1, 7, [1, 2, 10, 20]), ann(2, 2, 3, [5, 5, 5, 5])]
+    train = write_json(tmp_path / "labels" / "train.json", images, anns, CATEGORIES, tmp_path / "pictures")
+    val = write_json(tmp_path / "labels" / "val.json", images[:1], anns[:1], CATEGORIES, tmp_path / "pictures")
+    data = COCODataModule(
+        None,
+        ["dog", "cat"],
+        train_json=str(train),
+        train_images=str(tmp_path / "pictures"),
+        val_json=str(val),
+        val_images=str(tmp_path / "pictures"),
+    )
+    data.setup("fit")
+    _, target = data.train_set[0]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[1.0, 2.0, 11.0, 22.0]]))
+    assert target["labels"].tolist() == [1] and len(data.val_set) == 1
+    # left to be found, the images are neither beside the json nor in ../images/: the error names the fix
+    data = COCODataModule(None, ["dog", "cat"], train_json=str(train), val_json=str(val))
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"train\.json: its images \(file_name 'day1/cam0/a\.jpg'.*labels.*"
+        r"images; give their folder: data\.train_images=<folder>",
+    ):
+        data.setup("fit")
+
+
+def test_validation_class_unseen_in_training(tmp_path):
+    categories = [{"id": 1, "name": "apple"}, {"id": 2, "name": "pear"}]
+    train = write_json(tmp_path / "train" / "t.json", [image(1)], [ann(1, 1, 1, [0, 0, 5, 5])], categories)
+    val = write_json(tmp_path / "val" / "v.json", [image(1)], [ann(1, 1, 2, [0, 0, 5, 5])], categories)
+    with pytest.raises(ValueError, match=r"v\.json: validation objects of class\(es\) \['pear'\].*\['apple'\]"):
+        COCODataModule(None, None, train_json=str(train), val_json=str(val))
+    data = COCODataModule(None, ["apple"], train_json=str(train), val_json=str(val))  # explicit: as before
+    with pytest.raises(COCOFormatError, match=r"v\.json: category 2 'pear' has annotations but is not in data.classes"):
+        data.setup("fit")
+    empty = write_json(tmp_path / "empty" / "e.json", [image(1)], [], categories)
+    with pytest.raises(ValueError, match=r"e\.json: data.classes=null .* no annotations; give them: data.classes="):
+        COCODataModule(None, None, train_json=str(empty), val_json=str(val))
+
+
+def test_layout_errors_name_the_keys_to_set(tmp_path):
+    path, _ = cvat_set(tmp_path)
+    with pytest.raises(ValueError, match=r"data.root is not set: .*data.train_json=<file>"):
+        COCODataModule(None, None)
+    with pytest.raises(ValueError, match=r"without validation data: .*data.val_json=<file>.*data.val_fraction=0.2"):
+        COCODataModule(None, None, train_json=str(path))
+    with pytest.raises(ValueError, match=r"data.val_fraction=0.2 .*data.val_json=.*give one or the other"):
+        COCODataModule(None, None, train_json=str(path), val_json=str(path), val_fraction=0.2)
+    with pytest.raises(ValueError, match=r"data.val_fraction=1.5: give a fraction between 0 and 1"):
+        COCODataModule(None, None, train_json=str(path), val_fraction=1.5)
+    with pytest.raises(FileNotFoundError, match=r"nope\.json: no such annotation file; check data.train_json"):
+        COCODataModule(None, None, train_json=str(tmp_path / "nope.json"), val_fraction=0.2)
+    with pytest.raises(FileNotFoundError, match=r"data.train_images=.*missing: no such folder"):
+        COCODataModule(
+            None, ["car"], train_json=str(path), train_images=str(tmp_path / "missing"), val_fraction=0.2
+        ).setup("fit")

@@ -125,7 +125,7 @@ def test_data_root_is_required_and_pairs_are_checked():
     with pytest.raises(Exception, match="data.root"):
         instantiate(cfg.data)
     with pytest.raises(ValueError, match=r"\[year, split\] pairs"):
-        VOCDataModule("/x", train_sets=["2007"])
+        VOCDataModule(str(VOC_SAMPLE), train_sets=["2007"])
     with pytest.raises(FileNotFoundError, match=r"VOC2099/ImageSets/Main/train.txt: no such split file"):
         VOCDataset("/nonexistent", 2099, "train")
 
@@ -321,3 +321,176 @@ def test_unreadable_images_stop_the_run_or_are_skipped_with_a_count(tmp_path, ca
     assert "b.jpg: the image file is empty" in caplog.text and "1 image(s) skipped so far" in caplog.text
     with pytest.raises(ValueError, match="data.bad_images='maybe'"):
         VOCDataModule(str(root), bad_images="maybe")
+
+
+# --- one exported folder: a BCCD-like folder with split lists, a labelImg folder without -------------------------
+def write_folder(
+    root: Path,
+    count: int,
+    annotations: str,
+    images: str,
+    lists: dict[str, list[int]] | None = None,
+    filename=lambda i: f"img{i}.jpg",
+    image_name=lambda i: f"img{i}.jpg",
+    seed: int = 0,
+) -> Path:
+    """``count`` shapes images with their VOC XML, as a tool exports them: ``annotations/`` and ``images/``
+    folders named as given, split lists only if ``lists``; ``filename(i)`` is what the XML's <filename> says,
+    ``image_name(i)`` the file actually written."""
+    from datamodules.shapes import SHAPE_CLASSES, render_shapes_image
+
+    (root / annotations).mkdir(parents=True)
+    (root / images).mkdir(parents=True)
+    for i in range(count):
+        image, boxes, labels = render_shapes_image(seed + i, 64, SHAPE_CLASSES[:3], 1, 3, 12, 0.6)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / images / image_name(i))
+        objects = "".join(
+            obj(SHAPE_CLASSES[k], f"{x0 + 1:.0f} {y0 + 1:.0f} {x1:.0f} {y1:.0f}")
+            for (x0, y0, x1, y1), k in zip(boxes.tolist(), labels.tolist())
+        )
+        (root / annotations / f"img{i}.xml").write_text(voc_xml(objects, filename=filename(i)))
+    for split, members in (lists or {}).items():
+        (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"img{i}\n" for i in members))
+    return root
+
+
+def test_one_folder_with_split_lists_reads_its_classes_and_named_splits(tmp_path):
+    root = write_folder(
+        tmp_path / "BCCD", 8, "Annotations", "JPEGImages", {"train": [0, 1, 2, 3, 4], "val": [5, 6], "test": [7]}
+    )
+    data = VOCDataModule(str(root), train_sets=["train"], val_sets=["test"], classes=None, num_workers=0)
+    names = set()
+    for i in range(5):
+        names |= {o.find("name").text for o in ET.parse(root / "Annotations" / f"img{i}.xml").getroot().iter("object")}
+    assert data.classes == sorted(names)  # from the training annotations, sorted
+    data.setup("fit")
+    assert (len(data.train_set), len(data.val_set)) == (5, 1)
+    image, target = data.train_set[2]
+    ref = reference_objects(root / "Annotations" / "img2.xml")
+    assert [data.classes[k] for k in target["labels"]] == [name for name, _, _ in ref]
+    torch.testing.assert_close(
+        target["boxes"], torch.tensor([[x0 - 1, y0 - 1, x1, y1] for _, (x0, y0, x1, y1), _ in ref])
+    )
+    # the devkit's default [year, split] pairs mean nothing here: its train and val lists are taken
+    default = VOCDataModule(str(root), classes=None, num_workers=0)
+    default.setup("fit")
+    assert (len(default.train_set), len(default.val_set)) == (5, 2)
+
+
+def test_a_labelimg_folder_is_split_by_val_fraction_and_finds_images_by_stem(tmp_path):
+    # <filename> stale (as after renaming files) for every image, and the files themselves PNG
+    root = write_folder(
+        tmp_path / "export",
+        20,
+        "annotations",
+        "images",
+        filename=lambda i: f"IMG_{i}.jpeg",
+        image_name=lambda i: f"img{i}.png",
+    )
+    kw = dict(classes=None, annotations_dir="annotations", images_dir="images", num_workers=0)
+    data = VOCDataModule(str(root), val_fraction=0.3, **kw)
+    (train,), (val,) = data.train_sets, data.val_sets
+    assert (len(train.ids), len(val.ids)) == (14, 6) and not set(train.ids) & set(val.ids)
+    assert sorted(train.ids + val.ids) == sorted(f"img{i}" for i in range(20))
+    assert VOCDataModule(str(root), val_fraction=0.3, **kw).val_sets == data.val_sets  # deterministic
+    assert VOCDataModule(str(root), val_fraction=0.3, split_seed=1, **kw).val_sets != data.val_sets
+    data.setup("fit")
+    image, _ = data.val_set[0]
+    assert data.val_set.records[0].image_path.name == f"{val.ids[0]}.png" and image.shape == (3, 64, 64)
+
+
+def test_one_folder_errors_name_the_way_out(tmp_path):
+    root = write_folder(tmp_path / "export", 4, "annotations", "images")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"neither VOC<year>/ folders .* nor Annotations/.*'annotations', "
+        r"'images'.*data.annotations_dir",
+    ):
+        VOCDataModule(str(root))
+    kw = dict(annotations_dir="annotations", images_dir="images")
+    with pytest.raises(ValueError, match=r"one VOC-style folder .*it has none.*data.val_fraction=0.2"):
+        VOCDataModule(str(root), **kw)
+    with pytest.raises(ValueError, match=r"data.val_fraction=0.5 splits every annotation.*\['train', 'val'\]"):
+        VOCDataModule(str(root), train_sets=["train"], val_sets=["val"], val_fraction=0.5, **kw)
+    with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/train.txt: no such split list.*val_fraction"):
+        VOCDataModule(str(root), train_sets=["train"], val_sets=["val"], **kw).setup("fit")
+
+
+def test_a_validation_class_the_training_data_lacks_is_named(tmp_path):
+    root = write_devkit(tmp_path, {"a": voc_xml(obj("dog", "1 1 5 5"))}, {"a": rgb()})
+    write_devkit(tmp_path, {"b": voc_xml(obj("dog", "1 1 5 5") + obj("zebra", "2 2 8 8"))}, {"b": rgb()}, split="val")
+    with pytest.raises(ValueError, match=r"class\(es\) \['zebra'\] that the training data does not have.*\['dog'\]"):
+        VOCDataModule(str(root), train_sets=[[2007, "train"]], val_sets=[[2007, "val"]], classes=None)
+    with pytest.raises(ValueError, match=r"is a VOCdevkit.*val_fraction splits one exported folder"):
+        VOCDataModule(str(root), val_fraction=0.2)
+
+
+BCCD = SHARED_DATA / "bccd" / "BCCD"
+
+
+@pytest.mark.skipif(not BCCD.is_dir(), reason="../shared/data/bccd is absent")
+def test_the_real_bccd_folder_trains_as_exported():
+    data = VOCDataModule(str(BCCD), train_sets=["train"], val_sets=["test"], classes=None, num_workers=0)
+    assert data.classes == ["Platelets", "RBC", "WBC"]
+    data.setup("fit")
+    listed = [len((BCCD / "ImageSets" / "Main" / f"{s}.txt").read_text().split()) for s in ("train", "test")]
+    assert [len(data.train_set), len(data.val_set)] == listed
+    image, target = data.val_set[0]
+    assert image.shape[0] == 3 and len(target["labels"]) > 0
+
+
+@pytest.mark.slow
+def test_train_and_eval_take_the_classes_from_an_exported_folder(tmp_path):
+    """A labelImg export trained as it is (no split lists, no class list), then evaluated with the checkpoint's
+    classes: the checkpoint holds the classes the annotations name."""
+    root = write_folder(tmp_path / "export", 12, "annotations", "images")
+    data = [
+        "data=voc",
+        f"data.root={root}",
+        "data.classes=null",
+        "data.annotations_dir=annotations",
+        "data.images_dir=images",
+        "data.val_fraction=0.25",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+    ]
+    train = [
+        ROOT / "train.py",
+        "model=ssd",
+        "model.num_prediction_layers=4",
+        "model.backbone.width=0.125",
+        "model/optimizer=adamw",
+        "trainer=cpu",
+        "task_name=labelimg",
+        *data,
+        "data.train_transform.size=128",
+        "data.batch_size=4",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "memory_check=false",
+        "model.scheduler.warmup_steps=1",
+        "model.scheduler.milestones=[8,9]",
+        f"paths.log_dir={tmp_path}",
+    ]
+    done = run_python(train, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    names = set()
+    for xml in (root / "annotations").glob("*.xml"):
+        names |= {o.find("name").text for o in ET.parse(xml).getroot().iter("object")}
+    (run,) = (tmp_path / "labelimg").iterdir()
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["class_names"] == sorted(names) == checkpoint["data_config"]["classes"]
+    assert {f"val/ap/{n}" for n in names} <= set(json.loads((run / "metrics.json").read_text()))
+    done = run_python(
+        [
+            ROOT / "eval.py",
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+            *data,
+            "trainer=cpu",
+            f"paths.log_dir={tmp_path}",
+        ],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "on 3 images" in done.stdout  # the same val_fraction split: 3 of 12
