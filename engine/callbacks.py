@@ -120,6 +120,16 @@ class TimeBudget(L.Callback):
         if step >= self.total_steps:
             trainer.should_stop = True  # Lightning validates (and checkpoints) a run that stops this way
 
+    @staticmethod
+    def _steps_between_validations(trainer: L.Trainer) -> int:
+        """Every epoch (``check_val_every_n_epoch``) or every ``val_check_interval`` steps across epochs (with
+        ``check_val_every_n_epoch: null``, as the CPU recipes validate); 0 when unknown."""
+        if trainer.check_val_every_n_epoch is None and isinstance(trainer.val_check_batch, int):
+            return trainer.val_check_batch
+        if trainer.num_training_batches == float("inf"):
+            return 0
+        return max(1, int(trainer.num_training_batches)) * (trainer.check_val_every_n_epoch or 1)
+
     def _plan(self, trainer: L.Trainer) -> None:
         now, step = time.monotonic(), trainer.global_step
         steps = step - self._mark_step
@@ -127,9 +137,9 @@ class TimeBudget(L.Callback):
             return
         step_seconds = (now - self._mark - self._val_seconds) / steps
         val_seconds = self._val_seconds / self._val_count if self._val_count else 0.0
-        per_epoch = max(1, int(trainer.num_training_batches)) if trainer.num_training_batches != float("inf") else 0
         planned_left = self.planned_steps - self.schedule_step(step)  # in the planned schedule's steps
-        vals_left = math.ceil(planned_left / per_epoch) if per_epoch else 1
+        every = self._steps_between_validations(trainer)
+        vals_left = math.ceil(planned_left / every) if every else 1
         left = self.minutes * 60 - (now - self._start) - vals_left * val_seconds
         fits = max(1, int(left / step_seconds)) if left > 0 else 1
         rate = max(1.0, planned_left / fits)  # planned steps a step covers from here: never stretched past the plan

@@ -49,3 +49,49 @@ def test_recipe_models_build(name, priors):
 
         outputs, boxes = model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
         assert outputs["class_scores"].shape[1] == priors
+
+
+CPU_RECIPES = {  # the photos' training transform and its input size per CPU recipe
+    "retinanet": ("ShortSideAugmentation", 320),
+    "ssd": ("SSDAugmentation", 256),
+    "yolo": ("YOLOAugmentation", 160),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CPU_RECIPES))
+def test_the_shapes_recipe_is_the_cpu_recipe_on_the_shapes(name):
+    from omegaconf import OmegaConf
+
+    shapes, cpu = (
+        OmegaConf.to_container(compose(f"experiment={name}_{kind}"), resolve=False) for kind in ("shapes", "cpu")
+    )
+    assert (shapes.pop("task_name"), cpu.pop("task_name")) == (f"{name}_shapes", f"{name}_cpu")
+    shapes.pop("hydra"), cpu.pop("hydra")  # run folders are named by the task
+    # the plan in epochs of 256 steps, each validated: the steps and validations of the plan in steps
+    epochs, steps = shapes.pop("trainer"), cpu.pop("trainer")
+    assert epochs["max_epochs"] * 256 == steps["max_steps"] and steps["val_check_interval"] == 256
+    assert cpu["data"]["num_train"] // cpu["data"]["batch_size"] == 256
+    assert (epochs["max_steps"], epochs["check_val_every_n_epoch"], steps["check_val_every_n_epoch"]) == (-1, 1, None)
+    assert {k: v for k, v in epochs.items() if "val" not in k and "max_" not in k} == {
+        k: v for k, v in steps.items() if "val" not in k and "max_" not in k
+    }
+    if name != "retinanet":  # these two always trained every planned step; the CPU recipe bounds the time
+        assert (shapes["callbacks"].pop("time_budget")["minutes"], cpu["callbacks"].pop("time_budget")["minutes"]) == (
+            None,
+            9,
+        )
+    assert shapes == cpu and cpu["data"]["_target_"].endswith("ShapesDataModule")
+    assert cpu["data"]["train_transform"]["size"] is None  # the shapes are drawn at the input size: flip only
+
+
+@pytest.mark.parametrize("data", ["voc", "coco"])
+@pytest.mark.parametrize("name", sorted(CPU_RECIPES))
+def test_the_cpu_recipes_take_photos_at_their_own_size(name, data):
+    cfg = compose(f"experiment={name}_cpu", f"data={data}", "data.root=/x", "data.classes=[a,b]")
+    transform, size = CPU_RECIPES[name]
+    assert cfg.data.train_transform._target_.endswith(transform)
+    t = cfg.data.train_transform
+    assert (t.min_sizes[len(t.min_sizes) // 2] if name == "retinanet" else t.size) == size
+    assert "num_train" not in cfg.data  # nothing of the shapes' own settings
+    assert cfg.trainer.max_steps > 0 and cfg.trainer.max_epochs == -1 and cfg.callbacks.time_budget.minutes == 9
+    assert instantiate(cfg.model).net.num_classes == 2

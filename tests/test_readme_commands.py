@@ -83,6 +83,14 @@ def check_pip_install(cmd: Command) -> None:
     assert path == "." and set(filter(None, extras.rstrip("]").split(","))) <= set(project["optional-dependencies"])
 
 
+def check_own_data(cmd: Command) -> None:
+    """The command composes (every key exists, the recipe and data group resolve) and leaves the classes to the
+    data; the same layouts train end to end in tests/datamodules (generated exports and the real BCCD folder)."""
+    cfg = compose("train", train_args(cmd))
+    assert cfg.data.classes is None and cfg.task_name.endswith("_cpu")
+    assert cfg.data._target_.endswith(("VOCDataModule", "COCODataModule"))
+
+
 def check_srun(cmd: Command) -> None:
     """The script's #SBATCH geometry is what its train.py command asks Lightning for."""
     sbatch = dict(re.findall(r"--([\w-]+)=(\S+)", " ".join(cmd.script)))
@@ -131,6 +139,7 @@ def check_compile(cmd: Command) -> None:
 NOT_RUN = [  # (what the command contains, why it is not run, its check)
     ("make test", "runs the whole suite, this file included", check_make_test),
     ("pip install", "installs into an environment: the suite runs in the one `make setup` built", check_pip_install),
+    ("data.classes=null", "trains on the user's own export, at a path only they have", check_own_data),
     ("srun ", "SLURM's srun and a cluster are not here", check_srun),
     ("hydra/launcher=slurm", "submits SLURM jobs: no cluster here", check_slurm_launcher),
     ("wandb ", "creates / runs a sweep on the W&B server: no login or network here", check_wandb),

@@ -442,8 +442,8 @@ def test_the_real_bccd_folder_trains_as_exported():
 
 @pytest.mark.slow
 def test_train_and_eval_take_the_classes_from_an_exported_folder(tmp_path):
-    """A labelImg export trained as it is (no split lists, no class list), then evaluated with the checkpoint's
-    classes: the checkpoint holds the classes the annotations name."""
+    """A labelImg export trained as it is (no split lists, no class list) with a CPU recipe, then evaluated with the
+    checkpoint's classes: the checkpoint holds the classes the annotations name."""
     root = write_folder(tmp_path / "export", 12, "annotations", "images")
     data = [
         "data=voc",
@@ -457,20 +457,15 @@ def test_train_and_eval_take_the_classes_from_an_exported_folder(tmp_path):
     ]
     train = [
         ROOT / "train.py",
-        "model=ssd",
-        "model.num_prediction_layers=4",
-        "model.backbone.width=0.125",
-        "model/optimizer=adamw",
-        "trainer=cpu",
-        "task_name=labelimg",
+        "experiment=ssd_cpu",  # the CPU recipe on photos: SSD's augmentation at 256 px
         *data,
-        "data.train_transform.size=128",
+        "task_name=labelimg",
+        "model.backbone.width=0.125",
         "data.batch_size=4",
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
         "memory_check=false",
-        "model.scheduler.warmup_steps=1",
-        "model.scheduler.milestones=[8,9]",
+        "logger=csv",
         f"paths.log_dir={tmp_path}",
     ]
     done = run_python(train, tmp_path)

@@ -37,11 +37,18 @@ class SlowModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def fit(minutes):
-    data = DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=1)  # 10 steps an epoch, 10 epochs
+def fit(minutes, by_steps=False):
+    """100 planned steps: 10 epochs of 10 steps, validated each epoch; or (``by_steps``, as the CPU recipes plan)
+    max_steps=100 with a validation every 10 steps across epochs."""
+    data = DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=1)
     budget = TimeBudget(minutes, check_after_steps=5)
+    plan = (
+        dict(max_steps=100, max_epochs=-1, check_val_every_n_epoch=None, val_check_interval=10)
+        if by_steps
+        else dict(max_epochs=10)
+    )
     trainer = L.Trainer(
-        max_epochs=10,
+        **plan,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -56,9 +63,10 @@ def fit(minutes):
     return module, budget, time.monotonic() - start
 
 
-def test_a_plan_that_does_not_fit_is_cut_and_ends_on_the_decayed_rates():
+@pytest.mark.parametrize("by_steps", [False, True])
+def test_a_plan_that_does_not_fit_is_cut_and_ends_on_the_decayed_rates(by_steps):
     # 100 planned steps take ≥ 4 s plus 10 validations; the budget allows ~2 s
-    module, budget, seconds = fit(minutes=2.0 / 60)
+    module, budget, seconds = fit(minutes=2.0 / 60, by_steps=by_steps)
     steps = len(module.lrs)
     assert 10 < steps < 60, steps
     assert seconds < 2.0 + 1.5  # a validation and Lightning's start/stop on top of the planned 2 s
