@@ -223,14 +223,82 @@ def class_dependent_keys(module: DetectionModule) -> set[str]:
     }
 
 
+def _is_state_dict_file(path: str | Path) -> bool:
+    """A file holding a bare state dict (tensors by name, as torchvision's weights files), not a train.py
+    checkpoint (which holds ``state_dict`` and its configs)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001  (not loadable this way: load_checkpoint reports it with its advice)
+        return False
+    return (
+        isinstance(content, dict)
+        and "state_dict" not in content
+        and all(isinstance(v, Tensor) for v in content.values())
+    )
+
+
+TORCHVISION = "torchvision"  # model.finetune_from=torchvision: torchvision's COCO weights of this architecture
+
+
+def torchvision_coco_weights(net: nn.Module) -> tuple[Any, Any, list[str]]:
+    """(torchvision's COCO weights enum, the map of its state dict onto ours, its class list in our label order) for
+    the network's architecture: RetinaNet (``model=retinanet_torchvision``) or SSD300 (``model=ssd_torchvision``)."""
+    from torchvision.models.detection import RetinaNet_ResNet50_FPN_Weights, SSD300_VGG16_Weights
+
+    from detectors.retinanet import RetinaNetHead, torchvision_retinanet_state_dict
+    from detectors.ssd import SSDHead, torchvision_ssd_state_dict
+
+    if isinstance(net.head, RetinaNetHead):
+        weights = RetinaNet_ResNet50_FPN_Weights.COCO_V1
+        return weights, torchvision_retinanet_state_dict, list(weights.meta["categories"])  # its 91 label slots
+    if isinstance(net.head, SSDHead):
+        weights = SSD300_VGG16_Weights.COCO_V1
+        return weights, torchvision_ssd_state_dict, list(weights.meta["categories"])[1:]  # ours: no background
+    raise CheckpointError(
+        f"model.finetune_from={TORCHVISION}: torchvision has COCO weights for RetinaNet (model=retinanet_torchvision) "
+        f"and SSD300 (model=ssd_torchvision), not for a {type(net.head).__name__}"
+    )
+
+
+def torchvision_state(spec: str | Path, net: nn.Module) -> tuple[dict[str, Tensor], list[str]]:
+    """The weights of torchvision's COCO-trained model of this architecture, mapped onto ours (state-dict keys of the
+    module), and its classes: downloaded by torchvision's weights API (``spec`` = ``torchvision``; kept in torch's
+    hub cache), or read from ``spec``, a file holding that state dict (what torchvision downloads)."""
+    weights, to_ours, classes = torchvision_coco_weights(net)
+    if str(spec) == TORCHVISION:
+        try:
+            tv_state = weights.get_state_dict(progress=True)
+        except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), a truncated download
+            target = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            raise CheckpointError(
+                f"model.finetune_from={TORCHVISION}: could not fetch torchvision's weights {weights.url} ({e}). "
+                f"Without internet here, download that file elsewhere and put it at {target} (torchvision's cache), "
+                f"or give it: model.finetune_from=<the .pth file>"
+            ) from None
+    else:
+        tv_state = torch.load(spec, map_location="cpu", weights_only=True)
+    own = with_net_prefix(net.state_dict())
+    # BatchNorm's update counters, where our backbone freezes BN (the COCO weights' own FrozenBatchNorm has none)
+    state = {k: v for k, v in with_net_prefix(to_ours(tv_state)).items() if k in own or "num_batches_tracked" not in k}
+    return state, classes
+
+
 def finetune_from(model: DetectionModule, path: str | Path, trusted: bool = False) -> dict[str, list[str]]:
-    """Load the weights of checkpoint ``path`` into ``model`` (``model.finetune_from=<ckpt>``). Same classes:
-    every weight. Other classes: every weight but the class-dependent head layers, which keep the model's fresh
-    initialisation (RetinaNet's prior-probability bias included). Returns the keys ``loaded`` and
-    ``reinitialised``; any other difference between the two models is an error naming the keys."""
-    checkpoint = load_checkpoint(path, trusted)
-    state: dict[str, Tensor] = with_net_prefix(checkpoint["state_dict"])
-    old, new = checkpoint.get("class_names"), list(model.net.class_names)
+    """Load the weights of ``path`` into ``model`` (``model.finetune_from=<...>``): a checkpoint of train.py,
+    ``torchvision`` (torchvision's COCO weights of this architecture, downloaded) or a file of those weights (a
+    torchvision state dict, as it downloads them). Same classes: every weight. Other classes: every weight but the
+    class-dependent head layers, which keep the model's fresh initialisation (RetinaNet's prior-probability bias
+    included). Returns the keys ``loaded`` and ``reinitialised``; any other difference between the two models is an
+    error naming the keys."""
+    new = list(model.net.class_names)
+    if str(path) == TORCHVISION or _is_state_dict_file(path):
+        state, old = torchvision_state(path, model.net)
+    else:
+        checkpoint = load_checkpoint(path, trusted)
+        state = with_net_prefix(checkpoint["state_dict"])
+        old = checkpoint.get("class_names")
     if old is None:
         raise CheckpointError(
             f"model.finetune_from={path}: the checkpoint holds no 'class_names', so it is unknown "

@@ -329,6 +329,57 @@ def test_finetune_loads_all_but_the_class_dependent_layers(best, classes):
     assert finetune_from(same, best)["reinitialised"] == []
 
 
+def torchvision_finetune_module(classes: str = "[a,b,c]") -> DetectionModule:
+    cfg = compose("model=retinanet_torchvision", f"data.classes={classes}", "model.backbone.weights=null")
+    return DetectionModule.from_config(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+@pytest.mark.slow
+def test_finetune_from_torchvision_weights_loads_all_but_the_class_layers(tmp_path):
+    """model.finetune_from=<torchvision's weights file> (what `torchvision` downloads): every weight of
+    torchvision's RetinaNet mapped onto ours, the classifier left for these classes."""
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    from detectors.retinanet import torchvision_retinanet_state_dict
+    from engine.detection_module import with_net_prefix
+
+    torch.manual_seed(0)
+    theirs = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    torch.save(theirs.state_dict(), tmp_path / "retinanet_resnet50_fpn_coco.pth")
+    module = torchvision_finetune_module()
+    fresh = {k: v.clone() for k, v in module.state_dict().items()}
+    report = finetune_from(module, tmp_path / "retinanet_resnet50_fpn_coco.pth")
+    assert report["reinitialised"] == ["net.head.cls_score.bias", "net.head.cls_score.weight"]  # 91 slots → 3
+    mapped = with_net_prefix(torchvision_retinanet_state_dict(theirs.state_dict()))
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, fresh[key] if key in report["reinitialised"] else mapped[key]), key
+
+
+def test_finetune_from_torchvision_offline_says_where_its_file_goes(monkeypatch, tmp_path):
+    import urllib.error
+
+    import torchvision.models._api
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    module = torchvision_finetune_module()
+    with pytest.raises(
+        CheckpointError,
+        match=r"could not fetch .*retinanet_resnet50_fpn_coco.*put it at .*hub/"
+        r"checkpoints/retinanet_resnet50_fpn_coco.*model.finetune_from=<",
+    ):
+        finetune_from(module, "torchvision")
+    yolo = DetectionModule.from_config(OmegaConf.to_container(compose(*TINY_YOLO).model, resolve=True))
+    with pytest.raises(CheckpointError, match=r"torchvision has COCO weights for RetinaNet .* not for a YOLOv1Head"):
+        finetune_from(yolo, "torchvision")
+
+
+TINY_YOLO = ("experiment=yolo_shapes", "data.image_size=64", "model.head.hidden=32")
+
+
 def test_checkpoint_configs_may_only_target_this_project_and_torch():
     from engine.checkpoint_loading import CheckpointError, check_targets
 
