@@ -4,8 +4,9 @@ Each image goes through the model's validation transform (from its training run,
 batches on `device` (cuda when available); its detections come back in the image's own pixels. Writes into
 `output` (default: the run folder runs/predict/<date>_<time>/):
 
-* one picture per input, at its original resolution, with the boxes of score ≥ `score_thresh` drawn in their
-  class colours and captioned "<class> <score>"; JPEG stays JPEG, PNG stays PNG, other formats become PNG;
+* one picture per input, at its original resolution, with the boxes of score ≥ `score_thresh` (default: the
+  checkpoint's threshold of the best F1 on its validation) drawn in their class colours and captioned
+  "<class> <score>"; JPEG stays JPEG, PNG stays PNG, other formats become PNG;
   sub-folders of a folder/glob input are kept, relative to the inputs' common folder;
 * detections.json: every detection of the model (its own post-processing threshold, `model.postprocess.
   score_thresh`), COCO results format (`image_id` = position in the sorted input list, `category_id` = label + 1,
@@ -133,16 +134,28 @@ def save_picture(image: Tensor, path: Path, quality: int) -> None:
         picture.save(path)
 
 
+def drawing_threshold(given: float | None, checkpoint: dict[str, Any]) -> tuple[float, str]:
+    """The score boxes are drawn from, and where it came from: ``score_thresh`` if given, else the checkpoint's
+    threshold of the best F1 on its last validation, else 0.3."""
+    if given is not None:
+        if not 0 <= float(given) <= 1:
+            raise ValueError(f"score_thresh={given}: the drawing threshold is a score in [0, 1]")
+        return float(given), "score_thresh"
+    best = checkpoint.get("f1_score_thresh")
+    if best is not None:
+        return float(best), "the checkpoint's best-F1 threshold"
+    return 0.3, "the default; this checkpoint holds no best-F1 threshold"
+
+
 def predict(cfg: DictConfig) -> Path:
     ckpt_path = str(cfg.ckpt_path)
-    if not 0 <= float(cfg.score_thresh) <= 1:
-        raise ValueError(f"score_thresh={cfg.score_thresh}: the drawing threshold is a score in [0, 1]")
+    checkpoint = load_checkpoint(ckpt_path, trusted=bool(cfg.get("trust_checkpoint")))
+    score_thresh, chosen = drawing_threshold(cfg.get("score_thresh"), checkpoint)
     if int(cfg.batch_size) < 1:
         raise ValueError(f"batch_size={cfg.batch_size}: must be ≥ 1")
     files = find_images(str(cfg.input))
     output = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir)
     pictures = output_paths(files, output)
-    checkpoint = load_checkpoint(ckpt_path, trusted=bool(cfg.get("trust_checkpoint")))
     transform, size_divisible, source = resolve_preprocessing(cfg.get("data"), checkpoint, ckpt_path)
     preprocess = Preprocess(transform, size_divisible)
     device = pick_device(str(cfg.device))
@@ -177,7 +190,7 @@ def predict(cfg: DictConfig) -> Path:
                 det = {k: v.detach().cpu() for k, v in det.items()}
                 entries += coco_result_entries([det], [index], extra=[{"file_name": str(files[index])}])
                 image = originals[i]
-                keep = det["scores"] >= float(cfg.score_thresh)
+                keep = det["scores"] >= score_thresh
                 width = cfg.get("line_width") or max(2, round(2 * max(image.shape[-2:]) / 500))
                 picture = draw_boxes(
                     image, det["boxes"][keep], det["labels"][keep], names, det["scores"][keep], width=int(width)
@@ -191,7 +204,7 @@ def predict(cfg: DictConfig) -> Path:
     result = output / "detections.json"
     result.write_text(json.dumps(entries))
     print(
-        f"\n{len(files)} picture(s) with {drawn} box(es) of score ≥ {cfg.score_thresh} and detections.json "
+        f"\n{len(files)} picture(s) with {drawn} box(es) of score ≥ {score_thresh:.2f} ({chosen}) and detections.json "
         f"({len(entries)} detections) in {output}"
     )
     return result

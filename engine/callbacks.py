@@ -21,6 +21,9 @@ from evaluation.visualization import plot_pr_curves, prediction_grid, save_png, 
 log = logging.getLogger(__name__)
 
 
+DEFAULT_DRAWING_THRESHOLD = 0.3  # where no validation chose one (best F1)
+
+
 class TrainingTime(L.Callback):
     """Logs ``time/train_min``, the wall minutes of fitting so far, at every validation, so accuracy can be
     read (and plotted) against time. Kept in checkpoints, so a resumed run continues its clock."""
@@ -184,7 +187,8 @@ def _loggers_of(trainer: L.Trainer, kind: type) -> list[Any]:
 
 class ValidationPredictions(L.Callback):
     """After each validation, the same ``num_images`` validation images (the val set's first ones) with their
-    ground truth and the current predictions of score ≥ ``score_threshold``:
+    ground truth and the current predictions of score ≥ ``score_threshold`` (``best_f1``: this validation's
+    threshold of the best mean F1, said in the picture; or a number):
 
     * always as a PNG grid in ``<dirpath>/predictions/epoch_<epoch>.png`` (``validate.png`` from
       ``trainer.validate``), ground truth left, predictions right, class names and scores on the boxes;
@@ -197,7 +201,7 @@ class ValidationPredictions(L.Callback):
     def __init__(
         self,
         num_images: int = 8,
-        score_threshold: float = 0.3,
+        score_threshold: float | str = "best_f1",
         dirpath: str | None = None,
         tile_size: int = 320,
         images_per_row: int = 2,
@@ -206,6 +210,15 @@ class ValidationPredictions(L.Callback):
         self.num_images, self.score_threshold = num_images, score_threshold
         self.dirpath, self.tile_size, self.images_per_row, self.key = dirpath, tile_size, images_per_row, key
         self._batch: DetectionBatch | None = None
+
+    def threshold(self, pl_module: DetectionModule) -> tuple[float, str]:
+        """The drawing threshold and how it was chosen: ``best_f1``, this validation's threshold of the best F1
+        (``val/f1_score_thresh``: a detector's scores after minutes of training sit far below a fixed 0.3), or
+        the number given."""
+        if self.score_threshold != "best_f1":
+            return float(self.score_threshold), ""
+        best = pl_module.val_metrics.f1_score_thresh
+        return (best, " (best F1)") if best is not None else (DEFAULT_DRAWING_THRESHOLD, "")
 
     def fixed_batch(self, trainer: L.Trainer) -> DetectionBatch | None:
         """The images shown, collated once as the val loader does (so padded as the model sees them)."""
@@ -248,8 +261,9 @@ class ValidationPredictions(L.Callback):
                 }
             )
         names = list(pl_module.net.class_names)
+        threshold, threshold_note = self.threshold(pl_module)
         grid = prediction_grid(
-            images, targets, predictions, names, self.score_threshold, self.tile_size, self.images_per_row
+            images, targets, predictions, names, threshold, self.tile_size, self.images_per_row, threshold_note
         )
         fitting = trainer.state.fn == TrainerFn.FITTING
         filename = f"epoch_{trainer.current_epoch:03d}.png" if fitting else f"{trainer.state.fn.value}.png"
@@ -258,7 +272,7 @@ class ValidationPredictions(L.Callback):
         for lg in _loggers_of(trainer, WandbLogger):
             overlays = []
             for target, pred in zip(targets, predictions):
-                shown = pred["scores"] >= self.score_threshold
+                shown = pred["scores"] >= threshold
                 overlays.append(
                     {
                         "predictions": wandb_boxes(

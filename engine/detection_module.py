@@ -256,6 +256,8 @@ class DetectionModule(L.LightningModule):
         checkpoint["model_config"] = self.model_config
         checkpoint["class_names"] = self.net.class_names
         checkpoint["data_config"] = self.data_config
+        # the score threshold of the best F1 at the last validation: predict.py draws boxes from it by default
+        checkpoint["f1_score_thresh"] = self.val_metrics.f1_score_thresh
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning calls this before it restores the weights and the callbacks: an older checkpoint's keys are

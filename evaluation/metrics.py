@@ -187,6 +187,36 @@ class VOCAveragePrecision(Metric):
         return {"voc07_map_50": mean(ap07), "voc_map_50": mean(ap_area), "voc_ap_per_class": ap_area}
 
 
+def f1_by_threshold(
+    scores: Tensor, labels: Tensor, tp: Tensor, fp: Tensor, num_gt: Tensor, thresholds: Tensor
+) -> Tensor:
+    """(K, T) F1 of each class when only detections of score ≥ each threshold are kept: 2·TP ÷ (TP + FP + GT), from
+    the VOC matching at IoU 0.5 (detections of "difficult" objects, neither TP nor FP, left out); NaN for a class
+    without objects."""
+    f1 = torch.full((len(num_gt), len(thresholds)), float("nan"), dtype=torch.float64)
+    for k in range(len(num_gt)):
+        if int(num_gt[k]) == 0:
+            continue
+        mine = (labels == k) & (tp | fp)
+        kept = scores[mine].double()[:, None] >= thresholds.double()[None, :]  # (detections, T)
+        true_kept = (kept & tp[mine][:, None]).sum(0).double()
+        f1[k] = 2 * true_kept / (kept.sum(0).double() + int(num_gt[k]))
+    return f1
+
+
+def best_f1_threshold(state: dict[str, Tensor], steps: int = 101) -> tuple[float, float]:
+    """(the score threshold of the highest F1 averaged over the classes with objects, that F1), on the grid
+    0, 0.01, …, 1 (as ultralytics reports confidence at best F1); (0.0, 0.0) without objects."""
+    thresholds = torch.linspace(0, 1, steps, dtype=torch.float64)
+    f1 = f1_by_threshold(*(state[k].cpu() for k in ("scores", "labels", "tp", "fp", "num_gt")), thresholds)
+    present = ~f1[:, 0].isnan()
+    if not present.any():
+        return 0.0, 0.0
+    mean = f1[present].mean(0)
+    best = len(mean) - 1 - int(mean.flip(0).argmax())  # of equal F1s the highest threshold: fewer boxes shown
+    return float(thresholds[best]), float(mean[best])
+
+
 # --- the COCO protocol on flat tensors --------------------------------------------------------------------
 # pycocotools' Params for "bbox", built with its own numpy expressions so the thresholds are the same doubles
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
@@ -588,7 +618,8 @@ class DetectionMetrics:
     Under ``torch.distributed`` each process updates with its own images and ``compute`` gathers all states
     of both metrics in one ``all_gather_object``, so every process returns the numbers of the whole set.
     After ``compute``, ``pr_curves`` holds class name → (recall (101,), precision (101,)): COCOeval's curve at
-    IoU 0.5, all areas, 100 detections, for the classes with objects (kept through ``reset``)."""
+    IoU 0.5, all areas, 100 detections, for the classes with objects (kept through ``reset``), and
+    ``f1_score_thresh`` the score threshold of the best F1 averaged over classes (``{prefix}/best_f1``: that F1)."""
 
     def __init__(self, class_names: Sequence[str], class_metrics: bool = True, backend: str | None = None) -> None:
         self.class_names = list(class_names)
@@ -596,6 +627,7 @@ class DetectionMetrics:
         self.coco = COCOAveragePrecision(backend)
         self.voc = VOCAveragePrecision(len(self.class_names))
         self.pr_curves: dict[str, tuple[Tensor, Tensor]] = {}
+        self.f1_score_thresh: float | None = None  # after compute: the score threshold of the best mean F1
 
     def to(self, device: torch.device) -> DetectionMetrics:
         self.coco.to(device)
@@ -629,6 +661,8 @@ class DetectionMetrics:
         out = {f"{prefix}/{k}": float(v) for k, v in zip(COCO_KEYS, coco["stats"].tolist())}
         out[f"{prefix}/voc07_map_50"] = float(voc["voc07_map_50"])
         out[f"{prefix}/voc_map_50"] = float(voc["voc_map_50"])
+        self.f1_score_thresh, out[f"{prefix}/best_f1"] = best_f1_threshold(voc_state)
+        out[f"{prefix}/f1_score_thresh"] = self.f1_score_thresh
         classes = coco["classes"].tolist()
         if self.class_metrics:
             for cls, ap in zip(classes, coco["map_per_class"].tolist()):

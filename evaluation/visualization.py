@@ -87,16 +87,18 @@ def prediction_grid(
     score_threshold: float = 0.3,
     tile: int = 320,
     images_per_row: int = 2,
+    threshold_note: str = "",
 ) -> Tensor:
     """A uint8 (3,H,W) grid: for each image, its ground truth (left) and its predictions with score
-    ≥ ``score_threshold`` (right), in the same class colours. Boxes are in each image's own pixels."""
+    ≥ ``score_threshold`` (right; ``threshold_note`` says how it was chosen), in the same class colours. Boxes are
+    in each image's own pixels."""
     tiles = []
     for image, target, pred in zip(images, targets, predictions, strict=True):
         keep = pred["scores"] >= score_threshold
         image, (gt_boxes, pred_boxes) = fit_to_tile(image, [target["boxes"], pred["boxes"][keep]], tile)
         tiles.append(_caption(draw_boxes(image, gt_boxes, target["labels"], class_names), "ground truth"))
         shown = draw_boxes(image, pred_boxes, pred["labels"][keep], class_names, pred["scores"][keep])
-        tiles.append(_caption(shown, f"predictions >= {score_threshold:g}"))
+        tiles.append(_caption(shown, f"predictions >= {score_threshold:.2f}{threshold_note}"))
     # padding in a mid grey, so panel borders show against dark and light images alike
     return make_grid(torch.stack(tiles), nrow=2 * images_per_row, padding=4, pad_value=128)
 

@@ -397,3 +397,18 @@ def test_checkpoint_configs_may_only_target_this_project_and_torch():
     with pytest.raises(CheckpointError, match=r"SignalAtStep"):
         check_targets(signal, "x.ckpt")
     check_targets(crafted, "x.ckpt", trusted=True)  # the user's explicit choice
+
+
+def test_predict_draws_from_the_checkpoints_best_f1_threshold_unless_told(best):
+    from predict import drawing_threshold
+
+    checkpoint = load_checkpoint(best)
+    stored = checkpoint["f1_score_thresh"]  # written with the checkpoint, from its last validation
+    assert stored is not None and 0 <= stored <= 1
+    assert drawing_threshold(None, checkpoint) == (stored, "the checkpoint's best-F1 threshold")
+    assert drawing_threshold(0.5, checkpoint)[0] == 0.5
+    assert drawing_threshold(None, {})[0] == 0.3  # an older checkpoint
+    with pytest.raises(ValueError, match=r"score_thresh=2: .* in \[0, 1\]"):
+        drawing_threshold(2, checkpoint)
+    metrics = json.loads((best.parent.parent / "metrics.json").read_text())
+    assert {"val/best_f1", "val/f1_score_thresh"} <= set(metrics)

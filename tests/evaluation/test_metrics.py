@@ -465,3 +465,39 @@ def test_pr_curves_of_a_perfect_detector_and_against_pycocotools():
     for name, (recall, precision) in metrics.pr_curves.items():
         assert torch.equal(precision, expected[name]), name
         assert torch.equal(recall, torch.from_numpy(reference.params.recThrs).float())
+
+
+def test_f1_by_threshold_counts_the_detections_kept_at_each_threshold():
+    from evaluation.metrics import best_f1_threshold, f1_by_threshold
+
+    # class 0: 2 objects; detections 0.9 (a hit), 0.8 (a miss), 0.4 (a hit) and 0.95 on a "difficult" object
+    # (neither); class 1: no objects
+    state = {
+        "scores": torch.tensor([0.9, 0.8, 0.4, 0.95, 0.7]),
+        "labels": torch.tensor([0, 0, 0, 0, 1]),
+        "tp": torch.tensor([True, False, True, False, False]),
+        "fp": torch.tensor([False, True, False, False, True]),
+        "num_gt": torch.tensor([2, 0]),
+    }
+    f1 = f1_by_threshold(*state.values(), torch.tensor([0.0, 0.5, 0.85, 1.0]))
+    # kept 3 (2 hits), 2 (1), 1 (1), 0: F1 = 2·TP ÷ (kept + objects)
+    torch.testing.assert_close(f1[0], torch.tensor([4 / 5, 2 / 4, 2 / 3, 0.0], dtype=torch.float64))
+    assert f1[1].isnan().all()
+    assert best_f1_threshold(state) == (pytest.approx(0.4), pytest.approx(0.8))  # the highest of the equal best
+
+
+def test_the_best_f1_threshold_is_reported_with_the_metrics():
+    from evaluation.metrics import DetectionMetrics
+
+    metrics = DetectionMetrics(["a", "b"])
+    target = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([0, 1])}
+    pred = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]]),
+        "scores": torch.tensor([0.9, 0.6, 0.3]),
+        "labels": torch.tensor([0, 1, 1]),
+    }
+    metrics.update([pred], [target])
+    out = metrics.compute("val")
+    # a: F1 1 up to 0.9; b: 2/3 up to 0.3, 1 from there to 0.6: the mean is 1 on (0.3, 0.6]
+    assert out["val/f1_score_thresh"] == pytest.approx(0.6) and out["val/best_f1"] == pytest.approx(1.0)
+    assert metrics.f1_score_thresh == pytest.approx(0.6)
