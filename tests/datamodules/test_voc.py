@@ -120,12 +120,13 @@ def test_config_trains_a_short_run_on_the_real_sample(tmp_path):
     assert "train/loss" in csv_log
 
 
-def test_data_root_is_required_and_pairs_are_checked():
+def test_data_root_is_required_and_pairs_are_checked(tmp_path):
     cfg = compose("data=voc")
     with pytest.raises(Exception, match="data.root"):
         instantiate(cfg.data)
+    (tmp_path / "VOCdevkit" / "VOC2007").mkdir(parents=True)  # a VOCdevkit: its sets are [year, split] pairs
     with pytest.raises(ValueError, match=r"\[year, split\] pairs"):
-        VOCDataModule(str(VOC_SAMPLE), train_sets=["2007"])
+        VOCDataModule(str(tmp_path / "VOCdevkit"), train_sets=["2007"])
     with pytest.raises(FileNotFoundError, match=r"VOC2099/ImageSets/Main/train.txt: no such split file"):
         VOCDataset("/nonexistent", 2099, "train")
 
