@@ -40,7 +40,7 @@ from datamodules.images import read_image
 from datamodules.transforms import Preprocess
 from detectors.batch import DetectionBatch, collate_detection
 from engine.checkpoint_loading import build_model, load_checkpoint, resolve_preprocessing
-from evaluation.visualization import draw_boxes
+from evaluation.visualization import DEFAULT_DRAWING_THRESHOLD, draw_boxes
 
 log = logging.getLogger("predict")
 
@@ -144,7 +144,7 @@ def drawing_threshold(given: float | None, checkpoint: dict[str, Any]) -> tuple[
     best = checkpoint.get("f1_score_thresh")
     if best is not None:
         return float(best), "the checkpoint's best-F1 threshold"
-    return 0.3, "the default; this checkpoint holds no best-F1 threshold"
+    return DEFAULT_DRAWING_THRESHOLD, "the default; this checkpoint holds no best-F1 threshold"
 
 
 def predict(cfg: DictConfig) -> Path:

@@ -16,12 +16,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from detectors.batch import DetectionBatch
 from engine.detection_module import DetectionModule
-from evaluation.visualization import plot_pr_curves, prediction_grid, save_png, wandb_boxes
+from evaluation.visualization import (
+    DEFAULT_DRAWING_THRESHOLD,
+    plot_pr_curves,
+    prediction_grid,
+    save_png,
+    wandb_boxes,
+)
 
 log = logging.getLogger(__name__)
-
-
-DEFAULT_DRAWING_THRESHOLD = 0.3  # where no validation chose one (best F1)
 
 
 class TrainingTime(L.Callback):

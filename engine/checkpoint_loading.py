@@ -43,8 +43,9 @@ class ClassMismatchError(CheckpointError):
 
 
 # --- loading --------------------------------------------------------------------------------------------------
-def load_checkpoint(path: str | Path, trusted: bool = False) -> dict[str, Any]:
-    """The checkpoint's dict, tensors on the CPU (a GPU-saved file loads on a machine without one).
+def load_checkpoint(path: str | Path, trusted: bool = False, bare_state_dict: bool = False) -> dict[str, Any]:
+    """The checkpoint's dict, tensors on the CPU (a GPU-saved file loads on a machine without one); with
+    ``bare_state_dict``, a file holding only tensors by name (torchvision's weights files) is accepted too.
 
     ``weights_only=True`` first: it unpickles only tensors and plain containers, so a file cannot run code when
     loaded. A file that holds other objects (an older or foreign checkpoint) is refused naming the type, unless
@@ -73,7 +74,8 @@ def load_checkpoint(path: str | Path, trusted: bool = False) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except RuntimeError as e:  # not a zip/pickle file, truncated copy
         raise CheckpointError(f"ckpt_path={path}: not a readable PyTorch checkpoint ({e})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    bare = isinstance(checkpoint, dict) and all(isinstance(v, Tensor) for v in checkpoint.values())
+    if not isinstance(checkpoint, dict) or ("state_dict" not in checkpoint and not (bare_state_dict and bare)):
         raise CheckpointError(
             f"ckpt_path={path}: no 'state_dict' in the file; give a Lightning checkpoint written "
             f"by train.py (checkpoints/best.ckpt or last.ckpt)"
@@ -223,22 +225,6 @@ def class_dependent_keys(module: DetectionModule) -> set[str]:
     }
 
 
-def _is_state_dict_file(path: str | Path) -> bool:
-    """A file holding a bare state dict (tensors by name, as torchvision's weights files), not a train.py
-    checkpoint (which holds ``state_dict`` and its configs)."""
-    if not Path(path).is_file():
-        return False
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001  (not loadable this way: load_checkpoint reports it with its advice)
-        return False
-    return (
-        isinstance(content, dict)
-        and "state_dict" not in content
-        and all(isinstance(v, Tensor) for v in content.values())
-    )
-
-
 TORCHVISION = "torchvision"  # model.finetune_from=torchvision: torchvision's COCO weights of this architecture
 
 
@@ -262,12 +248,12 @@ def torchvision_coco_weights(net: nn.Module) -> tuple[Any, Any, list[str]]:
     )
 
 
-def torchvision_state(spec: str | Path, net: nn.Module) -> tuple[dict[str, Tensor], list[str]]:
+def torchvision_state(net: nn.Module, tv_state: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], list[str]]:
     """The weights of torchvision's COCO-trained model of this architecture, mapped onto ours (state-dict keys of the
-    module), and its classes: downloaded by torchvision's weights API (``spec`` = ``torchvision``; kept in torch's
-    hub cache), or read from ``spec``, a file holding that state dict (what torchvision downloads)."""
+    module), and its classes: ``tv_state`` (that state dict, read from the file torchvision downloads), or with None
+    downloaded by torchvision's weights API (kept in torch's hub cache)."""
     weights, to_ours, classes = torchvision_coco_weights(net)
-    if str(spec) == TORCHVISION:
+    if tv_state is None:
         try:
             tv_state = weights.get_state_dict(progress=True)
         except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), a truncated download
@@ -277,8 +263,6 @@ def torchvision_state(spec: str | Path, net: nn.Module) -> tuple[dict[str, Tenso
                 f"Without internet here, download that file elsewhere and put it at {target} (torchvision's cache), "
                 f"or give it: model.finetune_from=<the .pth file>"
             ) from None
-    else:
-        tv_state = torch.load(spec, map_location="cpu", weights_only=True)
     own = with_net_prefix(net.state_dict())
     # BatchNorm's update counters, where our backbone freezes BN (the COCO weights' own FrozenBatchNorm has none)
     state = {k: v for k, v in with_net_prefix(to_ours(tv_state)).items() if k in own or "num_batches_tracked" not in k}
@@ -293,10 +277,10 @@ def finetune_from(model: DetectionModule, path: str | Path, trusted: bool = Fals
     included). Returns the keys ``loaded`` and ``reinitialised``; any other difference between the two models is an
     error naming the keys."""
     new = list(model.net.class_names)
-    if str(path) == TORCHVISION or _is_state_dict_file(path):
-        state, old = torchvision_state(path, model.net)
+    checkpoint = None if str(path) == TORCHVISION else load_checkpoint(path, trusted, bare_state_dict=True)
+    if checkpoint is None or "state_dict" not in checkpoint:  # torchvision's weights, downloaded or from their file
+        state, old = torchvision_state(model.net, checkpoint)
     else:
-        checkpoint = load_checkpoint(path, trusted)
         state = with_net_prefix(checkpoint["state_dict"])
         old = checkpoint.get("class_names")
     if old is None:

@@ -15,6 +15,9 @@ from torch.nn import functional as F
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 
+DEFAULT_DRAWING_THRESHOLD = 0.3  # boxes drawn from this score where no validation chose one (its best F1)
+
+
 def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
     """One bright, saturated colour per class; hues spread by the golden ratio so neighbouring class ids (and
     any number of classes) get clearly different colours, and black label text stays readable on all of them."""
