@@ -1,5 +1,8 @@
 """Plot a run's learning curve from its CSV log: ``python -m bench.training_curve RUN_DIR [OUT.png]``.
 
+Several runs on one axes (validation mAP@0.5 against wall minutes, one line a run, named by its task):
+``python -m bench.training_curve --compare RUN_DIR RUN_DIR ... --out OUT.png``; the README's BCCD figure.
+
 Left: training loss (and its focal/box parts) by step; right: validation mAP@0.5 and mAP@[.5:.95] against
 wall minutes of training (``time/train_min``, logged by ``engine.callbacks.TrainingTime``), or by
 epoch for runs without it. This is how the README's "mAP@0.5 ≥ 0.7 within 10 minutes" figure is made.
@@ -85,13 +88,49 @@ def plot_run(run_dir: Path, out: Path, title: str | None = None) -> Path:
     return out
 
 
+def timed_validations(run_dir: Path) -> list[dict[str, float]]:
+    """The validations made during fitting, each with its wall minute (not the re-validation of best.ckpt)."""
+    return [r for r in read_metrics(run_dir) if "val/map_50" in r and "time/train_min" in r]
+
+
+def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for run_dir in run_dirs:
+        val = timed_validations(run_dir)
+        if not val:
+            raise ValueError(f"{run_dir}: no validation with time/train_min in its CSV log (a run of train.py?)")
+        xs, ys = [r["time/train_min"] for r in val], [r["val/map_50"] for r in val]
+        ax.plot(xs, ys, marker="o", label=run_dir.parent.name)  # runs/<task>/<date>_<time>
+        ax.annotate(f"{ys[-1]:.3f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(-10, 6))
+    ax.set(xlabel="training wall time (min)", ylabel="validation mAP@0.5", ylim=(0, 1), title=title or "")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.training_curve", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/retinanet_shapes/2026-11-24_10-00-00")
+    parser.add_argument("run_dir", type=Path, nargs="?", help="a run folder, e.g. runs/retinanet_shapes/<date>")
     parser.add_argument("out", type=Path, nargs="?", help="PNG to write (default: <run_dir>/training_curve.png)")
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="RUN_DIR", help="several runs on one plot")
+    parser.add_argument("--out", dest="compare_out", type=Path, default=Path("curves.png"), help="with --compare")
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
-    print(plot_run(args.run_dir, args.out or args.run_dir / "training_curve.png", args.title))
+    if args.compare:
+        print(plot_runs(args.compare, args.compare_out, args.title))
+    elif args.run_dir is None:
+        parser.error("give a run folder, or --compare RUN_DIR ...")
+    else:
+        print(plot_run(args.run_dir, args.out or args.run_dir / "training_curve.png", args.title))
 
 
 if __name__ == "__main__":

@@ -63,21 +63,31 @@ class TimeBudget(L.Callback):
     out) and a validation takes are measured; if the rest of the planned schedule and the validations it brings
     would end past the budget, the run is cut to the steps that fit and the schedule's remaining part is squeezed
     linearly onto them, so the last steps still run at the decayed rates; a later measurement (steps got faster)
-    may give steps back, up to the plan. The last step stops the run with a validation (and its checkpoints).
-    Where the plan fits, nothing changes: the run is the same as without a budget. ``minutes: null`` turns it off.
-    Kept in checkpoints, so a resumed run keeps its shortened plan.
+    may give steps back, up to the plan. A plan that validates every N steps (``val_check_interval`` across
+    epochs, as the CPU recipes) keeps its number of validations: they come every N planned steps, N ÷ the
+    compression trained ones (the callback tells Lightning when, through ``trainer.val_check_batch``); but they
+    take at most ``val_share`` of the time left (fewer, further apart, where a validation is slow against the
+    budget). The last step stops the run with a validation (and its checkpoints).
+    Where the plan and its validations fit, nothing changes: the run is the same as without a budget.
+    ``minutes: null`` turns it off. Kept in checkpoints, so a resumed run keeps its shortened plan.
     """
 
     WARM_STEPS = 2  # left out of the step time
+    NEVER = 2**62  # as trainer.val_check_batch: Lightning validates where (batch + 1) % val_check_batch == 0
 
-    def __init__(self, minutes: float | None = None, check_after_steps: int = 10) -> None:
-        self.minutes, self.check_after_steps = minutes, check_after_steps
+    def __init__(self, minutes: float | None = None, check_after_steps: int = 10, val_share: float = 0.1) -> None:
+        if not 0 < val_share <= 1:
+            raise ValueError(f"callbacks.time_budget.val_share={val_share}: a share of the time, in (0, 1]")
+        self.minutes, self.check_after_steps, self.val_share = minutes, check_after_steps, val_share
         self.cuts: list[tuple[int, float]] = []  # (step, how many schedule steps one step covers from there on)
         self.total_steps: int | None = None  # where training stops
         self.planned_steps: int | None = None  # the schedule's end, in the planned schedule's steps
         self._start = self._mark = 0.0
         self._first_step = self._mark_step = 0
         self._val_seconds, self._val_count, self._val_start = 0.0, 0, 0.0
+        self._planned_val_every = 0  # the plan's validation interval in steps; 0: validations by epoch
+        self.val_every: float | None = None  # the interval in planned steps now (widened where validations are slow)
+        self.last_validation: float = 0.0  # the planned step of the last validation
 
     def schedule_step(self, step: int) -> float:
         """The step of the planned schedule that training step ``step`` runs at."""
@@ -97,6 +107,9 @@ class TimeBudget(L.Callback):
             self.total_steps = self.planned_steps = int(trainer.estimated_stepping_batches)
         self._start = self._mark = time.monotonic()
         self._first_step = self._mark_step = trainer.global_step
+        self._planned_val_every = self._steps_between_validations(trainer)  # before the callback drives them
+        if not self.cuts:
+            self.val_every, self.last_validation = None, float(trainer.global_step)
         for config in trainer.lr_scheduler_configs:  # LambdaLR: read the planned schedule through the cuts
             lambdas = getattr(config.scheduler, "lr_lambdas", None)
             if lambdas is not None:
@@ -113,6 +126,7 @@ class TimeBudget(L.Callback):
             return
         self._val_seconds += time.monotonic() - self._val_start
         self._val_count += 1
+        self.last_validation = self.schedule_step(trainer.global_step)
         self._plan(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -125,6 +139,9 @@ class TimeBudget(L.Callback):
             self._plan(trainer)
         if step >= self.total_steps:
             trainer.should_stop = True  # Lightning validates (and checkpoints) a run that stops this way
+        if trainer.check_val_every_n_epoch is None and self._planned_val_every:  # validations by planned steps
+            due = self.schedule_step(step) - self.last_validation >= (self.val_every or self._planned_val_every) - 1e-6
+            trainer.val_check_batch = 1 if due else self.NEVER  # read by Lightning right after this hook
 
     @staticmethod
     def _steps_between_validations(trainer: L.Trainer) -> int:
@@ -144,8 +161,13 @@ class TimeBudget(L.Callback):
         step_seconds = (now - self._mark - self._val_seconds) / steps
         val_seconds = self._val_seconds / self._val_count if self._val_count else 0.0
         planned_left = self.planned_steps - self.schedule_step(step)  # in the planned schedule's steps
-        every = self._steps_between_validations(trainer)
+        every = self._planned_val_every  # per planned steps (by steps: every N ÷ rate trained steps, the same count)
         vals_left = math.ceil(planned_left / every) if every else 1
+        by_steps = trainer.check_val_every_n_epoch is None and every
+        if by_steps and val_seconds > 0:  # validations get at most val_share of the time left
+            affordable = max(1, int(self.val_share * (self.minutes * 60 - (now - self._start)) / val_seconds))
+            self.val_every = planned_left / affordable if vals_left > affordable else None
+            vals_left = min(vals_left, affordable)
         left = self.minutes * 60 - (now - self._start) - vals_left * val_seconds
         fits = max(1, int(left / step_seconds)) if left > 0 else 1
         rate = max(1.0, planned_left / fits)  # planned steps a step covers from here: never stretched past the plan
@@ -168,11 +190,19 @@ class TimeBudget(L.Callback):
         self.total_steps = total
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cuts": list(self.cuts), "total_steps": self.total_steps, "planned_steps": self.planned_steps}
+        return {
+            "cuts": list(self.cuts),
+            "total_steps": self.total_steps,
+            "planned_steps": self.planned_steps,
+            "val_every": self.val_every,
+            "last_validation": self.last_validation,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.cuts = [(int(s), float(r)) for s, r in state_dict["cuts"]]
         self.total_steps, self.planned_steps = state_dict["total_steps"], state_dict["planned_steps"]
+        self.val_every = state_dict.get("val_every")  # absent from checkpoints before validations were capped
+        self.last_validation = state_dict.get("last_validation", 0.0)
 
 
 def _first_loader(loaders: Any) -> Any:

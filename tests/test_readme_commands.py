@@ -85,7 +85,12 @@ def check_pip_install(cmd: Command) -> None:
 
 def check_own_data(cmd: Command) -> None:
     """The command composes (every key exists, the recipe and data group resolve) and leaves the classes to the
-    data; the same layouts train end to end in tests/datamodules (generated exports and the real BCCD folder)."""
+    data; the same layouts train end to end in tests/datamodules (generated exports and the real BCCD folder).
+    eval.py on such a run: its data composes the same way (the classes come from the checkpoint)."""
+    if "eval.py" in cmd.argv:
+        cfg = compose("eval", cmd.argv[cmd.argv.index("eval.py") + 1 :])
+        assert cfg.data.classes is None and cfg.data._target_.endswith("VOCDataModule") and cfg.ckpt_path
+        return
     cfg = compose("train", train_args(cmd))
     assert cfg.data.classes is None and (cfg.task_name.endswith("_cpu") or cfg.model.finetune_from == "torchvision")
     assert cfg.data._target_.endswith(("VOCDataModule", "COCODataModule"))

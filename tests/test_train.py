@@ -5,7 +5,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from bench.training_curve import plot_run, read_metrics
+from bench.training_curve import plot_run, plot_runs, read_metrics, timed_validations
 from detectors.batch import collate_detection
 
 from .conftest import ROOT, TINY, compose, fit_fixed_batch
@@ -85,6 +85,8 @@ def test_train_py_writes_checkpoints_metrics_and_resumes(tmp_path):
     timed = [r["time/train_min"] for r in read_metrics(run) if "time/train_min" in r]
     assert len(timed) == 2 and 0 < timed[0] < timed[1]  # one per validation, growing
     assert plot_run(run, tmp_path / "curve.png").stat().st_size > 10_000
+    assert len(timed_validations(run)) == 2  # the re-validation of best.ckpt carries no clock
+    assert plot_runs([run, run], tmp_path / "compare.png").stat().st_size > 10_000
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 16 and ckpt["model_config"]["backbone"]["depth"] == 18
     assert ckpt["class_names"] == ["ellipse", "rectangle", "triangle", "cross", "diamond"]

@@ -18,10 +18,12 @@ SCHEDULE = dict(warmup_steps=5, warmup_factor=0.1, milestones=[60, 80], gamma=0.
 class SlowModule(L.LightningModule):
     """A step that takes STEP_SECONDS (sleeping, so the CPU's load does not change it) and records its lr."""
 
-    def __init__(self) -> None:
+    def __init__(self, val_seconds: float = STEP_SECONDS) -> None:
         super().__init__()
+        self.val_seconds = val_seconds
         self.layer = torch.nn.Linear(2, 1)
         self.lrs: list[float] = []
+        self.validations: list[int] = []  # the step of each validation
 
     def training_step(self, batch, batch_idx):
         time.sleep(STEP_SECONDS)
@@ -29,7 +31,8 @@ class SlowModule(L.LightningModule):
         return self.layer(batch[0]).square().mean()
 
     def validation_step(self, batch, batch_idx):
-        time.sleep(STEP_SECONDS)
+        time.sleep(self.val_seconds)
+        self.validations.append(self.trainer.global_step)
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=1.0)
@@ -37,11 +40,11 @@ class SlowModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def fit(minutes, by_steps=False):
+def fit(minutes, by_steps=False, val_seconds=STEP_SECONDS, val_share=1.0):
     """100 planned steps: 10 epochs of 10 steps, validated each epoch; or (``by_steps``, as the CPU recipes plan)
     max_steps=100 with a validation every 10 steps across epochs."""
     data = DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=1)
-    budget = TimeBudget(minutes, check_after_steps=5)
+    budget = TimeBudget(minutes, check_after_steps=5, val_share=val_share)
     plan = (
         dict(max_steps=100, max_epochs=-1, check_val_every_n_epoch=None, val_check_interval=10)
         if by_steps
@@ -57,7 +60,7 @@ def fit(minutes, by_steps=False):
         num_sanity_val_steps=0,
         limit_val_batches=1,
     )
-    module = SlowModule()
+    module = SlowModule(val_seconds)
     start = time.monotonic()
     trainer.fit(module, data, data)
     return module, budget, time.monotonic() - start
@@ -76,6 +79,8 @@ def test_a_plan_that_does_not_fit_is_cut_and_ends_on_the_decayed_rates(by_steps)
     assert module.lrs[: budget.cuts[0][0]] == pytest.approx([planned(s) for s in range(budget.cuts[0][0])])
     after = module.lrs[budget.cuts[0][0] :]
     assert all(b <= a for a, b in zip(after, after[1:]))  # past the warm-up, only decays
+    if by_steps:  # the plan's 10 validations, every 10 planned steps: closer together in trained steps
+        assert 8 <= len(module.validations) <= 12, module.validations  # + the last step's, + one as it changes
 
 
 def test_a_plan_that_fits_is_left_as_it_is():
@@ -83,6 +88,17 @@ def test_a_plan_that_fits_is_left_as_it_is():
     planned = warmup_multistep(**SCHEDULE)
     assert not budget.cuts and len(module.lrs) == 100
     assert module.lrs == pytest.approx([planned(s) for s in range(100)])
+
+
+def test_slow_validations_come_further_apart_within_their_share():
+    # a validation costs 0.2 s, 5 steps; the plan's 10 would take all of the 2 s budget; a tenth of it allows 1
+    module, budget, seconds = fit(minutes=2.0 / 60, by_steps=True, val_seconds=0.2, val_share=0.1)
+    assert len(module.validations) <= 3, module.validations  # the first (measured), the one allowed, the last
+    assert budget.val_every is not None and seconds < 2.0 + 1.5
+    planned = warmup_multistep(**SCHEDULE)
+    assert module.lrs[-1] == pytest.approx(planned(99), rel=1e-6)  # still the whole schedule
+    with pytest.raises(ValueError, match="val_share"):
+        TimeBudget(1.0, val_share=0)
 
 
 def test_schedule_steps_follow_each_cut():
