@@ -67,7 +67,7 @@ def pipeline_rows(repeats: int, record, count: int = 100) -> None:
             v2.PILToTensor(),
         ]
     )
-    ours = SSDAugmentation(size=300)
+    ours = SSDAugmentation(size=300, photometric_variant="torchvision")  # the same distortion as the peer's
 
     with tempfile.TemporaryDirectory() as tmp:
         data = samples(jpeg_files(count, Path(tmp)))

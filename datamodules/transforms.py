@@ -206,6 +206,82 @@ class PhotometricDistort(v2.RandomPhotometricDistort):
         return tv_tensors.wrap(torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).contiguous(), like=inpt)
 
 
+class CaffePhotometricDistort(v2.Transform):
+    """SSD's photometric distortion as the released code does it: weiliu89/caffe ``ApplyDistort``
+    (src/caffe/util/im_transforms.cpp) with ssd_pascal.py's ``distort_param`` (the defaults here), on uint8 pixels
+    with the same OpenCV operations. Each step applies with its probability (0.5 each), in the order brightness,
+    contrast, saturation, hue or, with probability 0.5, brightness, saturation, hue, contrast:
+
+    - brightness: x + δ, δ ∈ U(−``brightness_delta``, +``brightness_delta``) = ±32 levels, additive;
+    - contrast: x·α, α ∈ U(``contrast``) = [0.5, 1.5], every channel scaled (no blend with the mean grey);
+    - saturation: S·α in OpenCV's 8-bit HSV, α ∈ U(``saturation``) = [0.5, 1.5];
+    - hue: H + δ in OpenCV's 8-bit HSV (H in 0..179, 2° a unit), δ ∈ U(−``hue_delta``, +``hue_delta``) = ±18
+      units = ±36°; H saturates at 0 (no wrap below red), as in Caffe;
+    - channel order: never reordered (``random_order_prob: 0.0``).
+
+    Every step rounds (half to even) and saturates to 0..255, as OpenCV's ``convertTo``. torchvision's
+    ``ColorJitter`` defines contrast and saturation as blends with the grey image and turns hue in float HSV, so
+    it cannot reproduce these; the steps are Caffe's OpenCV calls, the draws come from torch's generator. Images
+    only (uint8 ``Image`` or plain tensor, (3, H, W) RGB); boxes pass through.
+    """
+
+    def __init__(
+        self,
+        brightness_prob: float = 0.5,
+        brightness_delta: float = 32.0,
+        contrast_prob: float = 0.5,
+        contrast: Sequence[float] = (0.5, 1.5),
+        saturation_prob: float = 0.5,
+        saturation: Sequence[float] = (0.5, 1.5),
+        hue_prob: float = 0.5,
+        hue_delta: float = 18.0,
+    ) -> None:
+        super().__init__()
+        self.ranges = {
+            "brightness": (float(brightness_prob), (-float(brightness_delta), float(brightness_delta))),
+            "contrast": (float(contrast_prob), tuple(float(c) for c in contrast)),
+            "saturation": (float(saturation_prob), tuple(float(c) for c in saturation)),
+            "hue": (float(hue_prob), (-float(hue_delta), float(hue_delta))),
+        }
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        params: dict[str, Any] = {"contrast_last": float(torch.rand(())) < 0.5}  # Caffe: prob > 0.5 → second
+        for step, (prob, (low, high)) in self.ranges.items():
+            params[step] = float(torch.empty(()).uniform_(low, high)) if float(torch.rand(())) < prob else None
+        return params
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Image) and type(inpt) is not Tensor:
+            return inpt
+        if inpt.dtype != torch.uint8 or inpt.ndim != 3 or inpt.shape[-3] != 3:
+            raise TypeError(
+                f"CaffePhotometricDistort takes uint8 (3, H, W) images, got {inpt.dtype} {tuple(inpt.shape)}"
+            )
+        steps = ("brightness", "contrast", "saturation", "hue")
+        if all(params[k] is None for k in steps):
+            return inpt
+        x = np.ascontiguousarray(inpt.permute(1, 2, 0).numpy())  # OpenCV works on (H, W, 3)
+        if params["brightness"] is not None:
+            x = cv2.addWeighted(x, 1.0, x, 0.0, params["brightness"])  # x + δ, rounded and saturated
+        if params["contrast"] is not None and not params["contrast_last"]:
+            x = cv2.convertScaleAbs(x, alpha=params["contrast"])  # x·α; α > 0, so the abs is a no-op
+        if params["saturation"] is not None:
+            x = _scale_hsv_channel(x, 1, params["saturation"], 0.0)
+        if params["hue"]:  # Caffe skips δ = 0
+            x = _scale_hsv_channel(x, 0, 1.0, params["hue"])
+        if params["contrast"] is not None and params["contrast_last"]:
+            x = cv2.convertScaleAbs(x, alpha=params["contrast"])
+        out = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).contiguous()
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
+
+
+def _scale_hsv_channel(x: np.ndarray, channel: int, alpha: float, beta: float) -> np.ndarray:
+    """Caffe's AdjustSaturation / AdjustHue: one channel of OpenCV's 8-bit HSV set to saturate(α·c + β)."""
+    planes = list(cv2.split(cv2.cvtColor(x, cv2.COLOR_RGB2HSV)))
+    planes[channel] = cv2.addWeighted(planes[channel], alpha, planes[channel], 0.0, beta)
+    return cv2.cvtColor(cv2.merge(planes), cv2.COLOR_HSV2RGB)
+
+
 def adjust_contrast_hwc(x: np.ndarray, factor: float) -> np.ndarray:
     """torchvision's adjust_contrast on uint8 (H, W, 3): blend with the mean of the grayscale image."""
     mean = sum(w * m for w, m in zip(GRAY_WEIGHTS, cv2.mean(x)[:3]))
@@ -238,6 +314,10 @@ class BoxPipeline:
         return image, drop_small_boxes({**target, "boxes": boxes}, tuple(image.shape[-2:]))
 
 
+# data.train_transform.photometric_variant: the released Caffe code's distortion or torchvision's (p=0.5 each)
+PHOTOMETRIC_VARIANTS = {"caffe": CaffePhotometricDistort, "torchvision": lambda: PhotometricDistort(p=0.5)}
+
+
 def canvas_fill(mean: Sequence[float], key: str) -> tuple[int, ...]:
     """``mean`` in [0, 1] (like model.pixel_mean) as the uint8 colour of new canvas, 0 once normalised."""
     mean = tuple(float(m) for m in mean)
@@ -249,8 +329,10 @@ def canvas_fill(mean: Sequence[float], key: str) -> tuple[int, ...]:
 class SSDAugmentation(BoxPipeline):
     """SSD's training augmentation (§2.2, §3.6); each step can be switched off (the paper's Table 2).
 
-    photometric: ``PhotometricDistort``, torchvision's ``RandomPhotometricDistort`` on OpenCV's uint8 kernels
-    (brightness, contrast, saturation, hue, channel order, each p=0.5). expand: with p=0.5, the image on a canvas up
+    photometric: the distortion ``photometric_variant`` names: ``caffe`` (``CaffePhotometricDistort``, the released
+    code's: additive brightness ±32, contrast, saturation, hue ±36°, each p=0.5, channels never reordered) or
+    ``torchvision`` (``PhotometricDistort``, ``RandomPhotometricDistort`` on OpenCV's uint8 kernels: multiplicative
+    brightness, hue ±18°, and a random channel order, each p=0.5). expand: with p=0.5, the image on a canvas up
     to ``max_expand_ratio``× its side filled with ``mean``
     (in [0, 1], like model.pixel_mean, so the canvas is zero after normalisation). crop: ``MinIoURandomCrop``.
     flip: horizontal, p=0.5. size: the network input (int or (h, w)); ``None`` keeps the size. Last, boxes under
@@ -261,6 +343,7 @@ class SSDAugmentation(BoxPipeline):
         self,
         size: int | Sequence[int] | None = 300,
         photometric: bool = True,
+        photometric_variant: str = "caffe",
         expand: bool = True,
         crop: bool = True,
         flip: bool = True,
@@ -278,12 +361,18 @@ class SSDAugmentation(BoxPipeline):
                 f"(the canvas side is up to this many times the image side)"
             )
         self.fill = canvas_fill(mean, "data.train_transform.mean")
+        if photometric_variant not in PHOTOMETRIC_VARIANTS:
+            raise ValueError(
+                f"data.train_transform.photometric_variant={photometric_variant!r}: choose one of "
+                f"{list(PHOTOMETRIC_VARIANTS)}"
+            )
         self.photometric, self.expand, self.crop, self.flip = photometric, expand, crop, flip
+        self.photometric_variant = photometric_variant
         self.max_expand_ratio = float(max_expand_ratio)
         self.cropper = MinIoURandomCrop(min_ious, min_scale, aspect_ratio_range, max_trials)  # validates its settings
         steps: list[v2.Transform] = []
         if photometric:
-            steps.append(PhotometricDistort(p=0.5))
+            steps.append(PHOTOMETRIC_VARIANTS[photometric_variant]())
         if expand:
             steps.append(
                 v2.RandomZoomOut(fill=self.fill, side_range=(1.0, self.max_expand_ratio), p=EXPAND_PROBABILITY)
@@ -294,7 +383,8 @@ class SSDAugmentation(BoxPipeline):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(size={self.size}, photometric={self.photometric}, expand={self.expand}, "
+            f"{type(self).__name__}(size={self.size}, photometric={self.photometric}, "
+            f"photometric_variant={self.photometric_variant}, expand={self.expand}, "
             f"crop={self.crop}, flip={self.flip}, max_expand_ratio={self.max_expand_ratio}, fill={self.fill}, "
             f"min_ious={self.cropper.min_ious}, min_scale={self.cropper.min_scale})"
         )

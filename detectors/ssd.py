@@ -191,8 +191,9 @@ def default_box_scales(
     num_layers: int, s_min: float = 0.2, s_max: float = 0.9, first_scale: float | None = None
 ) -> list[float]:
     """Paper eq. (4): s_k = s_min + (s_max − s_min)(k − 1)/(m − 1), k = 1..m, plus s_{m+1} (one step further)
-    for the last layer's extra square box √(s_m·s_{m+1}). With ``first_scale`` (the released code's
-    variant, 0.1), the first layer takes it and the formula spans the other m − 1 layers."""
+    for the last layer's extra square box √(s_m·s_{m+1}). With ``first_scale`` the first layer (conv4_3) takes
+    it and the formula spans the other m − 1 layers: the paper's SSD300 ("We set default box with scale 0.1 on
+    conv4_3", §3.1), so s = 0.1, 0.2, 0.375, 0.55, 0.725, 0.9 (and 1.075 for the last extra square)."""
     m = num_layers if first_scale is None else num_layers - 1
     if m < 1:
         raise ValueError(f"default boxes need at least {1 if first_scale is None else 2} layers")
@@ -212,7 +213,15 @@ class DefaultBoxGenerator(PriorGenerator):
 
     Fewer prediction layers (``num_prediction_layers``, Table 3): the box groups of the dropped layers are
     stacked on the nearest kept layer, and stacked groups shed ratio pairs, then the extra square, until the
-    total is within ``tolerance`` of the full model's count (the paper keeps it "similar to 8732").
+    total is within ``tolerance`` of the full model's count. The paper keeps the total "similar to the original
+    (8732)" by "stacking more scales of boxes on remaining layers and adjusting scales of boxes if needed" and
+    gives only the counts: its "# Boxes" for n = 6..1 are 8732, 8764, 8942, 9864, 9025, 8664; ours are 8732,
+    8764, 8892, 9142, 9386, 8664. No one tiling rule gives all six. n = 5's 8764 puts 8 boxes a location on
+    conv10_2 (2 scales × ratios 1, 2, ½ plus the extra square), but n = 2's 9025 = 38²·a + 19²·b needs
+    4a + b = 25 with a on conv4_3 and b on conv7: an odd b (e.g. 9 = 3 scales × ratios 1, 2, ½, no extra
+    square), which scales of 4 or 6 boxes never give. Spreading the 6 scales at 4 boxes each over the kept layers
+    (1+1+2+2 for n = 4, 1+2+3 for n = 3, 6 on conv7 for n = 1) matches every row but n = 2 (12,996). Ours keeps
+    each kept layer's own boxes and every dropped layer's square s_k, so n = 2 stays 7.5 % over (10 on conv7).
     ``boundary_boxes='ignore'`` marks boxes crossing the image border as ignored in training and inference
     (the Faster R-CNN strategy of Table 3's "use boundary boxes? no" column).
     """
@@ -223,7 +232,7 @@ class DefaultBoxGenerator(PriorGenerator):
         num_prediction_layers: int | None = None,
         s_min: float = 0.2,
         s_max: float = 0.9,
-        first_scale: float | None = None,
+        first_scale: float | None = 0.1,
         scales: Sequence[float] | None = None,
         aspect_ratios: Sequence[Sequence[float]] | None = None,
         steps: Sequence[float] | None = None,
@@ -474,9 +483,10 @@ class MultiBoxLoss:
 
 
 class SSDPostprocess:
-    """SSD inference (§3 "Inference"; released model): softmax scores per class, score > ``score_thresh``
-    (0.01), the ``topk_per_class`` (200) best boxes of each class, class-wise NMS at ``nms_thresh`` (0.45),
-    ``max_detections`` (200) per image. One top-k over (image, class) rows and one batched NMS.
+    """SSD inference (§3.7; released ssd_pascal.py's DetectionOutput): softmax scores per class, score >
+    ``score_thresh`` (0.01), the ``topk_per_class`` (400: nms_param top_k) best boxes of each class, class-wise
+    NMS at ``nms_thresh`` (0.45), ``max_detections`` (200: keep_top_k) per image. One top-k over (image, class)
+    rows and one batched NMS.
 
     ``fast`` (same detections): the softmax normaliser only for boxes where some class can pass, and NMS
     first on each image's ``2 · max_detections`` best candidates (``capped_nms_per_image``); false = the
@@ -486,7 +496,7 @@ class SSDPostprocess:
     def __init__(
         self,
         score_thresh: float = 0.01,
-        topk_per_class: int = 200,
+        topk_per_class: int = 400,
         nms_thresh: float = 0.45,
         max_detections: int = 200,
         variances: Sequence[float] = (0.1, 0.1, 0.2, 0.2),

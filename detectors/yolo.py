@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 
 from .backbones import build_resnet, freeze_resnet_stages
 from .batch import DetectionBatch
@@ -210,6 +211,12 @@ class ResponsiblePredictorAssigner:
     one whose current prediction has the highest IoU with the object is "responsible" (so predictors
     specialise). Computed from the detached predictions, for the whole batch at once.
 
+    When no predictor of the cell overlaps its object (every IoU 0: most cells early in training), the paper
+    does not say; ``no_overlap='nearest'`` (default) takes the predictor whose box is nearest the object, the
+    lowest root-mean-square difference of centre, width and height in image fractions, as darknet's detection
+    layer does (``box_rmse``), so both predictors start to learn; ``'first'`` takes predictor 0, which then
+    learns every object while predictor 1 waits for an overlap.
+
     A cell can hold one object only (one set of class probabilities per cell, paper §2.4): when several
     centres fall in one cell, the largest object takes it (ties: the first listed) and the others get no
     predictor in this image. (Darknet keeps the last one listed; "largest" does not depend on file order.)
@@ -223,8 +230,10 @@ class ResponsiblePredictorAssigner:
 
     uses_predictions = True  # the responsible predictor is the one whose box overlaps the object most
 
-    def __init__(self, grid_size: int = 7) -> None:
-        self.grid_size = grid_size
+    def __init__(self, grid_size: int = 7, no_overlap: str = "nearest") -> None:
+        if no_overlap not in {"nearest", "first"}:
+            raise ValueError(f"assigner.no_overlap={no_overlap!r}: choose 'nearest' (darknet) or 'first'")
+        self.grid_size, self.no_overlap = grid_size, no_overlap
 
     @torch.no_grad()
     def __call__(
@@ -257,8 +266,13 @@ class ResponsiblePredictorAssigner:
         nb = priors.boxes.shape[0] // (s * s)
         pred = decode_boxes(outputs["box_deltas"].detach().float(), priors, (h, w), s).view(batch, s * s, nb, 4)
         iou = aligned_box_iou(pred, gt_of_cell[:, :, None, :])  # (batch, S·S, B)
+        choice = iou
+        if self.no_overlap == "nearest":  # no overlap in the cell: the lowest RMSE (negated) is the highest score
+            diff = box_convert(pred, "xyxy", "cxcywh") - box_convert(gt_of_cell[:, :, None, :], "xyxy", "cxcywh")
+            rmse = (diff / diff.new_tensor([w, h, w, h])).square().sum(-1).sqrt()
+            choice = torch.where(iou.amax(dim=2, keepdim=True) > 0, iou, -rmse)
         responsible = torch.zeros_like(iou, dtype=torch.bool)
-        responsible.scatter_(2, iou.argmax(dim=2, keepdim=True), True)  # ties: the first predictor
+        responsible.scatter_(2, choice.argmax(dim=2, keepdim=True), True)  # ties: the first predictor
         responsible &= has_obj[..., None]
         labels = torch.where(responsible, cell_labels[..., None], num_classes).view(batch, -1)
         return {
@@ -347,7 +361,9 @@ class YOLOv1Postprocess:
         # the network input frame is the padded batch; every image of a YOLO batch has the model's input size
         size = tuple(int(v) for v in image_sizes.max(0).values.tolist())
         boxes = decode_boxes(box, priors, size, self.grid_size)  # (batch, N, 4)
-        scores = probs.repeat_interleave(nb, 1) * conf[..., None]  # (batch, N, C)
+        # the paper's factors are probabilities; the raw regressed outputs are not (two negatives multiply to a
+        # positive score, darknet's flaw): clamped to [0, 1] first
+        scores = probs.clamp(0, 1).repeat_interleave(nb, 1) * conf.clamp(0, 1)[..., None]  # (batch, N, C)
         img, prior, label = torch.nonzero(scores > self.score_thresh, as_tuple=True)
         return nms_per_image(
             boxes[img, prior], scores[img, prior, label], label, img, image_sizes, self.nms_thresh, self.max_detections

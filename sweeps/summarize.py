@@ -5,7 +5,10 @@ or the single runs a W&B agent started (e.g. `runs/focal_loss_sweep`). Prints on
 overrides that differ between jobs → val/map, val/map_50 (from each job's metrics.json); jobs without
 metrics.json (failed or unfinished) come last, marked. Writes the table to DIR/summary.md and DIR/summary.csv.
 
-    python sweeps/summarize.py DIR [--metric val/map --metric val/map_50 ...] [--minimize]
+    python sweeps/summarize.py DIR [--metric val/map --metric val/map_50 ...] [--minimize] [--over seed]
+
+``--over seed`` adds a table of the settings over their seeds (mean, lowest–highest, how many finished, mean
+training minutes from the run's CSV log): the spread a re-run should land in. Written to DIR/summary_over_seed.md.
 
 (A script, not a package: a `sweeps` package here would shadow W&B's sweep engine, also named `sweeps`.)
 """
@@ -141,6 +144,44 @@ def summarize(root: Path, metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS
     return summary
 
 
+def training_minutes(folder: Path) -> float | None:
+    """The run's last ``time/train_min`` (engine.callbacks.TrainingTime) from its CSV log, if it has one."""
+    path = folder / "csv" / "metrics.csv"
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        values = [float(r["time/train_min"]) for r in csv.DictReader(f) if r.get("time/train_min")]
+    return values[-1] if values else None
+
+
+def over(summary: Summary, key: str) -> str:
+    """A markdown table of the settings (the swept keys but ``key``) over ``key``'s values: each metric's mean and
+    lowest–highest, the number of finished runs and their mean training minutes; in the summary's order of
+    the best run of each setting."""
+    settings = [k for k in summary.keys if k != key]
+    groups: dict[tuple[str, ...], list[Job]] = {}
+    for job in summary.jobs:
+        groups.setdefault(tuple(job.overrides.get(k, "") for k in settings), []).append(job)
+    header = [*settings, *summary.metrics, "runs", "train min"]
+    body = []
+    for setting, jobs in groups.items():
+        done = [j for j in jobs if j.metrics is not None]
+        cells = list(setting)
+        for m in summary.metrics:
+            values = [j.metrics[m] for j in done if m in j.metrics]
+            mean = sum(values) / len(values) if values else None
+            cells.append(f"{_fmt(mean)} ({_fmt(min(values))}–{_fmt(max(values))})" if values else "")
+        minutes = [t for j in done if (t := training_minutes(summary.root / j.name)) is not None]
+        seeds = ", ".join(j.overrides.get(key, "?") for j in done)
+        cells += [
+            f"{len(done)} of {len(jobs)} ({key} {seeds})",
+            f"{sum(minutes) / len(minutes):.1f}" if minutes else "",
+        ]
+        body.append(cells)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]) + "\n"
+
+
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
@@ -204,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "--metric", action="append", help=f"metric column(s), the first sorts (default: {' '.join(DEFAULT_METRICS)})"
     )
     parser.add_argument("--minimize", action="store_true", help="smallest first (for a loss)")
+    parser.add_argument("--over", metavar="KEY", help="also a table of each setting over KEY's values (e.g. seed)")
     args = parser.parse_args(argv)
     try:
         summary = summarize(args.folder, tuple(args.metric or DEFAULT_METRICS), maximize=not args.minimize)
@@ -215,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.folder / "summary.md").write_text(text)
     write_csv(summary, args.folder / "summary.csv")
     print(f"written: {args.folder / 'summary.md'}, {args.folder / 'summary.csv'}")
+    if args.over:
+        table = over(summary, args.over)
+        print(f"\nover {args.over}:\n{table}", end="")
+        (args.folder / f"summary_over_{args.over}.md").write_text(table)
     return 0
 
 

@@ -7,7 +7,7 @@ from .conftest import compose
 
 RECIPES = {
     # name: (lr, total batch, iterations, lr steps, warm-up, input size, devices)
-    "retinanet_r50_coco_1x": (0.01, 16, 90000, [60000, 80000], 1000, [800], 8),
+    "retinanet_r50_coco_1x": (0.01, 16, 90000, [60000, 80000], 500, [800], 8),
     "ssd300_voc0712": (0.001, 32, 120000, [80000, 100000], 0, 300, 1),
     "ssd512_voc0712": (0.001, 32, 120000, [80000, 100000], 0, 512, 1),
 }
@@ -95,3 +95,24 @@ def test_the_cpu_recipes_take_photos_at_their_own_size(name, data):
     assert "num_train" not in cfg.data  # nothing of the shapes' own settings
     assert cfg.trainer.max_steps > 0 and cfg.trainer.max_epochs == -1 and cfg.callbacks.time_budget.minutes == 9
     assert instantiate(cfg.model).net.num_classes == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("retinanet_r50_coco_1x", "coco"),
+        ("ssd300_voc0712", "voc"),
+        ("ssd512_voc0712", "voc"),
+        ("yolov1_voc0712", "voc"),
+    ],
+)
+def test_a_paper_recipe_runs_on_its_data_and_refuses_other_data(name, data):
+    from train import refuse_other_data
+
+    cfg = compose(f"experiment={name}", "data.root=/data")
+    assert cfg.recipe_data == data and cfg.data._target_.endswith(f"{data}.{data.upper()}DataModule")
+    refuse_other_data(cfg)  # its own data passes
+    other = compose(f"experiment={name}", "data=shapes")
+    with pytest.raises(ValueError, match=f"written for data={data}.*data=shapes.*recipe_data=null"):
+        refuse_other_data(other)
+    refuse_other_data(compose(f"experiment={name}", "data=shapes", "recipe_data=null"))  # said on purpose

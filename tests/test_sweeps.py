@@ -23,15 +23,28 @@ import yaml
 from hydra import compose as hydra_compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
 
-# the papers' grids, as the issue gives them: RetinaNet Table 1a/1b, SSD Table 3
+# RetinaNet (Lin et al. 2017) Table 1a: α-balanced cross entropy (γ = 0) at these α; Table 1b: each γ with the α
+# that did best for it (§5.1: "we find the best α for each γ"), as the paper's Table 1 prints them
+TABLE_1A_ALPHAS = [0.10, 0.25, 0.5, 0.75, 0.9, 0.99, 0.999]
+TABLE_1B_GAMMA_ALPHA = [(0, 0.75), (0.1, 0.75), (0.2, 0.75), (0.5, 0.5), (1, 0.25), (2, 0.25), (5, 0.25)]
+TABLE_1B_GAMMAS = [gamma for gamma, _ in TABLE_1B_GAMMA_ALPHA]
+# each sweep file's parameters → their values as Hydra reads them back, in the file's order
 PAPER_GRIDS = {
-    "focal_loss.yaml": {"model.loss.gamma": [0, 0.1, 0.2, 0.5, 1, 2, 5], "model.loss.alpha": [0.25, 0.5, 0.75, 0.999]},
-    "ssd_layers.yaml": {"model.num_prediction_layers": [1, 2, 3, 4, 5, 6]},
+    # Table 1b's γ crossed with four of Table 1a's α: a grid, not a table of the paper
+    "focal_loss.yaml": {"model.loss.gamma": TABLE_1B_GAMMAS, "model.loss.alpha": [0.25, 0.5, 0.75, 0.999]},
+    "focal_loss_table1a.yaml": {"model.loss.gamma": [0], "model.loss.alpha": TABLE_1A_ALPHAS},
+    "focal_loss_table1b.yaml": {"model.loss": [{"gamma": g, "alpha": a} for g, a in TABLE_1B_GAMMA_ALPHA]},
+    "ssd_layers.yaml": {"model.num_prediction_layers": [1, 2, 3, 4, 5, 6]},  # SSD (Liu et al. 2016) Table 3
+}
+TABLE_1 = {
+    "focal_loss_table1a.yaml": [(0, alpha) for alpha in TABLE_1A_ALPHAS],
+    "focal_loss_table1b.yaml": TABLE_1B_GAMMA_ALPHA,
 }
 AGENT_PREFIX = ["/usr/bin/env", "python", "train.py"]  # what ${env} ${interpreter} ${program} become on Linux
 
@@ -94,10 +107,15 @@ def multirun_jobs(command: str) -> list[list[str]]:
 
 
 def documented_multirun(name: str) -> str:
-    """The `python train.py -m ...` line in the sweep file's header comment."""
-    lines = re.findall(r"^#\s+(python train\.py -m .*)$", (SWEEPS / name).read_text(), re.M)
-    assert len(lines) == 1, f"{name}: one Hydra multirun command expected in its comments, found {lines}"
-    return lines[0].strip()
+    """The `python train.py -m ...` command in the sweep file's header comment, its lines continued by a final
+    backslash joined as the shell joins them (the backslash and newline dropped, the next line's spaces kept)."""
+    comments = [line[1:] for line in (SWEEPS / name).read_text().splitlines() if line.startswith("#")]
+    starts = [i for i, line in enumerate(comments) if line.strip().startswith("python train.py -m ")]
+    assert len(starts) == 1, f"{name}: one Hydra multirun command expected in its comments, found {len(starts)}"
+    end = starts[0]
+    while comments[end].endswith("\\"):
+        end += 1
+    return "\n".join(comments[starts[0] : end + 1]).replace("\\\n", "").strip()
 
 
 def documented_runs(name: str) -> int:
@@ -108,6 +126,24 @@ def documented_runs(name: str) -> int:
 
 def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def hydra_value(key: str, value):
+    """A swept value as the agent passes it (`key=value`, its str()) and Hydra reads it back."""
+    return OverridesParser.create().parse_override(f"{key}={value}").value()
+
+
+def same(a, b) -> bool:
+    """Equal and of the same types, all the way down: 0.999 stays a float, 0 an int."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def settings(key: str, value) -> dict:
+    """The settings an override makes: `model.loss={gamma:2,alpha:0.25}` (merged into model.loss by Hydra) sets
+    model.loss.gamma and model.loss.alpha."""
+    return {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
 
 
 # --- the W&B sweep files -----------------------------------------------------------------------------
@@ -130,10 +166,12 @@ def test_sweep_file_has_the_documented_structure(name):
     for fixed in (c for c in command if not c.startswith("${")):
         assert re.fullmatch(r"[\w./+~-]+=[^\s]+", fixed), f"{name}: fixed override {fixed!r} is not key=value"
     assert "logger=wandb" in command  # the run and its val/map go to the sweep's project
-    # the paper's grid, every value a plain number Hydra reads back as one (no None, no strings)
-    assert {k: p["values"] for k, p in sweep["parameters"].items()} == PAPER_GRIDS[name]
-    for values in PAPER_GRIDS[name].values():
-        assert all(is_number(v) for v in values)
+    # the paper's values, in order, as Hydra reads them back: plain numbers (or dicts of them), no None, no strings
+    assert list(sweep["parameters"]) == list(PAPER_GRIDS[name])
+    for key, expected in PAPER_GRIDS[name].items():
+        read = [hydra_value(key, v) for v in sweep["parameters"][key]["values"]]
+        assert len(read) == len(expected) and all(map(same, read, expected)), f"{name}: {key} reads {read}"
+        assert all(is_number(v) for value in read for v in settings(key, value).values())
     assert documented_runs(name) == math.prod(len(v) for v in PAPER_GRIDS[name].values()) == len(grid(sweep))
 
 
@@ -185,8 +223,9 @@ def covering(runs: list[dict]) -> list[dict]:
 def test_every_run_command_composes_with_the_real_config(name):
     """Each run's argv, as the agent builds it, through Hydra's override parser against the real config:
     every key exists (Hydra refuses unknown keys without +) and every value arrives as the number in the
-    sweep file (0.999 stays 0.999, 0 is an int). A full compose for the runs that cover every value (the
-    swept keys are plain values, so the other combinations compose alike; 28 composes would take seconds)."""
+    sweep file (0.999 stays 0.999, 0 is an int; a dict's entries alike). A full compose for the runs that cover
+    every value (the swept keys are plain values, so the other combinations compose alike; 28 composes would
+    take seconds)."""
     sweep = load_sweep(name)
     runs = grid(sweep)
     fixed = [str(c) for c in sweep["command"] if not str(c).startswith("${")]
@@ -201,23 +240,25 @@ def test_every_run_command_composes_with_the_real_config(name):
             for override in parser.parse_overrides(argv[3 + len(fixed) :]):
                 key, value = override.key_or_group, override.value()
                 assert override.type.name == "CHANGE" and not override.is_sweep_override(), override
-                assert is_number(OmegaConf.select(base, key, throw_on_missing=True)), f"{key}: not a setting"
+                for setting, v in settings(key, value).items():
+                    assert is_number(OmegaConf.select(base, setting, throw_on_missing=True)), (
+                        f"{setting}: not a setting"
+                    )
+                    assert is_number(v), f"{' '.join(argv[3:])}: Hydra reads {setting} as {v!r}"
                 expected = run[key]["value"]
-                assert is_number(value) and value == expected and type(value) is type(expected), (
+                assert isinstance(expected, str) or same(value, expected), (
                     f"{' '.join(argv[3:])}: Hydra reads {key} as {value!r}, the sweep gives {expected!r}"
                 )
         for run in covering(runs):
             cfg = compose(agent_argv(sweep, run)[3:])
             for key, param in run.items():
-                value = OmegaConf.select(cfg, key, throw_on_missing=True)
-                assert value == param["value"] and type(value) is type(param["value"])
+                for setting, expected in settings(key, hydra_value(key, param["value"])).items():
+                    assert same(OmegaConf.select(cfg, setting, throw_on_missing=True), expected), setting
 
 
 def test_every_ssd_layer_count_builds_and_runs_at_the_sweep_input_size():
     """SSD's Table 3 values 1..6 build the model and run a forward pass at the sweep's input size (at the
     128 px of experiment=ssd_shapes, n = 5 and 6 would fail: conv9_2 is 2×2 there)."""
-    from hydra.utils import instantiate
-
     sweep = load_sweep("ssd_layers.yaml")
     with composer() as compose, torch.no_grad():
         for run in grid(sweep):
@@ -243,14 +284,22 @@ def test_focal_loss_multirun_expands_to_28_jobs():
 
 @pytest.mark.parametrize("name", sorted(PAPER_GRIDS))
 def test_documented_multirun_runs_the_same_settings_as_the_wandb_sweep(name):
-    """The sweep file's `python train.py -m ...` line: as many jobs as W&B runs, the same swept settings,
-    the same fixed overrides but W&B's own (logger, task_name); its first and last jobs compose."""
+    """The sweep file's `python train.py -m ...` command: as many jobs as W&B runs, the same swept settings as
+    Hydra reads them, the same fixed overrides but W&B's own (logger, task_name); its first and last jobs compose."""
     sweep = load_sweep(name)
     jobs = multirun_jobs(documented_multirun(name))
     swept = set(sweep["parameters"])
     is_swept = lambda o: o.split("=", 1)[0] in swept  # noqa: E731
-    wandb_settings = sorted(sorted(a for a in agent_argv(sweep, run)[3:] if is_swept(a)) for run in grid(sweep))
-    assert sorted(sorted(filter(is_swept, job)) for job in jobs) == wandb_settings
+
+    def swept_settings(overrides: list[str]) -> dict:
+        found: dict = {}
+        for key, _, value in (o.partition("=") for o in overrides if is_swept(o)):
+            found.update(settings(key, hydra_value(key, value)))
+        return found
+
+    as_text = lambda found: json.dumps(found, sort_keys=True)  # noqa: E731  (keeps 0 apart from 0.0)
+    wandb_settings = sorted(as_text(swept_settings(agent_argv(sweep, run)[3:])) for run in grid(sweep))
+    assert sorted(as_text(swept_settings(job)) for job in jobs) == wandb_settings
     assert len(jobs) == documented_runs(name)
     fixed = {str(c) for c in sweep["command"] if not str(c).startswith("${")} - {"logger=wandb"}
     fixed = {f for f in fixed if not f.startswith("task_name=")}
@@ -258,9 +307,41 @@ def test_documented_multirun_runs_the_same_settings_as_the_wandb_sweep(name):
     with composer() as compose:
         for job in (jobs[0], jobs[-1]):
             cfg = compose(job)
-            for o in filter(is_swept, job):
-                key, value = o.split("=", 1)
-                assert OmegaConf.select(cfg, key) == yaml.safe_load(value)
+            for key, value in swept_settings(job).items():
+                assert same(OmegaConf.select(cfg, key, throw_on_missing=True), value), key
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_1))
+def test_table_1_sweeps_train_the_papers_gamma_alpha_rows(name):
+    """Every W&B run of a Table 1 sweep, its argv as the agent builds it, composed by Hydra and the loss built from
+    it: the (γ, α) of the table's rows in the table's order, the rest of the loss and the recipe untouched."""
+    sweep = load_sweep(name)
+    with composer() as compose:
+        recipe = compose(["experiment=retinanet_shapes"])
+        rows, untouched = [], {k: v for k, v in recipe.model.loss.items() if k not in ("gamma", "alpha")}
+        for run in grid(sweep):
+            cfg = compose(agent_argv(sweep, run)[3:])
+            assert {k: v for k, v in cfg.model.loss.items() if k not in ("gamma", "alpha")} == untouched
+            assert cfg.model.backbone == recipe.model.backbone and cfg.data == recipe.data
+            loss = instantiate(cfg.model.loss)
+            rows.append((loss.gamma, loss.alpha))
+    assert len(rows) == len(TABLE_1[name]) and all(map(same, rows, TABLE_1[name])), rows
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_1))
+def test_table_1_sweeps_give_the_papers_own_setting(name):
+    """The header's overrides for the paper's setting compose to its ablations' model and input: ResNet-50-FPN from
+    ImageNet, 600 px for training and testing (Table 1's caption), with the sweep's values on top."""
+    found = re.findall(r"^#\s+(experiment=retinanet_r50_coco_1x .*)$", (SWEEPS / name).read_text(), re.M)
+    assert len(found) == 1, f"{name}: one line of overrides for the paper's setting expected, found {found}"
+    overrides = found[0].replace("data.root=DIR", "data.root=/data/coco").split()
+    sweep = load_sweep(name)
+    run = grid(sweep)[-1]
+    with composer() as compose:
+        cfg = compose(overrides + [f"{k}={v['value']}" for k, v in run.items()])
+    assert list(cfg.data.train_transform.min_sizes) == [600] and cfg.data.val_transform.min_size == 600
+    assert cfg.model.backbone.depth == 50 and cfg.model.backbone.weights == "IMAGENET1K_V1"
+    assert same((cfg.model.loss.gamma, cfg.model.loss.alpha), TABLE_1[name][-1])
 
 
 # --- the Optuna search (hydra-optuna-sweeper) ----------------------------------------------------------
@@ -292,8 +373,10 @@ def test_optuna_focal_loss_search_composes():
         distributions, fixed = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
         assert fixed == {}
         gamma, alpha = distributions["model.loss.gamma"], distributions["model.loss.alpha"]
-        assert isinstance(gamma, UniformDistribution) and (gamma.low, gamma.high) == (0.0, 5.0)
-        assert isinstance(alpha, UniformDistribution) and (alpha.low, alpha.high) == (0.25, 0.999)
+        assert isinstance(gamma, UniformDistribution) and (gamma.low, gamma.high) == (0.0, 5.0)  # Table 1b's γ
+        assert isinstance(alpha, UniformDistribution) and (alpha.low, alpha.high) == (0.01, 0.999)  # §5.1's tested α
+        for g, a in TABLE_1["focal_loss_table1a.yaml"] + TABLE_1["focal_loss_table1b.yaml"]:  # α = .10 included
+            assert gamma.low <= g <= gamma.high and alpha.low <= a <= alpha.high
         # a trial's job: the sampled values as overrides on top of the search's config
         trial = compose(
             [
@@ -385,3 +468,20 @@ def test_summarize_reads_wandb_agent_run_folders_and_other_metrics(tmp_path, cap
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2026")]
     assert "0.4000" in rows[0] and "0.7000" in rows[-1]  # smallest first
     assert summarize.main([str(tmp_path / "empty")]) == 1  # no jobs: an error, not an empty table
+
+
+def test_summarize_over_seeds_gives_each_settings_mean_and_spread(tmp_path, capsys):
+    summarize = load_summarize()
+    runs = [("0", "1", 0.30, 2.0), ("0", "2", 0.40, 4.0), ("2", "1", 0.50, 3.0), ("2", "2", None, None)]
+    for i, (gamma, seed, value, minutes) in enumerate(runs):
+        job = tmp_path / str(i)
+        fake_job(job, [f"model.loss.gamma={gamma}", f"seed={seed}"], None if value is None else {"val/map": value})
+        if minutes is not None:  # the CSV log's clock: the last time/train_min counts
+            (job / "csv").mkdir()
+            (job / "csv" / "metrics.csv").write_text(f"step,time/train_min\n10,{minutes / 2}\n20,{minutes}\n")
+    assert summarize.main([str(tmp_path), "--metric", "val/map", "--over", "seed"]) == 0
+    table = (tmp_path / "summary_over_seed.md").read_text().splitlines()
+    assert table[0] == "| model.loss.gamma | val/map | runs | train min |"
+    assert table[2] == "| 2 | 0.5000 (0.5000–0.5000) | 1 of 2 (seed 1) | 3.0 |"  # the best run's setting first
+    assert table[3] == "| 0 | 0.3500 (0.3000–0.4000) | 2 of 2 (seed 2, 1) | 3.0 |"
+    assert "over seed:" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import functional as F
 from datamodules.browse import main as browse_main
 from datamodules.base import AspectRatioGroupedBatchSampler
 from datamodules.transforms import (
+    CaffePhotometricDistort,
     MinIoURandomCrop,
     PhotometricDistort,
     RandomHSVScale,
@@ -331,6 +332,14 @@ def test_config_group_wires_both_splits():
     assert image.shape == (3, 48, 64) and torch.allclose(target["scale"], torch.tensor([48 / 128, 64 / 128]))
 
 
+def test_ssd_augmentation_holds_the_papers_constants():
+    t = compose("model=ssd").data.train_transform
+    assert list(t.min_ious) == [0.1, 0.3, 0.5, 0.7, 0.9] and t.min_scale == 0.1  # §2.2 patch sampling
+    assert list(t.aspect_ratio_range) == [0.5, 2.0] and t.flip  # §2.2: ratio ½..2, flip with p = 0.5
+    assert t.expand and t.max_expand_ratio == 4.0  # §3.6: a 16× canvas = 4× the side
+    assert t.photometric and t.photometric_variant == "caffe" and t.size == 300  # released distort_param; SSD300
+
+
 def test_shapes_recipe_keeps_flip_only_at_its_own_size():
     cfg = compose("experiment=retinanet_shapes", "data.num_train=4", "data.num_val=4")
     data = instantiate(cfg.data)
@@ -440,6 +449,132 @@ def test_photometric_distort_draws_as_torchvision_and_falls_back_for_float():
     ours = PhotometricDistort(p=1.0)(floats)
     torch.manual_seed(0)
     assert torch.equal(ours, v2.RandomPhotometricDistort(p=1.0)(floats))  # only uint8 takes the OpenCV path
+
+
+# --- SSD's photometric distortion as the released code (Caffe ApplyDistort, ssd_pascal.py distort_param) ----------
+CAFFE_NO_STEP = dict(contrast_last=False, brightness=None, contrast=None, saturation=None, hue=None)
+
+
+def test_caffe_distortion_draws_the_released_ranges():
+    image = tv_tensors.Image(photo_like())
+    distort = CaffePhotometricDistort()
+    draws = []
+    for seed in range(400):
+        torch.manual_seed(seed)
+        draws.append(distort.make_params([image]))
+    assert all(set(d) == set(CAFFE_NO_STEP) for d in draws)  # no channel permutation among the steps
+    ranges = {"brightness": (-32, 32), "contrast": (0.5, 1.5), "saturation": (0.5, 1.5), "hue": (-18, 18)}
+    for step, (low, high) in ranges.items():
+        values = [d[step] for d in draws if d[step] is not None]
+        assert 150 <= len(values) <= 250  # p = 0.5 each: 200 ± 5 standard deviations (10) of 400 draws
+        assert low <= min(values) < low + 0.05 * (high - low) and high - 0.05 * (high - low) < max(values) <= high
+    assert 150 <= sum(d["contrast_last"] for d in draws) <= 250  # either order, p = 0.5
+
+
+def test_caffe_brightness_is_additive_within_32_levels():
+    levels = torch.arange(256, dtype=torch.uint8)
+    image = tv_tensors.Image(torch.stack((levels, levels.flip(0), levels.roll(100))).reshape(3, 16, 16))
+    distort = CaffePhotometricDistort()
+    for delta in (20.4, -31.6, 32.0, -7.5):
+        out = distort.transform(image, {**CAFFE_NO_STEP, "brightness": delta})
+        assert out.dtype == torch.uint8 and isinstance(out, tv_tensors.Image)
+        # every level moves by δ in every channel (×1.125 would move 255 by 32 and 8 by 1), rounded as OpenCV's
+        # convertTo (float32, half to even: 9 − 7.5 → 2, 10 − 7.5 → 2) and saturated
+        assert torch.equal(out, (image.float() + delta).round().clamp(0, 255).to(torch.uint8))
+    unclipped = (image >= 32) & (image <= 223)
+    shifts = set()
+    for seed in range(50):  # the whole distortion with only brightness on: one shift of every level, within ±32
+        torch.manual_seed(seed)
+        out = CaffePhotometricDistort(contrast_prob=0, saturation_prob=0, hue_prob=0)(image)
+        shift = (out.int() - image.int())[unclipped].unique()
+        assert len(shift) == 1 and abs(int(shift)) <= 32
+        shifts.add(int(shift))
+    assert min(shifts) < -20 and max(shifts) > 20 and 0 in shifts  # both ways, up to ±32; unchanged when not drawn
+
+
+def hsv_image(seed: int) -> torch.Tensor:
+    """A uint8 RGB image with hues in 72°–288° (away from red, where Caffe's hue clamps) and varied S and V."""
+    from matplotlib.colors import hsv_to_rgb
+
+    g = torch.Generator().manual_seed(seed)
+    hsv = torch.stack(
+        (
+            0.2 + 0.6 * torch.rand(40, 50, generator=g),
+            0.2 + 0.8 * torch.rand(40, 50, generator=g),
+            0.3 + 0.7 * torch.rand(40, 50, generator=g),
+        ),
+        -1,
+    )
+    return torch.from_numpy(hsv_to_rgb(hsv.double().numpy()) * 255).round().permute(2, 0, 1).to(torch.uint8)
+
+
+@pytest.mark.parametrize(("step", "value"), [("saturation", 0.5), ("saturation", 1.5), ("hue", -18.0), ("hue", 11.3)])
+def test_caffe_saturation_and_hue_are_the_released_hsv_operations(step, value):
+    from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+
+    image = hsv_image(3)
+    hsv = rgb_to_hsv(image.permute(1, 2, 0).double().numpy() / 255)
+    if step == "saturation":
+        hsv[..., 1] = (hsv[..., 1] * value).clip(0, 1)  # S·α, clamped
+    else:
+        hsv[..., 0] = hsv[..., 0] + 2 * value / 360  # δ units of 2° (OpenCV's 8-bit hue), no wrap needed here
+    reference = torch.from_numpy(hsv_to_rgb(hsv) * 255).permute(2, 0, 1)
+    out = CaffePhotometricDistort().transform(tv_tensors.Image(image), {**CAFFE_NO_STEP, step: value})
+    diff = (out.double() - reference).abs()
+    # 8-bit HSV holds hue in 2° steps: rounding it moves a channel by up to (max − min)·1°/60° ≤ 4.25 levels, twice
+    # (forward and back), plus S's and the output's roundings
+    assert diff.max() <= 9 and diff.mean() <= 0.6
+
+
+def test_caffe_contrast_scales_every_channel_and_hue_saturates_at_red():
+    image = hsv_image(4)
+    out = CaffePhotometricDistort().transform(tv_tensors.Image(image), {**CAFFE_NO_STEP, "contrast": 1.3})
+    # x·α in float32, rounded half to even (OpenCV's convertTo: 95·1.3f = 123.49999 → 123): no blend with the mean
+    assert torch.equal(out, (image.float() * 1.3).round().clamp(0, 255).to(torch.uint8))
+    red = tv_tensors.Image(torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None].expand(3, 2, 2).contiguous())
+    distort = CaffePhotometricDistort()
+    assert torch.equal(distort.transform(red, {**CAFFE_NO_STEP, "hue": -18.0}), red)  # H = 0 − 18 saturates to 0
+    orange = distort.transform(red, {**CAFFE_NO_STEP, "hue": 18.0})  # 36°: G = 255·36/60 = 153
+    assert orange[:, 0, 0].tolist() == [255, 153, 0]
+
+
+def test_caffe_distortion_never_reorders_channels():
+    # pure red, green and blue patches: every Caffe step keeps each patch's largest channel (additive or scaled
+    # levels, S ≥ half, hue within ±36° of 0°, 120°, 240°), while a channel reorder moves at least two of them
+    image = torch.zeros(3, 8, 24, dtype=torch.uint8)
+    for c in range(3):
+        image[c, :, 8 * c : 8 * c + 8] = 200
+    image = tv_tensors.Image(image)
+
+    def reorders(distort) -> bool:
+        return not torch.equal(distort(image)[:, 4, 4::8].argmax(0), torch.arange(3))
+
+    for seed in range(100):
+        torch.manual_seed(seed)
+        assert not reorders(CaffePhotometricDistort())
+    torch.manual_seed(0)
+    assert any(reorders(PhotometricDistort(p=0.5)) for _ in range(100))  # the check sees torchvision's reorder
+
+
+@pytest.mark.parametrize(
+    ("overrides", "variant"),
+    [
+        (("model=ssd",), "caffe"),  # the released code's, the data/transform=ssd default
+        (("model=ssd512",), "caffe"),
+        (("model=ssd_torchvision",), "torchvision"),
+        (("experiment=ssd_cpu", "data=voc", "data.root=/x"), "torchvision"),  # the CPU recipe as it was tuned
+    ],
+)
+def test_ssd_photometric_variant_setting(overrides, variant):
+    cfg = compose(*overrides)
+    assert cfg.data.train_transform.photometric_variant == variant
+    augment = instantiate(cfg.data.train_transform)
+    distortion = augment.pipeline.transforms[0]
+    assert type(distortion) is {"caffe": CaffePhotometricDistort, "torchvision": PhotometricDistort}[variant]
+    with pytest.raises(ValueError, match=r"photometric_variant='opencv': choose one of \['caffe', 'torchvision'\]"):
+        SSDAugmentation(photometric_variant="opencv")
+    with pytest.raises(TypeError, match="uint8"):
+        CaffePhotometricDistort().transform(tv_tensors.Image(torch.zeros(3, 4, 4)), {**CAFFE_NO_STEP, "hue": 3.0})
 
 
 @pytest.mark.parametrize(("saturation", "value"), [(1.5, 1.5), (1 / 1.5, 1 / 1.5), (1.5, 0.7), (0.8, 1.3), (1, 1)])

@@ -26,7 +26,14 @@ from detectors.ssd import (
     torchvision_ssd_state_dict,
 )
 
-from ..conftest import assert_same_detections, compose, detections_in_float64, fit_fixed_batch, float32_box_atol
+from ..conftest import (
+    FLOAT32_ROUNDINGS_IN_DECODE,
+    assert_same_detections,
+    compose,
+    detections_in_float64,
+    fit_fixed_batch,
+    float32_box_atol,
+)
 
 SSD300_MAPS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 
@@ -66,14 +73,56 @@ def test_ssd512_adds_conv12_2():
     )((512, 512), maps).boxes.shape == (24564, 4)
 
 
+# SSD300's scales, worked by hand: conv4_3 at 0.1 (§3.1), eq. 4 from 0.2 to 0.9 over the other five layers in steps
+# of 0.7/4, and one step further (1.075) for conv11_2's extra square √(s_6·s_7)
+PAPER_SSD300_SCALES = [0.1, 0.2, 0.375, 0.55, 0.725, 0.9, 1.075]
+
+
 def test_default_box_scales_follow_equation_4():
     m, s_min, s_max = 6, 0.2, 0.9
     expected = [s_min + (s_max - s_min) * (k - 1) / (m - 1) for k in range(1, m + 2)]
     assert default_box_scales(m, s_min, s_max) == pytest.approx(expected)
-    # the released code's variant: conv4_3 at 0.1, the formula over the other five layers
-    assert default_box_scales(m, 0.2, 0.9, first_scale=0.1) == pytest.approx(
-        [0.1] + [0.2 + 0.7 * (k - 1) / 4 for k in range(1, 7)]
-    )
+    # the paper's SSD300 (§3.1, "default box with scale 0.1 on conv4_3"): the formula over the other five layers
+    assert default_box_scales(m, 0.2, 0.9, first_scale=0.1) == pytest.approx(PAPER_SSD300_SCALES)
+    with pytest.raises(ValueError, match="at least 2 layers"):
+        default_box_scales(1, first_scale=0.1)
+
+
+def square_sides(priors: Priors, level: int, boxes_per_location: int) -> list[float]:
+    """The first location's square boxes (w = h) on one level, as fractions of the 300 px image."""
+    start = sum(priors.level_sizes[:level])
+    wh = priors.boxes[start : start + boxes_per_location, 2:] - priors.boxes[start : start + boxes_per_location, :2]
+    return [float(w) / 300 for w, h in wh.double() if abs(w - h) < 1e-4]
+
+
+def test_composed_ssd300_puts_conv4_3_at_0_1_and_equation_4_on_the_other_layers():
+    priors = instantiate(compose("model=ssd").model.priors)((300, 300), SSD300_MAPS)
+    assert priors.level_sizes == [38 * 38 * 4, 19 * 19 * 6, 10 * 10 * 6, 5 * 5 * 6, 3 * 3 * 4, 4]
+    # float32 corners of magnitude < 350 px (the widest box, conv11_2's ratio 2, is 0.9·√2·300 = 382 px about 150 px):
+    # a width is two roundings, < 2·350·2⁻²⁴ px
+    tol = 2 * 350 * 2.0**-24 / 300
+    per_location = (4, 6, 6, 6, 4, 4)
+    for k in range(6):  # each layer: s_k and the extra square √(s_k·s_{k+1})
+        s, s_next = PAPER_SSD300_SCALES[k], PAPER_SSD300_SCALES[k + 1]
+        assert square_sides(priors, k, per_location[k]) == pytest.approx([s, math.sqrt(s * s_next)], abs=tol)
+    assert square_sides(priors, 0, 4)[0] * 300 == pytest.approx(30.0, abs=1e-3)  # 0.1 of 300 px on conv4_3
+
+
+@pytest.mark.parametrize("recipe", ["ssd_cpu", "ssd_shapes"])
+def test_cpu_recipes_keep_equation_4_over_all_six_layers_from_0_1(recipe):
+    cfg = compose(f"experiment={recipe}")
+    assert cfg.model.priors.first_scale is None and cfg.model.postprocess.topk_per_class == 200
+    generator = instantiate(cfg.model.priors)
+    assert generator.scales == pytest.approx([0.1 + 0.7 * k / 5 for k in range(7)])  # 0.1 … 0.8, then 0.94
+    maps = [(16, 16), (8, 8), (4, 4), (2, 2)]  # their 4 source layers at 128 px
+    before = DefaultBoxGenerator(
+        "ssd300",
+        num_prediction_layers=4,
+        s_min=0.1,
+        s_max=0.8,
+        first_scale=None,  # conv4_3 by eq. 4 too, as the recipe always had it
+    )((128, 128), maps)
+    assert torch.equal(generator((128, 128), maps).boxes, before.boxes) and before.boxes.shape == (1560, 4)
 
 
 def test_paper_default_boxes_shapes_and_centres():
@@ -81,7 +130,7 @@ def test_paper_default_boxes_shapes_and_centres():
     boxes = priors.boxes.double()
     wh = boxes[:, 2:] - boxes[:, :2]
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    s = default_box_scales(6)
+    s = PAPER_SSD300_SCALES
     # the first location of conv7 (6 boxes): s, √(s·s'), then ratios 2, 1/2, 3, 1/3 (w = s√a, h = s/√a)
     first = wh[38 * 38 * 4 : 38 * 38 * 4 + 6] / 300
     a = torch.tensor([1, 1, 2, 0.5, 3, 1 / 3], dtype=torch.float64)
@@ -106,6 +155,16 @@ def test_torchvision_preset_equals_torchvision_default_boxes():
     torch.testing.assert_close(ours.boxes, theirs, atol=1e-3, rtol=0)
 
 
+# Table 3's "# Boxes" for n = 6..1 source layers. The paper's, and ours (boxes a location, worked by hand):
+# n = 4: conv9_2 6 + conv10_2's 4 + conv11_2's 4 = 14 → 38²·4 + 19²·6 + 10²·6 + 5²·14 = 8892;
+# n = 3: conv8_2 6 + the square and extra square of conv9_2, conv10_2, conv11_2 (thinned to 5 % over) = 12 → 9142;
+# n = 2: conv7 6 + one square each of conv8_2 … conv11_2 = 10 → 5776 + 19²·10 = 9386 (thinning stops at squares);
+# n = 1: conv7 6 + conv4_3's 4, conv8_2's 4, conv9_2's 4, conv10_2's 4, conv11_2's 2 = 24 → 19²·24 = 8664.
+# The paper states no tiling; no one rule gives its six counts (detectors.ssd.DefaultBoxGenerator says why).
+PAPER_TABLE3_BOXES = {6: 8732, 5: 8764, 4: 8942, 3: 9864, 2: 9025, 1: 8664}
+OUR_TABLE3_BOXES = {6: 8732, 5: 8764, 4: 8892, 3: 9142, 2: 9386, 1: 8664}
+
+
 @pytest.mark.parametrize("n", range(1, 7))
 def test_fewer_prediction_layers_keep_every_scale_and_about_8732_boxes(n):
     gen = DefaultBoxGenerator("ssd300", num_prediction_layers=n)
@@ -113,14 +172,12 @@ def test_fewer_prediction_layers_keep_every_scale_and_about_8732_boxes(n):
     assert gen.layers == (("conv7",) if n == 1 else SSD300_LAYERS[:n])  # paper Table 3's rows
     sides = dict(zip(SSD300_LAYERS, (38, 19, 10, 5, 3, 1)))
     total = sum(sides[name] ** 2 * len(wh) for name, wh in zip(gen.layers, gen.wh))
-    if n == 6:
-        assert total == 8732
-    if n == 5:
-        assert total == 8764  # the paper's Table 3 count: conv11_2's 4 boxes stacked on conv10_2
+    assert total == OUR_TABLE3_BOXES[n]
+    assert (total == PAPER_TABLE3_BOXES[n]) == (n in (6, 5, 1))  # the rows where ours is the paper's count
     assert 0.95 * 8732 <= total <= 1.1 * 8732  # "similar to the original (8732)"
     # every original layer's base scale s_k still has its square box somewhere
     squares = {round(w, 6) for wh in gen.wh for w, h in wh if abs(w - h) < 1e-9}
-    assert all(round(s, 6) in squares for s in default_box_scales(6)[:6])
+    assert all(round(s, 6) in squares for s in PAPER_SSD300_SCALES[:6])
     backbone = VGG16Atrous("ssd300", num_prediction_layers=n, width=0.125)
     feats = backbone(torch.zeros(1, 3, 300, 300))
     assert [tuple(f.shape[-2:]) for f in feats] == [(sides[layer], sides[layer]) for layer in gen.layers]
@@ -329,3 +386,40 @@ def test_fast_postprocess_equals_the_plain_one(score_thresh, boundary):
         assert len(p["scores"]) > 0
         for key in ("boxes", "scores", "labels"):
             assert torch.equal(f[key], p[key]), key
+
+
+def test_inference_keeps_400_per_class_before_nms_and_200_per_image_after():
+    cfg = compose("model=ssd")
+    post = cfg.model.postprocess
+    # released ssd_pascal.py: nms_param top_k 400, keep_top_k 200, confidence_threshold 0.01; §3.7: NMS 0.45
+    assert (post.topk_per_class, post.max_detections, post.nms_thresh, post.score_thresh) == (400, 200, 0.45, 0.01)
+    assert instantiate(post).topk_per_class == SSDPostprocess().topk_per_class == 400
+    # 600 disjoint default boxes, every one a confident class-1 detection: NMS removes none, so what is left
+    # is the per-class cap (400) or the per-image one
+    corner = torch.stack(torch.meshgrid(torch.arange(20.0), torch.arange(30.0), indexing="ij"), -1).reshape(-1, 2)
+    boxes = torch.cat((corner * 10, corner * 10 + 8), 1)[:, [1, 0, 3, 2]]
+    priors = Priors(boxes, [600])
+    logits = torch.zeros(1, 600, 3)
+    logits[..., 1] = 5.0 + torch.linspace(0, 1, 600)  # distinct scores: the top-k is defined
+    outputs = {"class_scores": logits, "box_deltas": torch.zeros(1, 600, 4)}
+    sizes = torch.tensor([[200, 300]])
+    for max_detections, expected in ((1000, 400), (200, 200)):
+        kept = SSDPostprocess(topk_per_class=400, max_detections=max_detections)(outputs, priors, sizes)[0]
+        assert len(kept["scores"]) == expected and (kept["labels"] == 0).all()
+        # the best `expected` boxes (the last ones), best first; zero offsets decode to the box, up to float32
+        # roundings of coordinates ≤ 300 px
+        atol = FLOAT32_ROUNDINGS_IN_DECODE * 2.0**-24 * 300
+        torch.testing.assert_close(kept["boxes"], boxes.flip(0)[:expected], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "train_difficult"),
+    [
+        (("experiment=ssd300_voc0712", "data.root=/data"), True),  # released ssd_pascal.py: train_on_diff_gt = True
+        (("experiment=ssd512_voc0712", "data.root=/data"), True),
+        (("experiment=ssd_cpu", "data=voc", "data.root=/data"), False),  # data/voc.yaml's default, unchanged
+    ],
+)
+def test_ssd_voc_recipes_train_on_difficult_objects_as_the_released_code(overrides, train_difficult):
+    cfg = compose(*overrides)
+    assert cfg.data.train_difficult is train_difficult

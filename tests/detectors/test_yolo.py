@@ -42,6 +42,13 @@ def iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
+def rmse(a, b, size):
+    """darknet's box_rmse: centre and size differences in image fractions."""
+    ca = [(a[0] + a[2]) / 2, (a[1] + a[3]) / 2, a[2] - a[0], a[3] - a[1]]
+    cb = [(b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b[2] - b[0], b[3] - b[1]]
+    return math.sqrt(sum(((x - y) / size) ** 2 for x, y in zip(ca, cb)))
+
+
 def paper_loss(box, conf, probs, objects_per_image, s, nb, size, l_coord=5.0, l_noobj=0.5):
     """Eq. 3 of the paper as loops over images, cells and predictors (one object per cell: the largest)."""
     total = 0.0
@@ -64,9 +71,11 @@ def paper_loss(box, conf, probs, objects_per_image, s, nb, size, l_coord=5.0, l_
                 w, h = max(sw, 0) ** 2 * size, max(sh, 0) ** 2 * size
                 preds.append([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
             responsible = None
-            if obj is not None:
+            if obj is not None:  # darknet's detection layer: the highest IoU, or with none the lowest RMSE
                 ious = [iou(p, obj) for p in preds]
                 responsible = max(range(nb), key=lambda j: (ious[j], -j))
+                if max(ious) == 0:
+                    responsible = min(range(nb), key=lambda j: (rmse(preds[j], obj, size), j))
             for j in range(nb):
                 c = conf[b, cell * nb + j]
                 if j == responsible:
@@ -135,6 +144,25 @@ def test_the_predictor_with_the_higher_iou_is_responsible():
     assert out["iou"][0, 3] == pytest.approx(1.0, abs=1e-5)
 
 
+def test_with_no_overlap_the_nearest_predictor_is_responsible():
+    # darknet's rule: neither prediction overlaps the object, predictor 1 is nearer (RMSE 0.30 against 0.45 in
+    # image fractions) and learns it; with no_overlap='first' predictor 0 would take every such object
+    s, nb, k, size = 2, 2, 2, 100
+    priors = GridCells(s, nb)((size, size), [(s, s)])
+    box = torch.zeros(1, s * s * nb, 4)
+    box[0, 0] = torch.tensor([0.0, 0.0, 0.05, 0.05])  # cell 0, predictor 0: a tiny box at the cell's corner
+    box[0, 1] = torch.tensor([0.5, 0.9, 0.2, 0.2])  # predictor 1: a 4 px box centred at (25, 45), below it
+    outputs = {"box_deltas": box, "objectness": torch.zeros(1, 8), "class_scores": torch.zeros(1, 4, k)}
+    objects = batch_of([[(15.0, 15.0, 35.0, 35.0, 1)]], size)  # a 20 px object centred in cell 0, off both boxes
+    out = ResponsiblePredictorAssigner(s)(priors, objects, k, outputs)
+    assert out["iou"][0, :2].tolist() == [0.0, 0.0]
+    assert out["labels"][0].tolist() == [2, 1, 2, 2, 2, 2, 2, 2]
+    first = ResponsiblePredictorAssigner(s, no_overlap="first")(priors, objects, k, outputs)
+    assert first["labels"][0].tolist() == [1, 2, 2, 2, 2, 2, 2, 2]
+    with pytest.raises(ValueError, match="no_overlap"):
+        ResponsiblePredictorAssigner(s, no_overlap="last")
+
+
 def test_negative_sqrt_predictions_give_finite_loss_and_gradients():
     s, nb, k, size = 3, 2, 2, 96
     box = torch.full((1, s * s * nb, 4), -0.5, requires_grad=True)
@@ -184,6 +212,21 @@ def test_class_specific_confidence_and_boxes_in_image_pixels():
     torch.testing.assert_close(det["boxes"][0], torch.tensor([75 - w / 2, 75 - h / 2, 75 + w / 2, 75 + h / 2]))
 
 
+def test_scores_multiply_probabilities_clamped_to_0_1():
+    # raw outputs −0.8 (class) × −0.9 (confidence) would score 0.72 unclamped; 1.5 × 0.5 would score 0.75
+    s, nb, k, size = 2, 1, 2, 100
+    priors = GridCells(s, nb)((size, size), [(s, s)])
+    box = torch.full((1, 4, 4), 0.5)
+    conf = torch.tensor([[-0.9, 0.5, 0.0, 0.0]])
+    probs = torch.zeros(1, 4, k)
+    probs[0, 0] = torch.tensor([-0.8, 0.0])
+    probs[0, 1] = torch.tensor([1.5, 0.0])
+    outputs = {"box_deltas": box, "objectness": conf, "class_scores": probs}
+    det = YOLOv1Postprocess(score_thresh=0.05, grid_size=s)(outputs, priors, torch.tensor([[size, size]]))[0]
+    assert det["labels"].tolist() == [0]
+    torch.testing.assert_close(det["scores"], torch.tensor([0.5]))  # min(1.5, 1) × 0.5; cell 0 scores 0
+
+
 @pytest.mark.parametrize("variant, convs, channels", [("full", 24, 1024), ("fast", 9, 256)])
 def test_networks_have_the_papers_layers_and_a_7x7x30_output(variant, convs, channels):
     net = YOLOv1Network(variant, width=0.125)
@@ -203,6 +246,14 @@ def test_model_configs_compose():
         assert sum(isinstance(m, torch.nn.Conv2d) for m in detector.backbone.modules()) == convs
         assert cfg.model.loss.lambda_coord == 5 and cfg.model.loss.lambda_noobj == 0.5
         assert cfg.model.priors.grid_size == 7 and cfg.model.priors.boxes_per_cell == 2
+
+
+def test_config_holds_the_papers_constants():
+    m = compose("model=yolo").model
+    assert (m.head.hidden, m.head.dropout, m.head.fully_connected) == (4096, 0.5, True)  # §2.2
+    assert m.loss.confidence_target == "iou"  # §2: Pr(object) · IOU(pred, truth)
+    assert m.assigner.no_overlap == "nearest"  # darknet's detection layer (the paper is silent)
+    assert list(m.pixel_mean) == [0, 0, 0] and list(m.pixel_std) == [1, 1, 1]  # darknet feeds [0, 1] pixels
 
 
 @pytest.mark.slow

@@ -118,6 +118,8 @@ def test_huge_yolo_sizes_decode_to_finite_boxes():
 def test_losses_under_bf16_autocast_are_float32_and_finite(name):
     cfg = compose(*MODELS[name])
     model, data = instantiate(cfg.model).net, instantiate(cfg.data)
+    if name == "yolo":  # at initialisation a cell's two boxes are near-ties in RMSE to its object (darknet's rule
+        model.assigner.no_overlap = "first"  # without overlap): bf16 rounding would swap whole terms between them
     batch = collate_detection([data.train_set[i] for i in range(4)])
     full = model.compute_losses(batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
