@@ -11,11 +11,19 @@ import lightning as L
 from torch import Tensor
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from detectors.batch import collate_detection
 
 from .images import ImageReadError
+from .sampling import (
+    EpochRandomSampler,
+    KeyedBatchSampler,
+    ResumableDataLoader,
+    SampleKey,
+    SeededSamples,
+    keyed_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +58,22 @@ class AspectRatioGroupedBatchSampler(BatchSampler):
     unless ``drop_last``. Lightning swaps ``sampler`` for a DistributedSampler under DDP (the argument's name)."""
 
     def __init__(
-        self, sampler: Sampler[int], aspect_ratios: Sequence[float], batch_size: int, drop_last: bool = False
+        self,
+        sampler: Sampler[int],
+        aspect_ratios: Sequence[float],
+        batch_size: int,
+        drop_last: bool = False,
+        seed: int = 0,
     ) -> None:
         self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
         self.aspect_ratios = list(aspect_ratios)
         self.groups = [int(r >= 1.0) for r in self.aspect_ratios]
+        self.seed, self.skip = int(seed), 0  # batches of SampleKeys, as sampling.KeyedBatchSampler
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        return keyed_batches(self._grouped(), self)
+
+    def _grouped(self) -> Iterator[list[int]]:
         buckets: dict[int, list[int]] = {0: [], 1: []}
         for index in self.sampler:
             bucket = buckets[self.groups[index]]
@@ -130,8 +147,10 @@ class DetectionDataModule(L.LightningDataModule):
         size_divisible: int = 1,
         aspect_ratio_grouping: bool = False,
         bad_images: str = "error",
+        order_seed: int = 0,
     ) -> None:
         super().__init__()
+        self.order_seed = int(order_seed)  # the run's seed: training order and augmentation (sampling.py)
         # None: read from the training data by the subclass (data.classes=null), before the model is built
         self.classes: list[str] = list(classes) if classes is not None else []
         # batch_size may be set after construction (train.py resolves data.batch_size=auto): val follows it unless given
@@ -166,16 +185,32 @@ class DetectionDataModule(L.LightningDataModule):
         ratios = dataset.aspect_ratios() if hasattr(dataset, "aspect_ratios") else None
         if self.bad_images == "skip":
             dataset = SkipBadImages(dataset)
-        if shuffle and self.aspect_ratio_grouping and ratios is not None:
-            batches = AspectRatioGroupedBatchSampler(RandomSampler(dataset), ratios, batch_size, drop_last=True)
-            return DataLoader(dataset, batch_sampler=batches, **common)
+        if shuffle:  # training: the order and each sample's augmentation from (seed, epoch, index) (sampling.py)
+            order, seed = EpochRandomSampler(dataset, self.order_seed), self.order_seed
+            if self.aspect_ratio_grouping and ratios is not None:
+                batches = AspectRatioGroupedBatchSampler(order, ratios, batch_size, drop_last=True, seed=seed)
+            else:
+                batches = KeyedBatchSampler(order, batch_size, drop_last=True, seed=seed)
+            # the loader's own generator: creating its iterator draws nothing from the model's global one
+            return ResumableDataLoader(
+                SeededSamples(dataset),
+                batch_sampler=batches,
+                generator=torch.Generator(),
+                position=self.training_position,
+                **common,
+            )
         if not shuffle and self._world_size() > 1:
             # each image on exactly one rank (Lightning's own sampler pads ranks with repeats, which skews mAP)
             trainer = self.trainer
             common["sampler"] = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, **common)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(), **common)
+
+    def training_position(self) -> tuple[int, int]:
+        """(epoch, batches of it trained): where a checkpoint taken now stands in the training data."""
+        loop = self.trainer.fit_loop
+        return self.trainer.current_epoch, loop.epoch_loop.batch_idx + 1
 
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import time
 from typing import Any
 
 import lightning as L
@@ -38,7 +39,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer (a ``trainer.plugins`` entry, conf/trainer/default.yaml) that writes
     ``<path>.part`` and renames it over ``path``: a reader, or a resumed run, sees the old checkpoint or the new
     one, never a partial file. Every file the trainer saves goes through it (``ModelCheckpoint``'s,
-    ``CheckpointOnSignal``'s, ``trainer.save_checkpoint``), on the rank that writes."""
+    ``CheckpointOnSignal``'s, ``trainer.save_checkpoint``), on the rank that writes. Each save's size and time
+    are logged (the first at INFO: what ``every_n_train_steps`` would cost)."""
+
+    saves = 0  # checkpoints this writer saved (per instance once it saves)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
@@ -47,11 +51,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in path:  # object stores (s3://, gs://) replace whole objects; there is no rename to do
             super().save_checkpoint(checkpoint, path, storage_options)
             return
+        start = time.perf_counter()
         partial = f"{path}.part"
         super().save_checkpoint(checkpoint, partial, storage_options)
         _fsync(partial)  # the bytes are on disk before the name points at them (a power cut after the rename)
         os.replace(partial, path)
         _fsync(os.path.dirname(os.path.abspath(path)))  # and the rename itself is on disk
+        seconds, size = time.perf_counter() - start, os.path.getsize(path) / 2**20
+        self.saves += 1  # the first save said at INFO, what a save every N steps would cost; the others at DEBUG
+        log.log(
+            logging.INFO if self.saves == 1 else logging.DEBUG, "%s: %.1f MiB written in %.2f s", path, size, seconds
+        )
 
 
 class CheckpointOnSignal(Callback):
@@ -59,8 +69,8 @@ class CheckpointOnSignal(Callback):
     batch) save ``<dirpath>/<filename>.ckpt``, so ``ckpt_path=last`` or ``auto`` resumes from that step
     rather than from the last epoch end. The process then exits with code 0, as Lightning's SIGTERM stop does.
 
-    The checkpoint is mid-epoch: the resumed run keeps step count, optimiser and lr schedule exact, but the rest of
-    that epoch is drawn afresh (Lightning's loaders are not resumable mid-epoch) — an epoch-end resume is exact.
+    The checkpoint is mid-epoch: the training loader (``datamodules.sampling.ResumableDataLoader``) goes on with
+    the rest of that epoch's batches on resume, as the uninterrupted run would.
     """
 
     def __init__(self, dirpath: str, filename: str = "last") -> None:

@@ -719,9 +719,9 @@ def test_aspect_ratio_batches_hold_one_orientation_and_every_index_once():
     sampler = AspectRatioGroupedBatchSampler(list(range(len(ratios)))[::-1], ratios, batch_size=2)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 6
-    assert sorted(i for b in batches for i in b) == list(range(len(ratios)))
+    assert sorted(k.index for b in batches for k in b) == list(range(len(ratios)))
     for b in batches:
-        assert len({ratios[i] >= 1 for i in b}) == 1
+        assert len({ratios[k.index] >= 1 for k in b}) == 1
     dropped = AspectRatioGroupedBatchSampler(range(len(ratios)), ratios, batch_size=2, drop_last=True)
     assert len(list(dropped)) == len(dropped) == 5 and all(len(b) == 2 for b in dropped)
 
@@ -755,15 +755,16 @@ def test_lightning_injects_its_distributed_sampler_into_the_grouped_batches():
     """What the Trainer does under DDP: the loader is built inside Lightning's init-capture, then re-made with a
     DistributedSampler; each rank then gets half of the batches, still grouped."""
     from lightning.fabric.utilities.data import _replace_dunder_methods
-    from lightning.pytorch.utilities.data import _update_dataloader
+    from lightning.pytorch.utilities.data import _is_dataloader_shuffled, _update_dataloader
     from torch.utils.data import BatchSampler, DistributedSampler
 
     data = instantiate(compose("data.num_train=40", "data.batch_size=4").data)
     with _replace_dunder_methods(BatchSampler, "__pl_saved_args"):
         loader = data.train_dataloader()
+    assert _is_dataloader_shuffled(loader)  # so Lightning's DistributedSampler shuffles too
     seen = []
     for rank in (0, 1):
         ranked = _update_dataloader(loader, DistributedSampler(data.train_set, num_replicas=2, rank=rank, seed=0))
         assert isinstance(ranked.batch_sampler, AspectRatioGroupedBatchSampler) and len(ranked) == 5
-        seen += [i for b in ranked.batch_sampler for i in b]
+        seen += [k.index for b in ranked.batch_sampler for k in b]
     assert sorted(seen) == list(range(40))

@@ -197,6 +197,15 @@ def crash_while_moving_into_place(monkeypatch) -> None:
     monkeypatch.setattr(shutil, "copyfile", half_copy)
 
 
+def test_the_first_save_reports_its_size_and_time(tmp_path, caplog):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="last", monitor=None)
+    with caplog.at_level("INFO", logger="engine.checkpoint_saving"):
+        trainer = fit_toy(tmp_path, checkpoint, plugins=[AtomicCheckpointIO()])
+        trainer.save_checkpoint(tmp_path / "again.ckpt")
+    reports = [r.getMessage() for r in caplog.records if "MiB written in" in r.getMessage()]
+    assert len(reports) == 1 and "last.ckpt" in reports[0]  # the first at INFO, later ones at DEBUG
+
+
 @pytest.mark.parametrize("crash", [crash_in_torch_save, crash_while_moving_into_place])
 def test_a_crash_during_a_save_leaves_the_previous_last_ckpt_intact(tmp_path, monkeypatch, crash):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="last", monitor=None)
@@ -295,6 +304,55 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
             torch.testing.assert_close(
                 resumed["optimizer_states"][0]["state"][index][name], value, atol=1e-6, rtol=0, msg=f"{index}.{name}"
             )
+
+
+def assert_same_training_state(resumed: dict, whole: dict) -> None:
+    """Weights and AdamW's moments equal to 1e-6 (the same steps on the same batches, in the same order)."""
+    assert resumed["global_step"] == whole["global_step"]
+    assert resumed["lr_schedulers"][0]["_last_lr"] == whole["lr_schedulers"][0]["_last_lr"]
+    for key, value in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, atol=1e-6, rtol=0, msg=key)
+    for index, state in whole["optimizer_states"][0]["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(
+                resumed["optimizer_states"][0]["state"][index][name], value, atol=1e-6, rtol=0, msg=f"{index}.{name}"
+            )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("step", "workers"), [(1, 0), (6, 2), (9, 0)])  # epochs are steps 0-3, 4-7, 8-11
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, step, workers):
+    loader = (f"data.num_workers={workers}",)
+    train(tmp_path / "whole", *loader)
+    fault = ("++callbacks.fault._target_=engine.checkpoint_saving.SignalAtStep", f"++callbacks.fault.step={step}")
+    train(tmp_path / "stopped", *loader, *fault, "++callbacks.fault.signum=15")
+    _, at_stop = last_checkpoint(tmp_path / "stopped")
+    assert at_stop["global_step"] == step + 1 and (step + 1) % 4  # mid-epoch: the batch in flight finished
+    train(tmp_path / "stopped", *loader, "ckpt_path=last")
+    assert_same_training_state(last_checkpoint(tmp_path / "stopped")[1], last_checkpoint(tmp_path / "whole")[1])
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_save_every_n_steps_resumes_mid_epoch_exactly(tmp_path):
+    every = ("callbacks.last_checkpoint.every_n_train_steps=3", "data.num_workers=2")
+    train(tmp_path / "whole", *every)
+    fault = ("++callbacks.fault._target_=engine.checkpoint_saving.SignalAtStep", "++callbacks.fault.step=10")
+    train(tmp_path / "killed", *every, *fault, returncode=-signal.SIGKILL)
+    _, at_kill = last_checkpoint(tmp_path / "killed")
+    assert at_kill["global_step"] == 9  # saved after step 9: the second batch of epoch 3 (steps 8..11)
+    train(tmp_path / "killed", *every, "ckpt_path=last")
+    assert_same_training_state(last_checkpoint(tmp_path / "killed")[1], last_checkpoint(tmp_path / "whole")[1])
+
+
+@pytest.mark.slow
+def test_ddp_stopped_mid_epoch_resumes_exactly(tmp_path):
+    # 2 ranks × 4 images a step, 32 images: 4 steps an epoch; stopped at step 6 (epoch 2 of 3), last.ckpt every step
+    ddp = ("trainer=ddp_sim", "data.num_train=32", "callbacks.last_checkpoint.every_n_train_steps=1")
+    train(tmp_path / "whole", *ddp)
+    train(tmp_path / "stopped", *ddp, "trainer.max_steps=6")
+    assert last_checkpoint(tmp_path / "stopped")[1]["global_step"] == 6
+    train(tmp_path / "stopped", *ddp, "ckpt_path=last")
+    assert_same_training_state(last_checkpoint(tmp_path / "stopped")[1], last_checkpoint(tmp_path / "whole")[1])
 
 
 @pytest.mark.slow
