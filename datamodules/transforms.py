@@ -17,8 +17,9 @@ sampler: torchvision's ``RandomIoUCrop`` never crops an image without objects (e
 inside) and, when its trials fail, redraws another IoU option instead of keeping the image, which skews the
 options' frequencies. ``ResizeTo`` is the matching validation transform.
 
-Randomness comes from torch's global generator, as in torchvision's own transforms: ``seed_everything(seed,
-workers=True)`` (train.py) makes a run reproducible, with each loader worker on its own seeded stream.
+Randomness comes from torch's global generator, as in torchvision's own transforms; in training each sample is
+made with that generator seeded from (seed, epoch, index) (``datamodules/sampling.py``), so its augmentation is the
+same in any worker, after any resume.
 """
 
 from __future__ import annotations
