@@ -211,12 +211,12 @@ def refuse_other_data(cfg: DictConfig) -> None:
     """A paper recipe (``recipe_data: voc``) trained on other data would run its schedule silently on the wrong
     set: stopped, unless ``recipe_data=null`` says it is meant."""
     written_for = cfg.get("recipe_data")
-    given = str(cfg.data.get("_target_", "")).split(".")[-2:-1]  # datamodules.voc.VOCDataModule → voc
-    if written_for is not None and given != [written_for]:
+    given = str(cfg.data.get("_target_", "")).rsplit(".", 2)[-2]  # datamodules.voc.VOCDataModule → voc
+    if written_for is not None and given != written_for:
         raise ValueError(
             f"experiment {cfg.task_name} is written for data={written_for} (its schedule, input size and metric "
-            f"are that data set's) but data={given[0] if given else cfg.data.get('_target_')} was given: drop the "
-            f"data override, or add recipe_data=null to run the recipe on this data as it is"
+            f"are that data set's) but data={given} was given: drop the data override, or add recipe_data=null "
+            f"to run the recipe on this data as it is"
         )
 
 

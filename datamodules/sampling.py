@@ -35,11 +35,6 @@ class SampleKey(NamedTuple):
     seed: int
 
 
-def epoch_of(sampler: Any) -> int:
-    """The epoch Lightning set on ``sampler`` (``set_epoch``: ours and DistributedSampler keep it as ``epoch``)."""
-    return int(getattr(sampler, "epoch", 0))
-
-
 class EpochRandomSampler(RandomSampler):
     """A permutation of ``range(len(data_source))`` drawn from ``(seed, epoch)`` alone (``set_epoch``). A
     ``RandomSampler``, so Lightning knows the loader shuffles and shuffles its DistributedSampler under DDP."""
@@ -54,9 +49,6 @@ class EpochRandomSampler(RandomSampler):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
         return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return len(self.data_source)
 
 
 class KeyedBatchSampler(BatchSampler):
@@ -75,7 +67,8 @@ class KeyedBatchSampler(BatchSampler):
 def keyed_batches(batches: Iterator[list[int]], batch_sampler: Any) -> Iterator[list[SampleKey]]:
     """``batches`` of indices as ``SampleKey``s seeded by (``batch_sampler.seed``, its sampler's epoch, index),
     without the first ``batch_sampler.skip`` of them (which it resets to 0)."""
-    epoch, seed, skip = epoch_of(batch_sampler.sampler), batch_sampler.seed, batch_sampler.skip
+    # the epoch Lightning set on the sampler (set_epoch: ours and DistributedSampler keep it as `epoch`)
+    epoch, seed, skip = int(getattr(batch_sampler.sampler, "epoch", 0)), batch_sampler.seed, batch_sampler.skip
     batch_sampler.skip = 0
     for number, batch in enumerate(batches):
         if number >= skip:
