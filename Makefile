@@ -1,4 +1,6 @@
 # `make train`: set up .venv if needed, then train RetinaNet on the built-in shapes data (CPU-sized).
+# `make gpu-check`: on a CUDA machine, with the Python whose torch sees the GPU (PYTHON=..., not .venv's): one report
+# of the CUDA tests, training speed against torchvision, host syncs and loader workers (bench/gpu_check.py).
 # `make test`: set up, then check the code with ruff (lint and format) and run the test suite, one pytest-xdist
 # worker a core (at most 4: each holds torch and a preloaded interpreter, ~2 GB), the cores shared among them
 # (tests/conftest.py).
@@ -7,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
+
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

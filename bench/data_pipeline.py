@@ -106,11 +106,19 @@ def pipeline_rows(repeats: int, record, count: int = 100) -> None:
 
 
 def loader_rate(
-    voc_root: Path, workers: int, batch_size: int, model: str = "retinanet", batches: int = 40, pin_memory: bool = False
+    voc_root: Path,
+    workers: int,
+    batch_size: int,
+    model: str = "retinanet",
+    batches: int = 40,
+    pin_memory: bool = False,
+    repeat: int = 1,
 ) -> tuple[float, str]:
     """Training images/s of the project's own VOC loader for ``model`` (decode, the model's train augmentation,
     aspect-ratio grouping, collate and padding) with ``workers`` processes, after the first batch (worker
-    start-up); and a description of what was loaded. ``voc_root`` is a VOCdevkit folder."""
+    start-up); and a description of what was loaded. ``voc_root`` is a VOCdevkit folder; ``repeat`` lists each
+    trainval set that many times, so that a small sample's epoch still keeps every worker busy (an epoch's end
+    drains the workers' queue)."""
     from hydra.utils import instantiate
 
     from .training_step import train_config
@@ -118,13 +126,13 @@ def loader_rate(
     years = sorted(p.name[3:] for p in voc_root.glob("VOC*") if (p / "ImageSets" / "Main" / "trainval.txt").is_file())
     if not years:
         raise FileNotFoundError(f"{voc_root}: no VOC<year>/ImageSets/Main/trainval.txt; give a VOCdevkit folder")
-    sets = ",".join(f"[{y},trainval]" for y in years)
+    sets = ",".join(f"[{y},trainval]" for y in years for _ in range(repeat))
     cfg = train_config(
         f"model={model}",
         "data=voc",
         f"data.root={voc_root}",
         f"data.train_sets=[{sets}]",
-        f"data.val_sets=[{sets}]",
+        f"data.val_sets=[{','.join(f'[{y},trainval]' for y in years)}]",
         f"data.num_workers={workers}",
         f"data.batch_size={batch_size}",
         f"data.pin_memory={pin_memory}",
@@ -140,7 +148,8 @@ def loader_rate(
     seen = sum(len(batch) for batch in itertools.islice(epochs, batches))
     seconds = time.perf_counter() - start
     what = (
-        f"{model}'s train transform on VOC {'+'.join(years)} trainval ({len(datamodule.train_set)} images), "
+        f"{model}'s train transform on VOC {'+'.join(years)} trainval ({len(datamodule.train_set) // repeat} images"
+        f"{f' × {repeat}' if repeat > 1 else ''}), "
         f"batch {batch_size}, {workers} workers"
     )
     return seen / seconds, what

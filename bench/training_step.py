@@ -242,6 +242,7 @@ def ssd_case(
     objects: int = 5,
     seed: int = 0,
     lr: float = 1e-4,
+    autocast: torch.dtype | None = None,
     channels_last: bool | None = None,
 ) -> StepCase:
     from torchvision.models.detection import ssd300_vgg16
@@ -256,7 +257,7 @@ def ssd_case(
     ours = instantiate(model_config("model=ssd_torchvision", f"data.classes=[{classes}]", f"model.optimizer.lr={lr}"))
     samples = random_samples(batch_size, 300, num_classes, objects, 16.0, 280.0, seed)
     # torchvision's SSD counts background as class 0
-    return _make_case(ours, theirs, torchvision_ssd_state_dict, samples, 1, 1, device, channels_last=channels_last)
+    return _make_case(ours, theirs, torchvision_ssd_state_dict, samples, 1, 1, device, autocast, channels_last)
 
 
 def alternating_times(

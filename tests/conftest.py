@@ -16,6 +16,13 @@ sys.path.insert(0, str(ROOT))
 import engine.config  # noqa: E402,F401  (registers the config resolvers, e.g. ${len:...})
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# a test's device parameter: every CPU run checks the test itself, `pytest -m cuda` (bench/gpu_check.py) its GPU case
+DEVICES = (
+    "cpu",
+    pytest.param(
+        "cuda", marks=(pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+    ),
+)
 # the default logger is CSV + W&B: no W&B run for every train.py the suite starts (engine/test_logging.py sets its own)
 os.environ.setdefault("WANDB_MODE", "disabled")
 # model.channels_last=auto caches its measurement (engine/layout.py): the suite's runs keep theirs out of ~/.cache

@@ -1,0 +1,828 @@
+"""``python -m bench.gpu_check`` (``make gpu-check``): prove a CUDA machine in one command, within 8 minutes.
+
+Writes one report, ``report.md`` and ``report.json``, into ``--out`` (default ``runs/gpu_check/<date>_<time>``),
+rewritten after every section so that an interrupted check keeps what it measured. The sections:
+
+1. **environment**: the GPU, torch and CUDA, and which of this project's requirements are missing (with the
+   ``pip install`` line), and whether ``nvidia-smi`` is there to sample utilisation.
+2. **tests**: ``pytest -m cuda``, the CUDA case of every test of a fast path (each equal to its plain twin on the
+   GPU, bf16 within its argued tolerance, compile equal to eager; ``tests/conftest.py`` ``DEVICES``).
+3. **bench**: one training step of ours against torchvision's same model, same weights and inputs, on this GPU:
+   RetinaNet R50-FPN 800×800 batch 16, SSD300 batch 32 (both bf16 autocast, channels-last) and YOLOv1 448×448
+   batch 64 (no torchvision peer: ours alone); images/s and the step's activation peak (GPU memory above what
+   the models and optimisers hold).
+4. **train**: ``train.py`` for about a minute per detector (the paper's network on the built-in shapes at its own
+   input size, bf16-mixed), counting each host-device synchronisation in the training steps and where it comes
+   from (``torch.cuda.set_sync_debug_mode``: :class:`HostSyncCounter`), the time the step waits for its batch,
+   and the GPU's utilisation sampled by ``nvidia-smi``.
+5. **loader**: the project's VOC training loader on real JPEGs (``../shared/data``'s VOC2012 sample, or
+   ``--voc-root``) with 2–16 worker processes, for each model's own augmentation, next to that model's training
+   rate from (3): the fewest workers that keep the GPU fed.
+
+Then the issue's goals, each marked met or not. ``--device cpu --quick`` runs every section's plumbing on the CPU
+at toy sizes in about a minute (``tests/test_gpu_check.py``). Exit status: 0 when every section ran (goals may be
+unmet: read the report), 1 when one failed, 2 when a requirement is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import warnings
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # the environment section names what is missing
+    Callback = object
+
+ROOT = Path(__file__).resolve().parents[1]
+VOC_SAMPLE = ROOT.parent / "shared" / "data" / "voc2012-sample" / "VOCdevkit"
+GOAL_MINUTES = 8
+# the issue's goals: our training images/s ÷ torchvision's on the same GPU and precision
+SPEED_GOALS = {"retinanet": 1.3, "ssd": 1.2}
+BUSY_GOAL = 0.9  # the loader keeps the GPU this busy for SSD300 at batch 32
+# distribution name → module, where they differ
+MODULE_OF = {
+    "hydra-core": "hydra",
+    "hydra-colorlog": "hydra_plugins.hydra_colorlog",
+    "faster-coco-eval": "faster_coco_eval",
+    "opencv-python-headless": "cv2",
+}
+# The host-device synchronisations a training step makes by design, by (file, function): anything else found in
+# a step is a regression the report names. Lightning's own (progress bar, logging every log_every_n_steps) are
+# attributed to the lightning package.
+NAMED_SYNCS = {
+    ("engine/detection_module.py", "_nonfinite"): "the NaN check: one bool per step (all ranks skip or stop)",
+    ("detectors/retinanet.py", "_active_tiles"): "sparse box subnet: which tiles hold positives, one per level",
+    ("detectors/losses.py", "_focal_sum_and_grad"): "fused focal loss: the positive rows' indices",
+    ("detectors/assigners.py", "crowd_overlap"): "crowd boxes: their indices (COCO's iscrowd)",
+    ("detectors/ssd.py", "__call__"): "MultiBox loss: the positives' indices for hard negative mining",
+    ("detectors/yolo.py", "__call__"): "YOLOv1 loss: the responsible predictors' cells",
+    ("lightning", "*"): "Lightning: progress bar refresh and logging every trainer.log_every_n_steps",
+}
+
+
+@dataclass
+class Section:
+    name: str
+    status: str = "not run"  # ok | failed | skipped | not run
+    seconds: float = 0.0
+    results: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+# --- 1. environment -------------------------------------------------------------------------------------------
+def requirement_names() -> list[str]:
+    """The distribution names in pyproject.toml's dependencies, versions dropped (read with a pattern: Python 3.10
+    has no tomllib)."""
+    block = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S)
+    deps = re.findall(r'^\s*"([^"]+)"', block.group(1), re.M)
+    names = []
+    for dep in deps:
+        name = dep.split(";")[0]
+        for stop in "<>=!~[ ":
+            name = name.split(stop)[0]
+        names.append(name.strip())
+    return names
+
+
+def missing_modules(names: list[str]) -> list[str]:
+    missing = []
+    for name in names:
+        module = MODULE_OF.get(name, name.replace("-", "_"))
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package missing (hydra_plugins)
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cpu_cores": os.cpu_count(),
+        "missing_requirements": missing_modules(requirement_names()),
+        "missing_for_tests": missing_modules(["pytest"]),
+        "nvidia_smi": shutil.which("nvidia-smi"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            gpu=props.name,
+            gpu_memory_gb=round(props.total_memory / 2**30, 1),
+            compute_capability=f"{props.major}.{props.minor}",
+            bf16=torch.cuda.is_bf16_supported(),
+        )
+    else:
+        from .timing import describe_machine
+
+        env["gpu"] = None
+        env["cpu"] = describe_machine(device)
+    return env
+
+
+# --- 2. tests -------------------------------------------------------------------------------------------------
+def run_cuda_tests(out: Path, timeout_s: float) -> dict[str, Any]:
+    """``pytest -m cuda`` in a child process; its counts and failures from the JUnit XML it writes."""
+    xml = out / "cuda_tests.xml"
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+    (out / "cuda_tests.log").write_text(proc.stdout + proc.stderr)
+    if not xml.is_file():
+        raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
+    suite = ET.parse(xml).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    failed = []
+    for case in suite.iter("testcase"):
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if problem is not None:
+            failed.append(
+                {"test": f"{case.get('classname')}::{case.get('name')}", "message": problem.get("message", "")[:500]}
+            )
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {
+        "command": " ".join(command[1:]),
+        "exit_status": proc.returncode,
+        **counts,
+        "failed": failed,
+        "seconds": time.perf_counter() - started,
+        "log": str(out / "cuda_tests.log"),
+    }
+
+
+# --- 3. bench: a training step, ours against torchvision -----------------------------------------------------
+@dataclass
+class OwnStep:
+    """A model without a torchvision peer (YOLOv1): its training step and batch."""
+
+    step: Callable[[], torch.Tensor]
+    images: int
+
+
+def yolo_step(device: torch.device, batch_size: int, autocast: torch.dtype | None, channels_last: bool) -> OwnStep:
+    from hydra.utils import instantiate
+
+    from detectors.batch import DetectionBatch, collate_detection
+
+    from .training_step import _step, _trainable, model_config, random_samples
+
+    classes = ",".join(f"c{i}" for i in range(20))
+    # lr 1e-4: from random weights on noise images a larger step can overflow (the lr changes none of the work)
+    module = instantiate(model_config("model=yolo", f"data.classes=[{classes}]", "model.optimizer.lr=1e-4"))
+    net = module.net.to(device).train()
+    net.use_channels_last(channels_last)
+    batch = collate_detection(random_samples(batch_size, 448, 20, 5, 16.0, 400.0, 0), 1)
+    batch = DetectionBatch(**{k: v.to(device) for k, v in vars(batch).items()})
+    optimizer = module.optimizer_factory(_trainable(net))
+
+    def losses():
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            return net.compute_losses(batch)
+
+    return OwnStep(lambda: _step(losses, optimizer), batch_size)
+
+
+def step_peak(step: Callable[[], object], device: torch.device) -> float | None:
+    """GiB that one step allocates above what was held before it (activations, gradients' first allocation
+    excluded by the warm-up before); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**30
+
+
+def bench_cases(device: torch.device, quick: bool) -> list[tuple[str, str, Callable[[], Any]]]:
+    """(model, description, builder) for each row: the issue's sizes on a GPU, toy sizes with --quick."""
+    from functools import partial
+
+    from .training_step import retinanet_case, ssd_case
+
+    if quick:  # the plumbing only: float32, NCHW (no layout timing), one image
+        return [
+            (
+                "retinanet",
+                "RetinaNet R50-FPN, 128×128, batch 1",
+                partial(retinanet_case, device, 128, 1, channels_last=False),
+            ),
+            ("ssd", "SSD300 VGG16, batch 1", partial(ssd_case, device, batch_size=1, channels_last=False)),
+            ("yolo", "YOLOv1, 448×448, batch 1", partial(yolo_step, device, 1, None, False)),
+        ]
+    bf16 = torch.bfloat16
+    return [
+        (
+            "retinanet",
+            "RetinaNet R50-FPN, 800×800, batch 16, bf16, channels-last",
+            partial(retinanet_case, device, 800, 16, autocast=bf16, channels_last=True),
+        ),
+        (
+            "ssd",
+            "SSD300 VGG16, batch 32, bf16, channels-last",
+            partial(ssd_case, device, batch_size=32, autocast=bf16, channels_last=True),
+        ),
+        ("yolo", "YOLOv1, 448×448, batch 64, bf16, channels-last", partial(yolo_step, device, 64, bf16, True)),
+    ]
+
+
+def bench_rows(device: torch.device, quick: bool) -> list[dict[str, Any]]:
+    from .training_step import alternating_times
+
+    repeats, warmup = (1, 1) if quick else (5, 2)
+    rows = []
+    for model, what, build in bench_cases(device, quick):
+        case = build()
+        row: dict[str, Any] = {"model": model, "what": what}
+        if isinstance(case, OwnStep):
+            row["peak_gib"] = step_peak(case.step, device)  # after its first step: the optimizer state exists
+            for _ in range(warmup):
+                case.step()
+            seconds = [_timed(case.step, device) for _ in range(repeats)]
+            row.update(images=case.images, ours_s=statistics.median(seconds), peer=None)
+        else:
+            bad = case.mismatches()
+            if bad:
+                raise RuntimeError(f"{what}: the two models differ in {bad[:5]}")
+            for _ in range(warmup):  # the first steps allocate gradients and momentum
+                case.their_step(), case.ours_step()
+            row["peer_peak_gib"] = step_peak(case.their_step, device)
+            row["peak_gib"] = step_peak(case.ours_step, device)
+            theirs, ours = alternating_times(case.their_step, case.ours_step, device, repeats, warmup=0)
+            row.update(
+                images=len(case.batch),
+                ours_s=statistics.median(ours),
+                peer="torchvision",
+                peer_s=statistics.median(theirs),
+            )
+            row["peer_images_per_s"] = row["images"] / row["peer_s"]
+            row["speedup"] = row["peer_s"] / row["ours_s"]
+        row["images_per_s"] = row["images"] / row["ours_s"]
+        print(f"  {what}: {_describe_row(row)}", flush=True)
+        rows.append(row)
+        del case
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    from .timing import synchronize
+
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def _describe_row(row: dict[str, Any]) -> str:
+    text = f"ours {row['images_per_s']:.1f} img/s"
+    if row.get("peer"):
+        text += f", torchvision {row['peer_images_per_s']:.1f} img/s: {row['speedup']:.2f}×"
+    return text
+
+
+# --- 4. train: a minute of train.py per detector, host syncs counted ------------------------------------------
+class HostSyncCounter(Callback):
+    """Counts the host-device synchronisations inside each training step (forward, loss, backward, optimizer
+    step: from ``on_train_batch_start`` to ``on_train_batch_end``) with ``torch.cuda.set_sync_debug_mode("warn")``,
+    each attributed to the innermost frame outside torch and torchvision (this repository's ``file:line``, else the
+    package, e.g. lightning); and the time each step waited for its batch (loader and host-to-device copy). Writes
+    ``path`` (json) when training ends. The first ``skip_steps`` steps are left out (cuDNN autotuning, allocations).
+
+    Example::
+
+        python train.py model=ssd trainer=gpu +callbacks.host_syncs._target_=bench.gpu_check.HostSyncCounter \\
+            +callbacks.host_syncs.path=host_syncs.json
+    """
+
+    def __init__(self, path: str, skip_steps: int = 5) -> None:
+        self.path, self.skip_steps = Path(path), skip_steps
+        self.sites: Counter[tuple[str, str]] = Counter()
+        self.steps = self.images = 0
+        self.waits: list[float] = []
+        self.window: list[float] = []  # wall clock (time.time) of the first counted step's start, the last's end
+        self._catch: warnings.catch_warnings | None = None
+        self._shown = warnings.showwarning
+        self._batch_end: float | None = None
+        self._counted = False
+        self._device = "cpu"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        counting = self._counted = trainer.global_step >= self.skip_steps
+        if counting and self._batch_end is not None:
+            self.waits.append(now - self._batch_end)
+        if counting and not self.window:
+            self.window = [time.time(), time.time()]
+        self._device = pl_module.device.type
+        if counting and pl_module.device.type == "cuda":
+            self._catch = warnings.catch_warnings()
+            self._catch.__enter__()
+            warnings.simplefilter("always")  # every occurrence, not the first per place
+            self._shown, warnings.showwarning = warnings.showwarning, self.on_warning
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._catch is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catch.__exit__(None, None, None)
+            self._catch = None
+        self._batch_end = time.perf_counter()
+        if self._counted:
+            self.steps += 1
+            self.images += len(batch)
+            self.window[1] = time.time()
+
+    def on_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        """``warnings.showwarning`` while a step is counted: a sync is counted at its site, the rest shown."""
+        if "synchroniz" in str(message):
+            self.sites[self._site()] += 1
+        else:
+            self._shown(message, category, filename, lineno, file, line)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._batch_end = None  # the wait across a validation is not the loader's
+
+    @staticmethod
+    def _site() -> tuple[str, str]:
+        """(file:line, function) of the innermost frame that is not torch's, torchvision's, the warnings module's or
+        this file's, when it is this repository's code; else (its package, function)."""
+        for frame in reversed(traceback.extract_stack()):
+            path = Path(frame.filename).resolve()
+            if (
+                path == Path(__file__).resolve()
+                or path.name == "warnings.py"
+                or {"torch", "torchvision"} & set(path.parts)
+            ):
+                continue
+            if "site-packages" in path.parts:
+                return path.parts[path.parts.index("site-packages") + 1], frame.name
+            if path.is_relative_to(ROOT):
+                return f"{path.relative_to(ROOT)}:{frame.lineno}", frame.name
+            return str(path), frame.name
+        return "torch", "?"
+
+    def summary(self) -> dict[str, Any]:
+        seconds = (self.window[1] - self.window[0]) if self.window else 0.0
+        total = sum(self.sites.values())
+        return {
+            "device": self._device,
+            "steps": self.steps,
+            "images": self.images,
+            "seconds": seconds,
+            "images_per_s": self.images / seconds if seconds else None,
+            "wait_share": sum(self.waits) / seconds if seconds else None,
+            "window": self.window,
+            "syncs_per_step": total / self.steps if self.steps else None,
+            "sites": [
+                {
+                    "site": site,
+                    "function": function,
+                    "per_step": n / max(self.steps, 1),
+                    "named": NAMED_SYNCS.get(_sync_key(site, function)),
+                }
+                for (site, function), n in self.sites.most_common()
+            ],
+        }
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.summary(), indent=2))
+
+
+def _sync_key(site: str, function: str) -> tuple[str, str]:
+    """NAMED_SYNCS' key of a site: (file, function) in this repository, (package, "*") elsewhere."""
+    if ".py:" in site:
+        return site.rsplit(":", 1)[0], function
+    return site, "*"
+
+
+def training_overrides(model: str, device: torch.device, quick: bool, minutes: float, workers: int) -> list[str]:
+    if quick:  # the CPU recipes on a few toy batches: the command, the callback and the report, not the speed
+        return [
+            f"experiment={model}_shapes",
+            "data.num_train=16",
+            "data.num_val=8",
+            "data.batch_size=4",
+            "data.val_batch_size=8",
+            "trainer.max_steps=4",
+            "trainer.max_epochs=1",
+            "trainer.val_check_interval=1.0",
+            "trainer.check_val_every_n_epoch=1",
+            "callbacks.time_budget.minutes=null",
+            "memory_check=false",
+            "model.channels_last=false",
+        ]
+    batch = {"retinanet": 16, "ssd": 32, "yolo": 64}[model]
+    return [
+        f"model={model}",  # the paper's network (random weights) and its own input size, on the built-in shapes
+        "data=shapes",
+        f"data.batch_size={batch}",
+        f"data.num_workers={workers}",
+        "trainer=gpu" if device.type == "cuda" else "trainer=cpu",
+        "trainer.precision=bf16-mixed",
+        f"callbacks.time_budget.minutes={minutes}",
+    ]
+
+
+class UtilisationSampler:
+    """``nvidia-smi``'s GPU utilisation every 200 ms in a thread, each sample stamped with the wall clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self.proc = None
+        if device.type == "cuda" and shutil.which("nvidia-smi"):
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "-i", str(index), "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+                + ["-lms", "200"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.samples.append((time.time(), float(line.strip())))
+            except ValueError:
+                pass
+
+    def mean_between(self, start: float, end: float) -> float | None:
+        inside = [u for t, u in self.samples if start <= t <= end]
+        return statistics.mean(inside) / 100 if inside else None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def run_training(
+    model: str, device: torch.device, out: Path, quick: bool, minutes: float, workers: int
+) -> dict[str, Any]:
+    run_dir = out / f"train_{model}"
+    syncs = run_dir / "host_syncs.json"
+    overrides = [
+        *training_overrides(model, device, quick, minutes, workers),
+        "logger=csv",
+        "validate_best=false",
+        "callbacks.prediction_images=null",  # drawing, not training
+        "callbacks.pr_curves=null",
+        f"task_name=gpu_check_{model}",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.host_syncs._target_=bench.gpu_check.HostSyncCounter",
+        f"+callbacks.host_syncs.path={syncs}",
+        f"+callbacks.host_syncs.skip_steps={1 if quick else 5}",
+    ]
+    command = [sys.executable, "train.py", *overrides]
+    sampler = UtilisationSampler(device)
+    started = time.perf_counter()
+    try:
+        env = {**os.environ, "WANDB_MODE": "disabled"}
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=minutes * 60 + 240)
+    finally:
+        sampler.stop()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not syncs.is_file():
+        raise RuntimeError(
+            f"train.py {model} exited {proc.returncode} (log: {run_dir / 'train.log'}): "
+            f"{(proc.stdout + proc.stderr)[-1500:]}"
+        )
+    result = json.loads(syncs.read_text())
+    result.update(
+        command="python train.py " + " ".join(overrides),
+        wall_s=time.perf_counter() - started,
+        gpu_utilisation=sampler.mean_between(*result["window"]) if result["window"] else None,
+        unnamed_syncs=[s for s in result["sites"] if not s["named"]],
+    )
+    return result
+
+
+# --- 5. loader -------------------------------------------------------------------------------------------------
+def loader_rows(
+    voc_root: Path, device: torch.device, quick: bool, workers: list[int], training: dict[str, float]
+) -> dict[str, Any]:
+    """Images/s of each model's VOC training loader at each worker count, and the fewest workers that outrun that
+    model's training rate (its GPU then never waits; the goal asks ≥ 90 % busy)."""
+    from .data_pipeline import loader_rate
+
+    if not voc_root.is_dir():
+        raise FileNotFoundError(f"--voc-root {voc_root}: not a folder; give a VOCdevkit (VOC<year>/ inside)")
+    batch = 2 if quick else 8  # small batches: the sample's epoch must hold several per worker
+    result: dict[str, Any] = {"voc_root": str(voc_root), "models": {}}
+    for model in ("retinanet", "ssd", "yolo"):
+        rates = {}
+        for n in workers:
+            rate, what = loader_rate(
+                voc_root,
+                n,
+                batch,
+                model,
+                batches=2 if quick else max(20, 3 * n),
+                pin_memory=device.type == "cuda",
+                repeat=1 if quick else max(1, 4 * n * batch // 100),
+            )
+            rates[n] = rate
+            print(f"  loader {what}: {rate:.0f} img/s", flush=True)
+        needed = training.get(model)
+        enough = [n for n in workers if needed and rates[n] >= needed]
+        recommended = min(enough) if enough else max(workers, key=lambda n: rates[n])
+        result["models"][model] = {
+            "images_per_s": rates,
+            "training_images_per_s": needed,
+            "recommended_workers": recommended,
+            "busy_at_recommended": min(1.0, rates[recommended] / needed) if needed else None,
+        }
+    return result
+
+
+# --- the report ------------------------------------------------------------------------------------------------
+def goals(sections: dict[str, Section], total_s: float) -> list[dict[str, Any]]:
+    """The issue's goals with what was measured; ``met`` is None where they do not apply (a CPU run)."""
+    on_gpu = bool(sections["environment"].results.get("gpu"))
+    out = [
+        {
+            "goal": f"the check finishes in ≤ {GOAL_MINUTES} minutes",
+            "value": f"{total_s / 60:.1f} min",
+            "met": total_s <= GOAL_MINUTES * 60,
+        }
+    ]
+    tests = sections["tests"].results
+    if tests:
+        out.append(
+            {
+                "goal": "every CUDA test passes",
+                "value": f"{tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
+                f"{tests['skipped']} skipped",
+                "met": tests["failures"] + tests["errors"] == 0 and tests["passed"] > 0 if on_gpu else None,
+            }
+        )
+    for row in sections["bench"].results.get("rows", []):
+        if row["model"] in SPEED_GOALS:
+            want = SPEED_GOALS[row["model"]]
+            out.append(
+                {
+                    "goal": f"{row['what']}: training images/s ≥ {want}× torchvision's",
+                    "value": f"{row['speedup']:.2f}×",
+                    "met": row["speedup"] >= want if on_gpu else None,
+                }
+            )
+    for model, run in sections["train"].results.items():
+        unnamed = run["unnamed_syncs"]
+        out.append(
+            {
+                "goal": f"{model}: no host sync in a training step beyond those the design names",
+                "value": "not counted off a GPU"
+                if run["device"] != "cuda"
+                else "none"
+                if not unnamed
+                else "; ".join(f"{s['site']} ({s['function']})" for s in unnamed),
+                "met": not unnamed if run["device"] == "cuda" else None,
+            }
+        )
+    ssd = sections["loader"].results.get("models", {}).get("ssd")
+    if ssd and ssd["busy_at_recommended"] is not None:
+        out.append(
+            {
+                "goal": f"the loader keeps SSD300 (batch 32) ≥ {BUSY_GOAL:.0%} busy at the recommended workers",
+                "value": f"{ssd['busy_at_recommended']:.0%} at {ssd['recommended_workers']} workers",
+                "met": ssd["busy_at_recommended"] >= BUSY_GOAL if on_gpu else None,
+            }
+        )
+    return out
+
+
+def markdown(sections: dict[str, Section], total_s: float, argv: list[str]) -> str:
+    env = sections["environment"].results
+    lines = [
+        "# GPU check",
+        "",
+        f"`python -m bench.gpu_check {' '.join(argv)}` on {env.get('gpu') or env.get('cpu')}, torch "
+        f"{env.get('torch')} (CUDA {env.get('cuda_runtime')}), {env.get('cpu_cores')} CPU cores; "
+        f"{datetime.now():%Y-%m-%d %H:%M}; {total_s / 60:.1f} min.",
+        "",
+    ]
+    if env.get("missing_requirements"):
+        lines += [f"**Missing:** `pip install {' '.join(env['missing_requirements'])}`", ""]
+    if env.get("missing_for_tests"):
+        lines += ["**Missing for the CUDA tests:** `pip install pytest`", ""]
+    lines += ["| section | status | seconds |", "|---|---|---:|"]
+    for s in sections.values():
+        reason = f" ({s.results['reason']})" if "reason" in s.results else ""
+        lines.append(f"| {s.name} | {s.status}{reason} | {s.seconds:.0f} |")
+    for s in sections.values():
+        if s.error:
+            lines += ["", f"**{s.name} failed:**", "```", s.error.strip()[-3000:], "```"]
+    if any(s.status == "ok" for s in sections.values()):
+        lines += ["", "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
+        lines += [f"| {g['goal']} | {g['value']} | {_met(g['met'])} |" for g in goals(sections, total_s)]
+    tests = sections["tests"].results
+    if tests:
+        lines += [
+            "",
+            "## CUDA tests",
+            "",
+            f"`{tests['command']}`: {tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
+            f"{tests['skipped']} skipped in {tests['seconds']:.0f} s.",
+        ]
+        lines += [f"- **{f['test']}**: {f['message']}" for f in tests["failed"]]
+    rows = sections["bench"].results.get("rows", [])
+    if rows:
+        lines += [
+            "",
+            "## A training step, ours against torchvision (same weights and inputs)",
+            "",
+            "| step | ours img/s | torchvision img/s | speed-up | ours peak GiB | torchvision peak GiB |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['what']} | {r['images_per_s']:.1f} | {_num(r.get('peer_images_per_s'), '.1f')} | "
+                f"{_num(r.get('speedup'), '.2f', '×')} | {_num(r['peak_gib'], '.2f')} | "
+                f"{_num(r.get('peer_peak_gib'), '.2f')} |"
+            )
+        lines += ["", "Peak: what one step allocates above the models, gradients and optimizer state it started with."]
+    runs = sections["train"].results
+    if runs:
+        lines += [
+            "",
+            "## train.py for a minute each (the built-in shapes at the model's own input)",
+            "",
+            "| model | steps | img/s | waiting for data | GPU busy (nvidia-smi) | host syncs a step | not by design |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for model, r in runs.items():
+            unnamed = ", ".join(s["site"] for s in r["unnamed_syncs"]) or "none"
+            lines.append(
+                f"| {model} | {r['steps']} | {_num(r['images_per_s'], '.1f')} | {_num(r['wait_share'], '.0%')} | "
+                f"{_num(r['gpu_utilisation'], '.0%')} | {_num(r['syncs_per_step'], '.1f')} | {unnamed} |"
+            )
+        lines += ["", "Where the synchronisations come from (per step):", ""]
+        for model, r in runs.items():
+            for s in r["sites"]:
+                named = s["named"] or "**not named by the design**"
+                lines.append(f"- {model}: `{s['site']}` in `{s['function']}`: {s['per_step']:.2f}; {named}")
+        lines += ["", "Commands (each also writes its run folder beside this report):", ""]
+        lines += [f"- `{r['command']}`" for r in runs.values()]
+    loader = sections["loader"].results
+    if loader.get("models"):
+        workers = list(next(iter(loader["models"].values()))["images_per_s"])
+        lines += [
+            "",
+            f"## The VOC training loader (JPEGs of {loader['voc_root']}), images/s by worker processes",
+            "",
+            "| model | "
+            + " | ".join(f"{n} worker{'s' * (n != 1)}" for n in workers)
+            + " | training img/s | recommended |",
+            "|---|" + "---:|" * (len(workers) + 2),
+        ]
+        for model, m in loader["models"].items():
+            rates = " | ".join(f"{m['images_per_s'][n]:.0f}" for n in workers)
+            lines.append(
+                f"| {model} | {rates} | {_num(m['training_images_per_s'], '.0f')} | "
+                f"{m['recommended_workers']} (GPU {_num(m['busy_at_recommended'], '.0%')} fed) |"
+            )
+        lines += ["", "Set it with `data.num_workers=N`; a loader slower than training leaves the GPU waiting."]
+    return "\n".join(lines) + "\n"
+
+
+def _met(met: bool | None) -> str:
+    return "– (not on a GPU)" if met is None else "yes" if met else "**no**"
+
+
+def _num(value: float | None, spec: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def write_report(out: Path, sections: dict[str, Section], started: float, argv: list[str]) -> str:
+    total = time.perf_counter() - started
+    text = markdown(sections, total, argv)
+    (out / "report.md").write_text(text)
+    payload = {
+        "argv": argv,
+        "total_s": total,
+        "sections": {k: asdict(v) for k, v in sections.items()},
+        "goals": goals(sections, total),
+    }
+    (out / "report.json").write_text(json.dumps(payload, indent=2, default=str))
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --quick)")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: every section's plumbing in about a minute")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default runs/gpu_check/<time>)")
+    parser.add_argument("--train-minutes", type=float, default=1.0, help="train.py's time budget per detector")
+    parser.add_argument("--workers", default=None, help="loader worker counts, e.g. 2,4,8,16 (default: up to cores)")
+    parser.add_argument("--voc-root", type=Path, default=None, help="a VOCdevkit (default: ../shared/data's sample)")
+    parser.add_argument("--skip", default="", help="sections to leave out, comma-separated: tests,bench,train,loader")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            f"--device {args.device}: torch {torch.__version__} sees no CUDA device (built for CUDA "
+            f"{torch.version.cuda}); on a CPU, `--device cpu --quick` checks the plumbing"
+        )
+    if device.type == "cpu" and not args.quick:
+        parser.error("--device cpu runs only with --quick (the check's sizes are a GPU's)")
+    out = args.out or ROOT / "runs" / "gpu_check" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    workers = (
+        [int(n) for n in args.workers.split(",")]
+        if args.workers
+        else ([0, 1] if args.quick else [n for n in (2, 4, 8, 16) if n <= cores] or [cores])
+    )
+    voc_root = args.voc_root or VOC_SAMPLE
+    skip = {s: "--skip" for s in args.skip.split(",") if s}
+    if args.voc_root is None and not VOC_SAMPLE.is_dir():
+        skip["loader"] = f"no VOC sample at {VOC_SAMPLE}: give a VOCdevkit with --voc-root"
+    sections = {n: Section(n) for n in ("environment", "tests", "bench", "train", "loader")}
+    started = time.perf_counter()
+
+    def run(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        section = sections[name]
+        if name in skip:
+            section.status, section.results = "skipped", {"reason": skip[name]}
+            print(f"\n== {name}: skipped ({skip[name]})", flush=True)
+            return
+        print(f"\n== {name}", flush=True)
+        t = time.perf_counter()
+        try:
+            section.results = fn()
+            section.status = "ok"
+        except Exception:  # the report keeps what the other sections measured
+            section.status, section.error = "failed", traceback.format_exc()
+            print(section.error, file=sys.stderr, flush=True)
+        section.seconds = time.perf_counter() - t
+        write_report(out, sections, started, argv)
+
+    run("environment", lambda: environment(device))
+    missing = sections["environment"].results.get("missing_requirements")
+    if missing:
+        print(f"missing requirements: pip install {' '.join(missing)}", file=sys.stderr)
+        for name in ("tests", "bench", "train", "loader"):
+            sections[name].status = "skipped"
+        print(write_report(out, sections, started, argv))
+        return 2
+    if sections["environment"].results.get("missing_for_tests"):
+        skip["tests"] = "pytest is not installed: pip install pytest"
+    run("tests", lambda: run_cuda_tests(out, timeout_s=300))
+    run("bench", lambda: {"rows": bench_rows(device, args.quick)})
+
+    def trainings() -> dict[str, Any]:
+        runs = {}
+        for model in ("retinanet", "ssd", "yolo"):
+            runs[model] = run_training(model, device, out, args.quick, args.train_minutes, min(8, cores))
+            r = runs[model]
+            print(
+                f"  {model}: {r['steps']} steps, {_num(r['images_per_s'], '.1f')} img/s, "
+                f"{_num(r['syncs_per_step'], '.1f')} host syncs a step",
+                flush=True,
+            )
+        return runs
+
+    run("train", trainings)
+    rates = {r["model"]: r["images_per_s"] for r in sections["bench"].results.get("rows", [])}
+    run("loader", lambda: loader_rows(voc_root, device, args.quick, workers, rates))
+    print("\n" + write_report(out, sections, started, argv))
+    print(f"report: {out / 'report.md'} and report.json", flush=True)
+    return 1 if any(s.status == "failed" for s in sections.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

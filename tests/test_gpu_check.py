@@ -1,0 +1,91 @@
+"""bench/gpu_check.py off a GPU: the whole check's plumbing at toy sizes on the CPU (`--device cpu --quick`), and
+the host-sync counter's attribution of a synchronisation to its site."""
+
+import ast
+import json
+import warnings
+
+import pytest
+
+from bench import gpu_check
+from tests.conftest import ROOT
+
+
+def test_every_named_sync_site_is_a_function_of_that_file():
+    """A renamed function would leave its synchronisation unnamed on the next GPU check: each key must exist."""
+    for file, function in gpu_check.NAMED_SYNCS:
+        if function == "*":
+            continue
+        tree = ast.parse((ROOT / file).read_text())
+        names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert function in names, f"NAMED_SYNCS names {file}:{function}, which is not there"
+
+
+def _warn_like_torch(message: str) -> None:
+    warnings.warn(message, UserWarning)
+
+
+def test_a_sync_is_counted_at_the_calling_frame_and_other_warnings_pass_through():
+    counter = gpu_check.HostSyncCounter(path="unused.json")
+    passed = []
+    counter._shown = lambda *args: passed.append(str(args[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = counter.on_warning
+        for _ in range(3):
+            _warn_like_torch("called a synchronizing CUDA operation")
+        _warn_like_torch("something else")
+    counter.steps = 3
+    (site, function), count = counter.sites.most_common(1)[0]
+    assert site.startswith("tests/test_gpu_check.py:") and function == "_warn_like_torch" and count == 3
+    assert passed == ["something else"]
+    summary = counter.summary()
+    assert summary["syncs_per_step"] == 1.0
+    assert summary["sites"][0]["named"] is None  # not one the design names
+    assert gpu_check.NAMED_SYNCS[gpu_check._sync_key("detectors/ssd.py:464", "__call__")]
+    assert gpu_check.NAMED_SYNCS[gpu_check._sync_key("lightning", "refresh")]
+
+
+def test_a_missing_requirement_is_named_with_its_pip_line():
+    assert gpu_check.missing_modules(["torch", "hydra-core", "no-such-package-xyz"]) == ["no-such-package-xyz"]
+    assert "opencv-python-headless" in gpu_check.requirement_names()
+
+
+def test_cpu_needs_quick_and_cuda_needs_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--device", "cpu"])
+    assert "--quick" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_check_on_cpu_runs_every_section_and_writes_the_report(tmp_path):
+    """Every section runs (the CUDA tests all skip here), the report holds each model's rows, and goals that need a
+    GPU are marked not applicable rather than failed."""
+    status = gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    assert status == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    sections = report["sections"]
+    loader_status = "ok" if gpu_check.VOC_SAMPLE.is_dir() else "skipped"  # the VOC sample of ../shared/data
+    assert {k: v["status"] for k, v in sections.items()} == {**dict.fromkeys(sections, "ok"), "loader": loader_status}
+    tests = sections["tests"]["results"]
+    assert tests["failures"] == tests["errors"] == tests["passed"] == 0  # no GPU: every CUDA case skipped
+    rows = {r["model"]: r for r in sections["bench"]["results"]["rows"]}
+    assert set(rows) == {"retinanet", "ssd", "yolo"}
+    assert all(r["images_per_s"] > 0 for r in rows.values())
+    assert rows["ssd"]["speedup"] > 0 and rows["yolo"]["peer"] is None
+    for model, run in sections["train"]["results"].items():
+        # 4 steps of 4 images, the first left out; no CUDA, so nothing to count
+        assert (run["steps"], run["images"], run["device"]) == (3, 12, "cpu"), model
+        assert run["syncs_per_step"] == 0 and run["images_per_s"] > 0
+    if loader_status == "ok":
+        loader = sections["loader"]["results"]["models"]
+        assert set(loader) == {"retinanet", "ssd", "yolo"}
+        assert all(m["recommended_workers"] in (0, 1) for m in loader.values())
+    goals = {g["goal"]: g["met"] for g in report["goals"]}
+    assert [met for goal, met in goals.items() if "minutes" not in goal] and all(
+        met is None for goal, met in goals.items() if "minutes" not in goal
+    )
+    text = (tmp_path / "report.md").read_text()
+    for heading in ("## Goals", "## CUDA tests", "## A training step", "## train.py"):
+        assert heading in text
+    assert ("## The VOC training loader" in text) == (loader_status == "ok")
