@@ -14,12 +14,14 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -69,12 +71,37 @@ class CheckpointOnSignal(Callback):
     batch) save ``<dirpath>/<filename>.ckpt``, so ``ckpt_path=last`` or ``auto`` resumes from that step
     rather than from the last epoch end. The process then exits with code 0, as Lightning's SIGTERM stop does.
 
+    Under SLURM with auto-requeue (``#SBATCH --signal=USR1@90``), Lightning's handler of the requeue signal saves
+    ``hpc_ckpt_<n>.ckpt`` and requeues the job the moment the signal lands, which can be mid-step: weights from before
+    the optimizer step beside a data position that counts the batch as trained, so the resumed run would skip it.
+    This callback holds that handler back to the end of the step in flight (at most one step later).
+
     The checkpoint is mid-epoch: the training loader (``datamodules.sampling.ResumableDataLoader``) goes on with
     the rest of that epoch's batches on resume, as the uninterrupted run would.
     """
 
     def __init__(self, dirpath: str, filename: str = "last") -> None:
         self.dirpath, self.filename = dirpath, filename
+        self._held: list[tuple[Any, int, Any]] = []  # (Lightning's handler, signum, frame) to run at the step's end
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal connector reads
+        if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
+            return
+        signum = environment.requeue_signal
+        handler = signal.getsignal(signum)
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signum, lambda num, frame: self._held.append((handler, num, frame)))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        while self._held:
+            handler, signum, frame = self._held.pop(0)
+            log.warning(
+                "signal %d at step %d: Lightning's SLURM requeue runs now, between steps", signum, trainer.global_step
+            )
+            handler(signum, frame)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not (isinstance(exception, SIGTERMException) or trainer.received_sigterm):

@@ -271,9 +271,9 @@ RUN = (
 )
 
 
-def train(log_dir: Path, *overrides: str, returncode: int = 0) -> str:
+def train(log_dir: Path, *overrides: str, returncode: int = 0, env: dict[str, str] | None = None) -> str:
     log_dir.mkdir(exist_ok=True)
-    done = run_python([ROOT / "train.py", *RUN, f"paths.log_dir={log_dir}", *overrides], log_dir)
+    done = run_python([ROOT / "train.py", *RUN, f"paths.log_dir={log_dir}", *overrides], log_dir, env=env)
     assert done.returncode == returncode, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
@@ -332,6 +332,37 @@ def test_sigkill_after_a_save_every_n_steps_resumes_mid_epoch_exactly(tmp_path):
     assert at_kill["global_step"] == 9  # saved after step 9: the second batch of epoch 3 (steps 8..11)
     train(tmp_path / "killed", *every, "ckpt_path=last")
     assert_same_training_state(last_checkpoint(tmp_path / "killed")[1], last_checkpoint(tmp_path / "whole")[1])
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_then_kill_resumes_exactly(tmp_path):
+    """SLURM's warning before a time limit or preemption (`#SBATCH --signal=USR1@90`): Lightning saves
+    hpc_ckpt_1.ckpt and requeues the job, which is killed later; the requeued job (same id, `ckpt_path=auto`) resumes
+    from that file and ends as the uninterrupted run. The signal lands at a step's start, where Lightning's own
+    handler would save weights that have not trained on the batch its data position counts as trained."""
+    train(tmp_path / "whole")
+    slurm = {
+        **os.environ,
+        **dict.fromkeys(("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEP_ID"), "0"),
+        **{"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242"},
+    }
+    faults = [
+        f"++callbacks.{name}.{key}={value}"
+        for name, step, signum in (("usr1", 5, signal.SIGUSR1), ("kill", 7, signal.SIGKILL))
+        for key, value in (
+            ("_target_", "engine.checkpoint_saving.SignalAtStep"),
+            ("step", step),
+            ("signum", int(signum)),
+        )
+    ]
+    out = train(tmp_path / "job", *faults, returncode=-signal.SIGKILL, env=slurm)
+    run = tmp_path / "job" / "ssd_shapes" / "slurm-4242"
+    assert "SLURM requeue runs now" in out
+    requeue = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    assert requeue["global_step"] == 6  # held to the end of the step in flight (5), then saved
+    assert last_checkpoint(tmp_path / "job")[1]["global_step"] == 4  # the end of epoch 1: older than hpc_ckpt_1
+    train(tmp_path / "job", "ckpt_path=auto", env=slurm)
+    assert_same_training_state(last_checkpoint(tmp_path / "job")[1], last_checkpoint(tmp_path / "whole")[1])
 
 
 @pytest.mark.slow
