@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor
 
+from datamodules.sampling import derived_seed
 from detectors.batch import DetectionBatch
 from detectors.detector import DenseDetector
 from evaluation.metrics import DetectionMetrics
@@ -180,6 +182,12 @@ class DetectionModule(L.LightningModule):
         return self.net(images)
 
     # --- steps -------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: DetectionBatch, batch_idx: int) -> None:
+        """The step's random numbers (YOLO's dropout) from (seed, rank, step), on the CPU and every CUDA device: a
+        resumed run draws what the uninterrupted one drew on every rank. A checkpoint's generator states are rank
+        0's process's, in which the generator of GPU r > 0 was seeded but never drawn from."""
+        torch.manual_seed(derived_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_rank, self.global_step))
+
     def training_step(self, batch: DetectionBatch, batch_idx: int) -> Tensor | None:
         losses = self.net.compute_losses(batch)
         total = sum(losses.values())

@@ -35,3 +35,22 @@ def test_an_old_checkpoint_is_brought_up_to_date_once():
         "RandomStateCheckpoint",
     }
     assert with_net_prefix(upgraded["state_dict"]) == upgraded["state_dict"]  # a current checkpoint is left as it is
+
+
+def test_each_step_draws_from_its_seed_rank_and_step(monkeypatch):
+    """Dropout masks are a function of (seed, rank, step) whatever was drawn before: a resumed run, on any DDP rank,
+    draws the uninterrupted run's masks without a saved generator state."""
+    from types import SimpleNamespace
+
+    module = DetectionModule.from_config(OmegaConf.to_container(compose(*TINY).model, resolve=True))
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+
+    def masks_at(rank: int, step: int, draws_before: int = 0) -> torch.Tensor:
+        torch.rand(draws_before)  # what else ran before this step (a validation, a probe, another process)
+        module._trainer = SimpleNamespace(global_rank=rank, global_step=step)
+        module.on_train_batch_start(None, 0)
+        return torch.nn.functional.dropout(torch.ones(64), 0.5)
+
+    assert torch.equal(masks_at(1, 5), masks_at(1, 5, draws_before=1000))
+    assert not torch.equal(masks_at(1, 5), masks_at(0, 5))
+    assert not torch.equal(masks_at(1, 5), masks_at(1, 6))

@@ -271,16 +271,18 @@ RUN = (
 )
 
 
-def train(log_dir: Path, *overrides: str, returncode: int = 0, env: dict[str, str] | None = None) -> str:
+def train(
+    log_dir: Path, *overrides: str, returncode: int = 0, env: dict[str, str] | None = None, run: tuple = RUN
+) -> str:
     log_dir.mkdir(exist_ok=True)
-    done = run_python([ROOT / "train.py", *RUN, f"paths.log_dir={log_dir}", *overrides], log_dir, env=env)
+    done = run_python([ROOT / "train.py", *run, f"paths.log_dir={log_dir}", *overrides], log_dir, env=env)
     assert done.returncode == returncode, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
 
-def last_checkpoint(log_dir: Path) -> tuple[Path, dict]:
+def last_checkpoint(log_dir: Path, task: str = "ssd_shapes") -> tuple[Path, dict]:
     """The newest run folder's last.ckpt, loaded as train.py's resume loads it: tensors and plain types only."""
-    run = max((log_dir / "ssd_shapes").iterdir(), key=lambda p: p.name)
+    run = max((log_dir / task).iterdir(), key=lambda p: p.name)
     return run, torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
@@ -374,6 +376,28 @@ def test_ddp_stopped_mid_epoch_resumes_exactly(tmp_path):
     assert last_checkpoint(tmp_path / "stopped")[1]["global_step"] == 6
     train(tmp_path / "stopped", *ddp, "ckpt_path=last")
     assert_same_training_state(last_checkpoint(tmp_path / "stopped")[1], last_checkpoint(tmp_path / "whole")[1])
+
+
+@pytest.mark.slow
+def test_ddp_with_dropout_stopped_mid_epoch_resumes_exactly(tmp_path):
+    """YOLOv1's dropout on 2 DDP ranks: each rank's masks come from (seed, rank, step), so the resumed run draws
+    them again on every rank (a checkpoint holds rank 0's random state alone)."""
+    ssd_only = ("experiment=", "data.image_size=", "model.backbone.width=")
+    yolo = (
+        *(o for o in RUN if not o.startswith(ssd_only)),
+        "experiment=yolo_shapes",
+        "model.head.dropout=0.5",
+        "model.head.hidden=32",
+        "trainer=ddp_sim",
+        "data.num_train=32",
+        "callbacks.last_checkpoint.every_n_train_steps=1",
+    )
+    train(tmp_path / "whole", run=yolo)
+    train(tmp_path / "stopped", "trainer.max_steps=6", run=yolo)
+    assert last_checkpoint(tmp_path / "stopped", "yolo_shapes")[1]["global_step"] == 6
+    train(tmp_path / "stopped", "ckpt_path=last", run=yolo)
+    whole = last_checkpoint(tmp_path / "whole", "yolo_shapes")[1]
+    assert_same_training_state(last_checkpoint(tmp_path / "stopped", "yolo_shapes")[1], whole)
 
 
 @pytest.mark.slow
