@@ -67,17 +67,26 @@ MODULE_OF = {
     "faster-coco-eval": "faster_coco_eval",
     "opencv-python-headless": "cv2",
 }
-# The host-device synchronisations a training step makes by design, by (file, function): anything else found in
-# a step is a regression the report names. Lightning's own (progress bar, logging every log_every_n_steps) are
-# attributed to the lightning package.
+# The host-device synchronisations a training step makes by design, by (file, function's qualified name), each
+# with its count a step and reason (read from the code; a GPU check counts them): anything else found in a step is a
+# regression the report names. Outside this repository: by (package, function), or the package's "*".
 NAMED_SYNCS = {
-    ("engine/detection_module.py", "_nonfinite"): "the NaN check: one bool per step (all ranks skip or stop)",
-    ("detectors/retinanet.py", "_active_tiles"): "sparse box subnet: which tiles hold positives, one per level",
-    ("detectors/losses.py", "_focal_sum_and_grad"): "fused focal loss: the positive rows' indices",
-    ("detectors/assigners.py", "crowd_overlap"): "crowd boxes: their indices (COCO's iscrowd)",
-    ("detectors/ssd.py", "__call__"): "MultiBox loss: the positives' indices for hard negative mining",
-    ("detectors/yolo.py", "__call__"): "YOLOv1 loss: the responsible predictors' cells",
-    ("lightning", "*"): "Lightning: progress bar refresh and logging every trainer.log_every_n_steps",
+    ("engine/detection_module.py", "DetectionModule._nonfinite"): "the NaN check, 1: every rank skips or stops",
+    ("detectors/assigners.py", "ignore_crowd_regions"): "whether the batch holds crowd boxes, 1 (RetinaNet, SSD)",
+    ("detectors/assigners.py", "crowd_overlap"): "the crowd boxes' indices, 2, only in batches that hold one (COCO)",
+    ("detectors/retinanet.py", "_active_tiles"): "sparse box subnet: the tiles holding positives, 1 a level (5)",
+    ("detectors/retinanet.py", "RetinaNetHead.box_deltas_where"): "sparse box subnet: level sizes and rows, 5",
+    ("detectors/retinanet.py", "_gather_patches"): "sparse box subnet: the levels' row offsets, 3",
+    ("detectors/retinanet.py", "RetinaNetLoss.__call__"): "the positives' boxes and targets, 3",
+    ("detectors/losses.py", "_focal_sum_and_grad"): "fused focal loss: the positive rows' indices, 1",
+    ("detectors/ssd.py", "MultiBoxLoss.__call__"): "hard negative mining: the most negatives kept, the chosen rows, 4",
+    ("detectors/yolo.py", "ResponsiblePredictorAssigner.__call__"): "the responsible cells and the image size, 2",
+    ("detectors/yolo.py", "YOLOv1Loss.__call__"): "the loss terms' masked sums, 4",
+    ("detectors/retinanet.py", "AnchorGenerator._generate"): "anchors for an input size not seen before (cached)",
+    ("detectors/ssd.py", "DefaultBoxGenerator._generate"): "default boxes for an input size not seen before (cached)",
+    ("detectors/yolo.py", "GridCells._generate"): "grid cells for an input size not seen before (cached)",
+    ("lightning", "backward"): "autograd: the backward of boolean-mask indexing (RetinaNet's box rows, YOLO's masks)",
+    ("lightning", "*"): "Lightning: the progress bar's refresh (every callbacks.progress_bar.refresh_rate steps)",
 }
 
 
@@ -374,20 +383,24 @@ class HostSyncCounter(Callback):
     @staticmethod
     def _site() -> tuple[str, str]:
         """(file:line, function) of the innermost frame that is not torch's, torchvision's, the warnings module's or
-        this file's, when it is this repository's code; else (its package, function)."""
-        for frame in reversed(traceback.extract_stack()):
-            path = Path(frame.filename).resolve()
-            if (
+        this file's, when it is this repository's code; else (its package, function). The function is its qualified
+        name without ``<locals>``/``<genexpr>`` (a generator expression counts for the function around it)."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            path = Path(frame.f_code.co_filename).resolve()
+            if not (
                 path == Path(__file__).resolve()
                 or path.name == "warnings.py"
                 or {"torch", "torchvision"} & set(path.parts)
             ):
-                continue
-            if "site-packages" in path.parts:
-                return path.parts[path.parts.index("site-packages") + 1], frame.name
-            if path.is_relative_to(ROOT):
-                return f"{path.relative_to(ROOT)}:{frame.lineno}", frame.name
-            return str(path), frame.name
+                qualname = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)  # Python 3.11+
+                function = ".".join(p for p in qualname.split(".") if not p.startswith("<")) or qualname
+                if "site-packages" in path.parts:
+                    return path.parts[path.parts.index("site-packages") + 1], frame.f_code.co_name
+                if path.is_relative_to(ROOT):
+                    return f"{path.relative_to(ROOT)}:{frame.f_lineno}", function
+                return str(path), function
+            frame = frame.f_back
         return "torch", "?"
 
     def summary(self) -> dict[str, Any]:
@@ -407,7 +420,7 @@ class HostSyncCounter(Callback):
                     "site": site,
                     "function": function,
                     "per_step": n / max(self.steps, 1),
-                    "named": NAMED_SYNCS.get(_sync_key(site, function)),
+                    "named": named_sync(site, function),
                 }
                 for (site, function), n in self.sites.most_common()
             ],
@@ -419,11 +432,16 @@ class HostSyncCounter(Callback):
             self.path.write_text(json.dumps(self.summary(), indent=2))
 
 
-def _sync_key(site: str, function: str) -> tuple[str, str]:
-    """NAMED_SYNCS' key of a site: (file, function) in this repository, (package, "*") elsewhere."""
-    if ".py:" in site:
-        return site.rsplit(":", 1)[0], function
-    return site, "*"
+def named_sync(site: str, function: str) -> str | None:
+    """Why the design makes this sync (NAMED_SYNCS), or None. In this repository by (file, qualified name), on
+    Python 3.10 (no qualified names) by the name's last part; elsewhere by (package, function), else the package."""
+    if ".py:" not in site:
+        return NAMED_SYNCS.get((site, function)) or NAMED_SYNCS.get((site, "*"))
+    file = site.rsplit(":", 1)[0]
+    if (file, function) in NAMED_SYNCS:
+        return NAMED_SYNCS[file, function]
+    same_name = [v for (f, q), v in NAMED_SYNCS.items() if f == file and q.rsplit(".", 1)[-1] == function]
+    return same_name[0] if "." not in function and same_name else None
 
 
 def training_overrides(model: str, device: torch.device, quick: bool, minutes: float, workers: int) -> list[str]:
