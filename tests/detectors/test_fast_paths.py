@@ -1,14 +1,18 @@
 """The training-speed switches change no result: folded frozen BatchNorm (``backbone.fold_frozen_bn``),
-channels-last activations (``model.channels_last``) and RetinaNet's box subnet run only around the positives
-(``model.head.sparse_box_training``) give the plain formulation's values and gradients.
+channels-last activations (``model.channels_last``), RetinaNet's box subnet run only around the positives
+(``model.head.sparse_box_training``) and the compiled parts (``compile=true``) give the plain formulation's values
+and gradients, on the CPU and (``pytest -m cuda``) on the GPU.
 
-Compared in float64, where a reordered sum differs by ~1e-15, so any real difference in the formula shows."""
+Compared in float64, where a reordered sum differs by ~1e-15, so any real difference in the formula shows (channels
+last on the GPU excepted: see CHANNELS_LAST_DTYPE)."""
 
 from copy import deepcopy
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch._dynamo.utils import counters
 from torchvision.ops import FrozenBatchNorm2d
 
 from bench.training_step import random_samples
@@ -17,7 +21,7 @@ from detectors.batch import collate_detection
 from detectors.retinanet import RetinaNetHead
 from detectors.yolo import ResponsiblePredictorAssigner
 
-from ..conftest import TINY, compose
+from ..conftest import DEVICES, TINY, compose
 
 
 def _randomise_frozen_statistics(net: torch.nn.Module, seed: int) -> None:
@@ -34,17 +38,19 @@ def _randomise_frozen_statistics(net: torch.nn.Module, seed: int) -> None:
 def _values_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     model.zero_grad()
     outputs = model(x)
-    sum((o.square().mean() for o in outputs), torch.zeros(())).backward()
+    sum((o.square().mean() for o in outputs), x.new_zeros(())).backward()
     return [o.detach() for o in outputs], {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("trainable_layers", [5, 3])
-def test_folded_frozen_batchnorm_equals_conv_then_batchnorm(trainable_layers):
+def test_folded_frozen_batchnorm_equals_conv_then_batchnorm(trainable_layers, device):
     kwargs = dict(depth=18, out_channels=32, norm="frozen_bn", trainable_layers=trainable_layers)
     plain, folded = ResNetFPN(fold_frozen_bn=False, **kwargs).double(), ResNetFPN(**kwargs).double()
     _randomise_frozen_statistics(plain, seed=1)
     assert plain.state_dict().keys() == folded.state_dict().keys()  # checkpoints load either way
     folded.load_state_dict(plain.state_dict())  # updates the folded BNs' buffers in place: the fold follows
+    plain, folded = plain.to(device), folded.to(device)  # and follows them to the device
     frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in plain.modules())
     assert sum(isinstance(m, ConvFrozenBN2d) for m in folded.modules()) == frozen == 20  # stem + 8×2 + 3 downsample
     assert sum(isinstance(m, FoldedFrozenBatchNorm2d) for m in folded.modules()) == frozen
@@ -52,7 +58,7 @@ def test_folded_frozen_batchnorm_equals_conv_then_batchnorm(trainable_layers):
         n for n, p in folded.named_parameters() if p.requires_grad
     ]
 
-    x = torch.randn(2, 3, 96, 128, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 96, 128, dtype=torch.float64).to(device).requires_grad_()
     want, want_grads = _values_and_grads(plain, x)
     want_x = x.grad.clone()
     x.grad = None
@@ -64,13 +70,32 @@ def test_folded_frozen_batchnorm_equals_conv_then_batchnorm(trainable_layers):
     torch.testing.assert_close(x.grad, want_x, rtol=1e-9, atol=1e-12)
 
 
-def _assert_same_gradients(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    """Equal to float64 rounding, relative to the largest gradient (a conv bias before training-mode BN has an
-    exactly-zero gradient in exact arithmetic, so only rounding noise to compare there)."""
+def _assert_same_gradients(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float = 1e-7, atol: float = 1e-10
+) -> None:
+    """Equal to float64 rounding (and the float32 losses' own), ``atol`` relative to the largest gradient (a conv bias
+    before training-mode BN has an exactly-zero gradient in exact arithmetic, so only rounding noise to compare
+    there)."""
     assert got.keys() == want.keys() and len(want) > 10
     scale = max(float(w.abs().max()) for w in want.values())
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-7, atol=1e-10 * scale, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=atol * scale, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _assert_same_detections(got: list, want: list, score_atol: float, box_atol: float) -> None:
+    """Per image the same detections up to the order of scores within ``score_atol`` of each other, which rounding
+    may swap (an untrained RetinaNet's scores lie ~1e-7 apart): the same scores, best first, and each detection of
+    either list has a twin in the other, of the same label, score and box (``box_atol`` px)."""
+    assert sum(len(d["scores"]) for d in want) > 0
+    for g, w in zip(got, want, strict=True):
+        assert len(g["scores"]) == len(w["scores"])
+        torch.testing.assert_close(g["scores"], w["scores"], rtol=0, atol=score_atol)
+        twin = (
+            (g["labels"][:, None] == w["labels"][None])
+            & ((g["scores"][:, None] - w["scores"][None]).abs() <= score_atol)
+            & ((g["boxes"][:, None] - w["boxes"][None]).abs().amax(-1) <= box_atol)
+        )
+        assert bool(twin.any(1).all()) and bool(twin.any(0).all())
 
 
 def test_folding_applies_only_to_frozen_batchnorm():
@@ -89,16 +114,33 @@ SHAPES = {
 }
 
 
+# NHWC on the GPU means cuDNN's NHWC kernels, which never run in float64 (PyTorch keeps double convolutions NCHW):
+# there the layouts are compared in float32, TF32 off
+CHANNELS_LAST_DTYPE = {"cpu": torch.float64, "cuda": torch.float32}
+# float32: NHWC and NCHW convolutions sum in different orders (~2^-24·√fan-in relative each), which the GroupNorm
+# after RetinaNet's σ=0.01 head convolutions magnifies in its backward: measured in float32 on the CPU, losses 6e-6
+# apart, gradients 2.4e-3 of the largest (SSD, YOLO 2e-5), scores 4e-6, boxes 6e-4 px. The bounds below leave ~10×
+# for the GPU's other convolution algorithms; a layout mistake moves these by O(1)
+CHANNELS_LAST_TOLERANCES = {  # losses (rtol), gradients (rtol, atol × the largest), scores, boxes (px)
+    torch.float64: (1e-6, (1e-7, 1e-10), 1e-6, 1e-4),  # losses, scores, boxes: float32 from float64 outputs
+    torch.float32: (1e-4, (1e-2, 2e-2), 1e-4, 1e-2),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(SHAPES))
-def test_channels_last_gives_the_same_losses_gradients_and_detections(name):
+def test_channels_last_gives_the_same_losses_gradients_and_detections(name, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 convolutions in float32
+    dtype = CHANNELS_LAST_DTYPE[device]
+    loss_rtol, grad_tolerances, score_atol, box_atol = CHANNELS_LAST_TOLERANCES[dtype]
     cfg = compose(*SHAPES[name], "model.postprocess.score_thresh=0.001")  # an untrained model's scores are low
     size, classes = cfg.data.image_size, len(cfg.data.classes)
     samples = random_samples(2, size, classes, objects=3, min_box=size / 8, max_box=size / 2, seed=0)
-    batch = collate_detection(samples, 32)
+    batch = move_data_to_device(collate_detection(samples, 32), device)
     results, models = [], []
     for channels_last in (False, True):
         torch.manual_seed(0)
-        model = instantiate(cfg.model, channels_last=channels_last).net.double()
+        model = instantiate(cfg.model, channels_last=channels_last).net.to(device, dtype)
         if name == "yolo":
             model.eval()  # dropout draws differ with the layout
         losses = model.compute_losses(batch)
@@ -115,44 +157,45 @@ def test_channels_last_gives_the_same_losses_gradients_and_detections(name):
     models[1].load_state_dict(models[0].state_dict())  # an NCHW checkpoint loads into NHWC weights, kept NHWC
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in models[1].parameters() if p.dim() == 4)
     for k in plain_losses:  # the losses run in float32 (as under mixed precision)
-        torch.testing.assert_close(losses[k], plain_losses[k], rtol=1e-6, atol=0)
-    _assert_same_gradients(grads, plain_grads)
-    assert sum(len(d["scores"]) for d in plain_dets) > 0
-    for d, p in zip(dets, plain_dets, strict=True):
-        assert torch.equal(d["labels"], p["labels"])
-        torch.testing.assert_close(d["scores"], p["scores"], rtol=0, atol=1e-6)
-        torch.testing.assert_close(d["boxes"], p["boxes"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(losses[k], plain_losses[k], rtol=loss_rtol, atol=0)
+    _assert_same_gradients(grads, plain_grads, *grad_tolerances)
+    _assert_same_detections(dets, plain_dets, score_atol, box_atol)
 
 
 SPARSE_SIZES = [(41, 27), (21, 14), (11, 7), (6, 4), (3, 2)]  # odd sizes: tiles cross every level's edge
 
 
-def _sparse_head(norm: str = "none") -> RetinaNetHead:
+def _sparse_head(norm: str = "none", device: str = "cpu") -> RetinaNetHead:
     head = RetinaNetHead(8, num_classes=5, num_anchors=3, norm=norm).double()
     with torch.no_grad():  # σ=0.01 would leave the deeper layers' values near their biases
         for p in head.parameters():
             p.normal_(0, 0.3)
-    return head
+    return head.to(device)
 
 
-def _features(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+def _features(batch: int = 2, seed: int = 0, device: str = "cpu") -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, 8, h, w, generator=g, dtype=torch.float64).requires_grad_() for h, w in SPARSE_SIZES]
+    return [
+        torch.randn(batch, 8, h, w, generator=g, dtype=torch.float64).to(device).requires_grad_()
+        for h, w in SPARSE_SIZES
+    ]
 
 
 def _box_grads(deltas: torch.Tensor, needed: torch.Tensor, head: RetinaNetHead, features: list[torch.Tensor]):
-    weights = torch.linspace(-1, 1, int(needed.sum()) * 4, dtype=torch.float64).view(-1, 4)
+    weights = torch.linspace(-1, 1, int(needed.sum()) * 4, dtype=torch.float64, device=deltas.device).view(-1, 4)
     loss = (deltas[needed] * weights).sum()  # reads only the needed anchors, as the box loss does
     params = [p for n, p in head.named_parameters() if n.startswith("box")]
     return torch.autograd.grad(loss, params + features)
 
 
-def test_sparse_box_deltas_equal_the_dense_ones_where_needed():
-    head, features = _sparse_head(), _features()
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_box_deltas_equal_the_dense_ones_where_needed(device):
+    head, features = _sparse_head(device=device), _features(device=device)
     n = 3 * sum(h * w for h, w in SPARSE_SIZES)
     g = torch.Generator().manual_seed(1)
     needed = torch.rand(2, n, generator=g) < 0.002
     needed[0, 0] = needed[1, 3 * 41 * 27 - 1] = needed[1, -1] = True  # corners of the first and last levels
+    needed = needed.to(device)
     dense, sparse = head.box_deltas(features), head.box_deltas_where(features, needed)
     assert sparse.shape == dense.shape
     assert bool((sparse == 0).all(-1).any())  # the tile path ran: not every anchor was computed
@@ -166,12 +209,13 @@ def test_sparse_box_deltas_equal_the_dense_ones_where_needed():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_sparse_box_deltas_run_whole_maps_when_crowded_and_keep_the_graph_when_empty():
-    head, features = _sparse_head(), _features()
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_box_deltas_run_whole_maps_when_crowded_and_keep_the_graph_when_empty(device):
+    head, features = _sparse_head(device=device), _features(device=device)
     n = 3 * sum(h * w for h, w in SPARSE_SIZES)
-    everywhere = torch.ones(2, n, dtype=torch.bool)
+    everywhere = torch.ones(2, n, dtype=torch.bool, device=device)
     assert torch.equal(head.box_deltas_where(features, everywhere), head.box_deltas(features))
-    nowhere = torch.zeros(2, n, dtype=torch.bool)
+    nowhere = torch.zeros(2, n, dtype=torch.bool, device=device)
     deltas = head.box_deltas_where(features, nowhere)
     deltas[nowhere].sum().backward()  # no positives: DDP still needs every box parameter in the graph
     assert all(p.grad is not None for n_, p in head.named_parameters() if n_.startswith("box"))
@@ -191,15 +235,16 @@ def test_sparse_box_training_only_without_groupnorm_and_its_switch():
     assert not model.sparse_box_training
 
 
-def test_sparse_box_training_gives_the_dense_losses_and_gradients(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_box_training_gives_the_dense_losses_and_gradients(monkeypatch, device):
     # 320 px: P3 is 40×40, where two small objects' tiles are a fraction of the map
     cfg = compose(*TINY, "model.head.norm=none", "data.image_size=320", "model.priors.size_factor=0.5")
     size, classes = cfg.data.image_size, len(cfg.data.classes)
-    batch = collate_detection(random_samples(2, size, classes, 2, 16, 48, seed=0), 32)
+    batch = move_data_to_device(collate_detection(random_samples(2, size, classes, 2, 16, 48, seed=0), 32), device)
     results = []
     for sparse in (False, True):
         torch.manual_seed(0)
-        model = instantiate(cfg.model).net.double()
+        model = instantiate(cfg.model).net.to(device, torch.float64)
         assert model.sparse_box_training
         model.head.sparse_box_training = sparse
         dense_calls = []
@@ -239,3 +284,40 @@ def test_compile_parts_compiles_what_the_sparse_training_path_runs():
     assert (False, cfg.model.head.num_convs) in graphs  # the class subnet's convolutions, without the head's forward
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-5, atol=0)
+
+
+def _losses_and_grads(model: torch.nn.Module, batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    model.zero_grad()
+    losses = model.compute_losses(batch)
+    sum(losses.values()).backward()
+    return losses, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+# Inductor on the CPU generates and compiles C++ (4 minutes on 2 busy cores with a cold cache): there the graphs go
+# through AOTAutograd and run eagerly (aot_eager), the capture and its autograd checked; the GPU case is Inductor's
+COMPILE_BACKEND = {"cpu": "aot_eager", "cuda": "inductor"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_parts_give_the_eager_losses_and_gradients(device):
+    """``compile_parts()`` (train.py's ``compile=true``): the losses and gradients of eager mode, on the sparse box
+    path it was made for; on the GPU with torch.compile's own backend, Inductor."""
+    # 256 px: every level ≥ 2×2, so the head's parts compile once static, once with dynamic sizes, under the recompile
+    # limit (a 1×1 level adds a size-1 specialisation per part, and the later parts would fall back to eager)
+    cfg = compose(*TINY, "model.head.norm=none", "data.image_size=256", "model.priors.size_factor=0.5")
+    batch = collate_detection(random_samples(2, 256, len(cfg.data.classes), 2, 16, 48, seed=0), 32)
+    batch = move_data_to_device(batch, device)
+    torch.manual_seed(0)
+    eager = instantiate(cfg.model).net.to(device, torch.float64)
+    compiled = deepcopy(eager)
+    torch._dynamo.reset()  # nn.Module.compile's parts share one frame: no other test's entries towards its limit
+    counters.clear()
+    compiled.compile_parts(backend=COMPILE_BACKEND[device])
+    want_losses, want_grads = _losses_and_grads(eager, batch)
+    for _ in range(2):  # the step that compiles, then one that runs what it compiled
+        losses, grads = _losses_and_grads(compiled, batch)
+    assert compiled.sparse_box_training and counters["stats"]["unique_graphs"] > 0
+    torch._dynamo.reset()
+    for k in want_losses:  # float32 losses of float64 networks, whose fused kernels round apart by ~1e-16
+        torch.testing.assert_close(losses[k], want_losses[k], rtol=1e-6, atol=0)
+    _assert_same_gradients(grads, want_grads)

@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -24,7 +25,7 @@ from detectors.batch import collate_detection
 from detectors.boxes import BoxCoder, batched_box_iou
 from engine.checkpoint_saving import AtomicCheckpointIO
 
-from ..conftest import ROOT, TINY, compose
+from ..conftest import DEVICES, ROOT, TINY, compose
 from ..preloaded import run_python
 
 
@@ -114,20 +115,24 @@ def test_huge_yolo_sizes_decode_to_finite_boxes():
     assert torch.isfinite(decode_boxes(box, priors, (64, 64), 5)).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["retinanet", "ssd", "yolo"])
-def test_losses_under_bf16_autocast_are_float32_and_finite(name):
+def test_losses_under_bf16_autocast_are_float32_and_finite(name, device):
     cfg = compose(*MODELS[name])
-    model, data = instantiate(cfg.model).net, instantiate(cfg.data)
+    model, data = instantiate(cfg.model).net.to(device), instantiate(cfg.data)
     if name == "yolo":  # at initialisation a cell's two boxes are near-ties in RMSE to its object (darknet's rule
         model.assigner.no_overlap = "first"  # without overlap): bf16 rounding would swap whole terms between them
-    batch = collate_detection([data.train_set[i] for i in range(4)])
+    batch = move_data_to_device(collate_detection([data.train_set[i] for i in range(4)]), device)
     full = model.compute_losses(batch)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         outputs, _ = model(batch.images)
         losses = model.compute_losses(batch)
     assert any(v.dtype == torch.bfloat16 for v in outputs.values())  # autocast is on: the network runs in bf16
     for key, value in losses.items():
         assert value.dtype == torch.float32, key
+        # bf16 rounds each activation to 8 significant bits (≤ 2^-9 ≈ 0.2 %), compounding over the layers; the loss
+        # terms, sums over many priors, moved ≤ 0.4 % on the CPU but YOLO's objectness (IoU − C)², a difference of
+        # near-equal numbers at initialisation, 3 %: 5 %
         assert torch.isfinite(value) and value.item() == pytest.approx(full[key].item(), rel=0.05), key
 
 
