@@ -485,3 +485,27 @@ def test_summarize_over_seeds_gives_each_settings_mean_and_spread(tmp_path, caps
     assert table[2] == "| 2 | 0.5000 (0.5000–0.5000) | 1 of 2 (seed 1) | 3.0 |"  # the best run's setting first
     assert table[3] == "| 0 | 0.3500 (0.3000–0.4000) | 2 of 2 (seed 2, 1) | 3.0 |"
     assert "over seed:" in capsys.readouterr().out
+
+
+def results_commands() -> list[tuple[str, list[str]]]:
+    """(file, train.py's arguments) of every ```bash command in sweeps/results/*.md that runs train.py."""
+    found = []
+    for md in sorted((SWEEPS / "results").glob("*.md")):
+        for block in re.findall(r"```bash\n(.*?)```", md.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line)
+                if "train.py" in words:
+                    found.append((md.name, words[words.index("train.py") + 1 :]))
+    return found
+
+
+@pytest.mark.parametrize(("name", "args"), results_commands(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_committed_result_command_still_composes(name, args):
+    """A table's re-run command must still mean what ran: each of its jobs composes with today's configs."""
+    from .conftest import compose
+
+    parsed = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    (jobs,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    assert len(jobs) > 1, f"{name}: a results table comes from a multirun (-m)"
+    for job in jobs:
+        compose(*job)
