@@ -67,6 +67,33 @@ TINY = (
 )
 
 
+# each detector's tiny config: a step in well under a second on the CPU
+TINY_MODELS = {
+    "retinanet": TINY,
+    "ssd": ("experiment=ssd_shapes", "data.image_size=64", "model.backbone.width=0.125"),
+    "yolo": ("experiment=yolo_shapes", "data.image_size=64", "model.head.hidden=32"),
+}
+
+
+def quiet_trainer(tmp_path, device: str = "cpu", **kwargs):
+    """A Lightning trainer on ``device`` for a test's few steps: no logger, checkpoint, progress bar, summary or
+    validation."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
 # our postprocesses decode and score in float32 (at least float32 under autocast), from float32 priors, whatever the
 # network's dtype: one rounding of a coordinate of magnitude m is ≤ m·2^-24, and the decode chains ~4 of them
 FLOAT32_ROUNDINGS_IN_DECODE = 4

@@ -1,10 +1,10 @@
 """Real training steps on the device, through Lightning as train.py takes them: each detector's loss is finite and
 falls on a fixed batch, bf16-mixed on the GPU (its fast paths included: RetinaNet's sparse box subnet, the fused focal
-loss under autocast) and 32-true on the CPU; a non-finite loss there stops the run naming its step, or is skipped."""
+loss under autocast) and 32-true on the CPU; a non-finite loss there stops the run naming its step (a skipped one:
+tests/engine/test_reliability.py)."""
 
 from dataclasses import replace
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -14,13 +14,12 @@ from torch.utils.data import DataLoader
 from detectors.batch import DetectionBatch, collate_detection
 from engine.detection_module import DetectionModule
 
-from ..conftest import DEVICES, TINY, compose
+from ..conftest import DEVICES, TINY, TINY_MODELS, compose, quiet_trainer
 
 MODELS = {
-    "retinanet": (*TINY, "model.head.norm=none"),  # the paper's head: its box subnet trains sparsely
-    "ssd": ("experiment=ssd_shapes", "data.image_size=64", "model.backbone.width=0.125"),
-    "yolo": ("experiment=yolo_shapes", "data.image_size=64", "model.head.hidden=32"),
-}
+    **TINY_MODELS,
+    "retinanet": (*TINY, "model.head.norm=none"),
+}  # the paper's head: its box subnet trains sparsely
 PRECISION = {"cpu": "32-true", "cuda": "bf16-mixed"}  # what the CPU and the GPU recipes train at
 POISONED = 100  # image ids from here on: a batch whose loss_box is NaN (``poison``)
 
@@ -68,20 +67,7 @@ class Steps(Callback):
 def fit(model: DetectionModule, batches: list[DetectionBatch], device: str, tmp_path) -> Steps:
     """One step per batch, on ``device`` at its precision, as train.py's trainer takes them (no validation)."""
     steps = Steps()
-    trainer = L.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        precision=PRECISION[device],
-        max_steps=len(batches),
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[steps],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, device, precision=PRECISION[device], max_steps=len(batches), callbacks=[steps])
     trainer.fit(model, DataLoader(batches, batch_size=None, collate_fn=lambda b: b))
     assert steps.devices == {device} and trainer.global_step == len(batches)
     return steps
@@ -109,14 +95,3 @@ def test_a_nonfinite_loss_stops_the_run_naming_its_step_and_images(device, tmp_p
         FloatingPointError, match=rf"step 2: non-finite loss_box \(.*\) on the batch of image ids \[{ids}\]"
     ):
         fit(model, [batch, batch, bad, batch], device, tmp_path)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_nonfinite_loss_is_skipped_and_counted(device, tmp_path):
-    model, batch = module_and_batch("retinanet", "++model.nonfinite_loss=skip")
-    poison(model)
-    bad = replace(batch, image_ids=batch.image_ids + POISONED)
-    steps = fit(model, [batch, bad, batch], device, tmp_path)
-    assert steps.losses[1] is None and steps.moved == [True, False, True]  # no optimizer step on the NaN
-    assert model.skipped_batches == 1
-    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -25,7 +25,7 @@ from detectors.batch import collate_detection
 from detectors.boxes import BoxCoder, batched_box_iou
 from engine.checkpoint_saving import AtomicCheckpointIO
 
-from ..conftest import DEVICES, ROOT, TINY, compose
+from ..conftest import DEVICES, ROOT, TINY, TINY_MODELS, compose, quiet_trainer
 from ..preloaded import run_python
 
 
@@ -64,21 +64,13 @@ def test_nonfinite_loss_setting_is_checked():
         tiny("++model.nonfinite_loss=maybe")
 
 
-def test_skipped_batches_leave_the_weights_untouched_and_are_counted(tmp_path, caplog):
+@pytest.mark.parametrize("device", DEVICES)
+def test_skipped_batches_leave_the_weights_untouched_and_are_counted(tmp_path, caplog, device):
     model, data = tiny("++model.nonfinite_loss=skip")
     poison(model)  # every batch: a NaN loss whose backward pass would make every weight NaN
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(model, datamodule=data)
+    trainer = quiet_trainer(tmp_path, device, max_steps=3)
+    trainer.fit(model, datamodule=data)  # the module is back on the CPU after fit
     assert model.skipped_batches == 3 and float(trainer.callback_metrics["train/skipped_batches"]) == 3
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no optimizer step was taken
     assert re.search(
@@ -87,11 +79,7 @@ def test_skipped_batches_leave_the_weights_untouched_and_are_counted(tmp_path, c
 
 
 # --- box decoding and mixed precision ---------------------------------------------------------------------------
-MODELS = {
-    "retinanet": TINY,
-    "ssd": ("experiment=ssd_shapes", "data.image_size=64", "model.backbone.width=0.125"),
-    "yolo": ("experiment=yolo_shapes", "data.image_size=64", "model.head.hidden=32"),
-}
+MODELS = TINY_MODELS
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])  # RetinaNet's, SSD's
