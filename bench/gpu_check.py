@@ -271,9 +271,9 @@ def bench_rows(device: torch.device, quick: bool) -> list[dict[str, Any]]:
         case = build()
         row: dict[str, Any] = {"model": model, "what": what}
         if isinstance(case, OwnStep):
-            row["peak_gib"] = step_peak(case.step, device)  # after its first step: the optimizer state exists
-            for _ in range(warmup):
+            for _ in range(warmup):  # the first steps allocate gradients and the optimizer's state
                 case.step()
+            row["peak_gib"] = step_peak(case.step, device)  # then a step's own peak, as for the rows below
             seconds = [_timed(case.step, device) for _ in range(repeats)]
             row.update(images=case.images, ours_s=statistics.median(seconds), peer=None)
         else:

@@ -71,7 +71,7 @@ class CheckpointOnSignal(Callback):
     batch) save ``<dirpath>/<filename>.ckpt``, so ``ckpt_path=last`` or ``auto`` resumes from that step
     rather than from the last epoch end. The process then exits with code 0, as Lightning's SIGTERM stop does.
 
-    Under SLURM with auto-requeue (``#SBATCH --signal=USR1@90``), Lightning's handler of the requeue signal saves
+    Under SLURM with auto-requeue (``#SBATCH --signal=SIGUSR1@120``), Lightning's handler of the requeue signal saves
     ``hpc_ckpt_<n>.ckpt`` and requeues the job the moment the signal lands, which can be mid-step: weights from before
     the optimizer step beside a data position that counts the batch as trained, so the resumed run would skip it.
     This callback holds that handler back to the end of the step in flight (at most one step later).
