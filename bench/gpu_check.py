@@ -78,6 +78,7 @@ NAMED_SYNCS = {
     ("detectors/retinanet.py", "_gather_patches"): "sparse box subnet: the levels' row offsets, 3",
     ("detectors/retinanet.py", "RetinaNetLoss.__call__"): "the positives' boxes and targets, 3",
     ("detectors/losses.py", "_focal_sum_and_grad"): "fused focal loss: the positive rows' indices, 1",
+    ("detectors/ssd.py", "BestMatchIoUAssigner.match_bipartite"): "bipartite matching: whether a round matched, 1-3",
     ("detectors/ssd.py", "MultiBoxLoss.__call__"): "hard negative mining: the most negatives kept, the chosen rows, 4",
     ("detectors/yolo.py", "ResponsiblePredictorAssigner.__call__"): "the responsible cells and the image size, 2",
     ("detectors/yolo.py", "YOLOv1Loss.__call__"): "the loss terms' masked sums, 4",

@@ -351,10 +351,14 @@ class BestMatchIoUAssigner:
     (as in MultiBox), then every prior whose best IoU with any ground truth is > ``pos_iou`` (0.5) is a
     positive of that ground truth; all others are background. No ignored band.
 
-    When two objects claim the same best prior, the one overlapping it more keeps it (the other still gets
-    every prior above the threshold). A claim needs IoU > 0. Crowd boxes never make positives, and background
-    priors more than ``crowd_ioa`` inside one are ignored (no hard negatives there); priors marked ``ignored``
-    (boundary boxes, when dropped) get ``IGNORE``. Same outputs as ``retinanet.MaxIoUAssigner``.
+    When two objects' best prior is the same, ``bipartite`` (default) matches as MultiBox does and the released
+    code's ``MatchBBox`` writes it: greedily, the highest IoU among the free (object, prior) pairs first, each
+    object and prior taken once, so the object that lost its best prior takes its next best free one.
+    ``bipartite=False`` is torchvision's rule (``Matcher(allow_low_quality_matches=True)``): the object
+    overlapping the contested prior more keeps it, and the other gets only the priors above the threshold.
+    A claim needs IoU > 0. Crowd boxes never make positives, and background priors more than ``crowd_ioa``
+    inside one are ignored (no hard negatives there); priors marked ``ignored`` (boundary boxes, when dropped)
+    get ``IGNORE``. Same outputs as ``retinanet.MaxIoUAssigner``.
 
     A worked example: objects A and B, default boxes d0..d3, IoUs::
 
@@ -362,18 +366,23 @@ class BestMatchIoUAssigner:
         A   0.70  0.55  0.10  0.00
         B   0.65  0.20  0.40  0.00
 
-    Both objects' best box is d0; A overlaps it more and keeps it. Then d1 (best IoU 0.55 > 0.5, with A) is A's
-    too; d2 (0.40) and d3 are background. B is left without a positive here: its best box went to A.
+    Both objects' best box is d0; A overlaps it more and keeps it (0.70 is the highest pair). Bipartite: A and
+    d0 are taken, and the highest free pair left is B's d2 (0.40), so B takes d2. Then d1 (best IoU 0.55 > 0.5,
+    with A) is A's too, and d3 is background. With ``bipartite=False`` B's claim on d0 simply fails: d2 is
+    background too, and B is left without a positive.
 
-    ``fast=False`` resolves the claims as written above, with a dense (B, M, N) mask (``resolve_claims_plain``).
-    The default resolves the M claims by scatters onto (B, N) instead (``resolve_claims``); the two give equal
-    labels and boxes (``tests/detectors/test_assigner.py``).
+    ``fast=False`` runs each rule as written: the greedy loop per image (``match_bipartite_plain``), or the claims
+    on a dense (B, M, N) mask (``resolve_claims_plain``). The default runs the greedy loop in rounds over the
+    batch (``match_bipartite``), or resolves the claims by scatters onto (B, N) (``resolve_claims``); each pair
+    gives equal labels and boxes (``tests/detectors/test_assigner.py``).
     """
 
     uses_predictions = False
 
-    def __init__(self, pos_iou: float = 0.5, crowd_ioa: float | None = CROWD_IOA, fast: bool = True) -> None:
-        self.pos_iou, self.crowd_ioa, self.fast = pos_iou, crowd_ioa, fast
+    def __init__(
+        self, pos_iou: float = 0.5, crowd_ioa: float | None = CROWD_IOA, fast: bool = True, bipartite: bool = True
+    ) -> None:
+        self.pos_iou, self.crowd_ioa, self.fast, self.bipartite = pos_iou, crowd_ioa, fast, bipartite
 
     @torch.no_grad()
     def __call__(
@@ -385,8 +394,11 @@ class BestMatchIoUAssigner:
             iou.masked_fill_(priors.ignored[None, None, :], -1.0)  # ignored priors are nobody's best match
         iou.masked_fill_(~gt_ok[..., None], -1.0)
         # 1. each object claims the box it overlaps most (a claim needs IoU > 0); of several claims on one box
-        # the highest IoU wins, then the lower object index
-        claim_iou, claim_gt = (self.resolve_claims if self.fast else self.resolve_claims_plain)(iou, gt_ok)
+        # the highest IoU wins, then the lower object index; bipartite: a loser claims its next best free box
+        if self.bipartite:
+            claim_iou, claim_gt = (self.match_bipartite if self.fast else self.match_bipartite_plain)(iou)
+        else:
+            claim_iou, claim_gt = (self.resolve_claims if self.fast else self.resolve_claims_plain)(iou, gt_ok)
         # 2. every other box is positive for the object it overlaps most, when that IoU is > pos_iou
         best_iou, best_gt = iou.max(dim=1)  # (B, N)
         claimed = claim_iou > 0
@@ -397,6 +409,52 @@ class BestMatchIoUAssigner:
         if priors.ignored is not None:
             labels = labels.masked_fill(priors.ignored[None, :], IGNORE)
         return {"labels": labels, "boxes": matched_boxes(targets.boxes, best_gt)}
+
+    @staticmethod
+    def match_bipartite_plain(iou: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, N) each box's bipartite match's IoU (−1: none) and its object (M: none), by the released code's
+        greedy loop (``MatchBBox``), image by image: the free (object, box) pair of highest IoU (the first in
+        (object, box) order of equals) is matched and both leave the pool, until no free pair overlaps. Objects
+        that may not match (padding, crowd) and ignored boxes come as rows and columns of −1."""
+        batch, num_gt, num_boxes = iou.shape
+        claim_iou = iou.new_full((batch, num_boxes), -1.0)
+        claim_gt = torch.full((batch, num_boxes), num_gt, dtype=torch.long, device=iou.device)
+        for b in range(batch):
+            free = iou[b].clone()
+            while free.max() > 0:
+                gt, box = divmod(int(free.argmax()), num_boxes)
+                claim_iou[b, box], claim_gt[b, box] = free[gt, box], gt
+                free[gt, :] = -1.0
+                free[:, box] = -1.0
+        return claim_iou, claim_gt
+
+    @staticmethod
+    def match_bipartite(iou: Tensor) -> tuple[Tensor, Tensor]:
+        """``match_bipartite_plain`` in rounds over the batch. A round matches every object to its best free box
+        (the first of equals) where it is also that box's best free object (the first of equals): the loop takes
+        such a pair before every pair that shares its object or its box, so no pair taken earlier can get in its
+        way, and a round settles what many loop steps would. The loop's own first pick is always such a pair, so
+        each round matches one at the least; one to three rounds are usual. A round reads the (B, M, N) table
+        once (each object's best free box); the boxes' best objects are read on the M boxes in question only."""
+        batch, num_gt, num_boxes = iou.shape
+        free = iou.clone()  # taken boxes' columns become -1
+        matched = torch.zeros(batch, num_gt, dtype=torch.bool, device=iou.device)
+        claim_iou = iou.new_full((batch, num_boxes), -1.0)
+        claim_gt = torch.full((batch, num_boxes), num_gt, dtype=torch.long, device=iou.device)
+        gt_index = torch.arange(num_gt, device=iou.device).expand(batch, num_gt)
+        while True:
+            row_iou, row_box = free.max(dim=2)  # (B, M) each object's best free box, the first of equals
+            row_iou = row_iou.masked_fill(matched, -1.0)
+            columns = row_box[:, None, :].expand(batch, num_gt, num_gt)
+            on_box = torch.gather(free, 2, columns).masked_fill(matched[..., None], -1.0)  # (B, h, g): h on g's box
+            won = (row_iou > 0) & (on_box.max(dim=1).indices == gt_index)  # at most one object a box
+            if not won.any():  # a host sync a round: the loop's end depends on the data
+                return claim_iou, claim_gt
+            claim_iou.scatter_reduce_(1, row_box, row_iou.masked_fill(~won, -1.0), "amax")
+            claim_gt.scatter_reduce_(1, row_box, gt_index.masked_fill(~won, num_gt), "amin")
+            # the won boxes' columns to -1 (amin: other objects' writes to the same box keep their values)
+            free.scatter_reduce_(2, columns, on_box.masked_fill(won[:, None, :], -1.0), "amin")
+            matched |= won
 
     @staticmethod
     def resolve_claims_plain(iou: Tensor, gt_ok: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,6 +10,8 @@ from detectors.ssd import BestMatchIoUAssigner
 from detectors.batch import DetectionBatch, collate_detection
 from detectors.priors import Priors
 
+from ..conftest import DEVICES
+
 K = 4
 
 
@@ -82,7 +84,8 @@ def test_empty_image_and_crowd_give_no_positives():
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("crowd_ioa", [None, 0.7])
-def test_best_match_assigner_equals_the_dense_formulation(seed, crowd_ioa):
+@pytest.mark.parametrize("bipartite", [True, False])
+def test_best_match_assigner_equals_the_rule_as_written(seed, crowd_ioa, bipartite):
     g = torch.Generator().manual_seed(seed)
     priors = grid_priors()
     if seed % 2:
@@ -106,8 +109,8 @@ def test_best_match_assigner_equals_the_dense_formulation(seed, crowd_ioa):
         scales=torch.ones(b, 2),
         image_ids=torch.arange(b),
     )
-    out = BestMatchIoUAssigner(0.5, crowd_ioa=crowd_ioa)(priors, batch, K)
-    expected = BestMatchIoUAssigner(0.5, crowd_ioa=crowd_ioa, fast=False)(priors, batch, K)
+    out = BestMatchIoUAssigner(0.5, crowd_ioa=crowd_ioa, bipartite=bipartite)(priors, batch, K)
+    expected = BestMatchIoUAssigner(0.5, crowd_ioa=crowd_ioa, fast=False, bipartite=bipartite)(priors, batch, K)
     assert (out["labels"] < K).sum() > b  # positives from claims and from the threshold
     assert torch.equal(out["labels"], expected["labels"])
     assert torch.equal(out["boxes"], expected["boxes"])
@@ -164,8 +167,10 @@ def test_blocks_of_priors_give_the_one_block_result(low_quality):
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_best_match_assigner_on_its_docstrings_worked_example(monkeypatch, fast):
-    """BestMatchIoUAssigner's docstring: A keeps the d0 both claim, d1 (0.55) is A's too, d2 and d3 background."""
+@pytest.mark.parametrize("bipartite", [True, False])
+def test_best_match_assigner_on_its_docstrings_worked_example(monkeypatch, fast, bipartite):
+    """BestMatchIoUAssigner's docstring: A keeps the d0 both claim, d1 (0.55) is A's too, d3 is background; d2
+    is B's next best box (bipartite) or background."""
     import detectors.ssd
 
     table = torch.tensor([[[0.70, 0.55, 0.10, 0.00], [0.65, 0.20, 0.40, 0.00]]])  # (B, M, N): A, B × d0..d3
@@ -182,5 +187,28 @@ def test_best_match_assigner_on_its_docstrings_worked_example(monkeypatch, fast)
         scales=torch.ones(1, 2),
         image_ids=torch.arange(1),
     )
-    out = BestMatchIoUAssigner(0.5, crowd_ioa=None, fast=fast)(priors, batch, num_classes=2)
-    assert out["labels"].tolist() == [[0, 0, 2, 2]]  # A's class 0, background 2: B has no positive
+    out = BestMatchIoUAssigner(0.5, crowd_ioa=None, fast=fast, bipartite=bipartite)(priors, batch, num_classes=2)
+    assert out["labels"].tolist() == ([[0, 0, 1, 2]] if bipartite else [[0, 0, 2, 2]])  # A: 0, B: 1, background: 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(3))
+def test_bipartite_rounds_equal_the_greedy_loop_under_heavy_contention(seed, device):
+    """Twenty objects on thirty boxes, all overlapping: the rounds must resolve cascades of lost claims exactly
+    as the loop does, and match every object to its own box (at most once each way). On CUDA too: the ties
+    rely on ``max(dim)`` giving the first of equal values there as well."""
+    g = torch.Generator().manual_seed(seed)
+    iou = torch.rand(4, 20, 30, generator=g, dtype=torch.float64).to(device)
+    iou[1, 5:] = -1.0  # padding rows (15 objects absent)
+    iou[2, :, ::3] = -1.0  # ignored boxes
+    iou[3] = iou[3].round(decimals=1)  # many equal IoUs: the ties follow the loop's (object, box) order
+    fast = BestMatchIoUAssigner.match_bipartite(iou)
+    plain = BestMatchIoUAssigner.match_bipartite_plain(iou)
+    assert torch.equal(fast[0], plain[0]) and torch.equal(fast[1], plain[1])
+    matched_gt, m = fast[1], iou.shape[1]
+    for b, objects in enumerate([20, 5, 20, 20]):
+        got = matched_gt[b][matched_gt[b] < m]
+        assert sorted(got.tolist()) == list(range(objects))  # every present object once, each box at most once
+    # the greedy loop's first pick is the table's highest IoU
+    first = divmod(int(iou[0].argmax()), 30)
+    assert matched_gt[0, first[1]] == first[0]

@@ -219,6 +219,24 @@ def test_two_objects_claiming_one_prior_the_closer_keeps_it():
     assert out["labels"][0].tolist() == [0, 2]
 
 
+@pytest.mark.parametrize(("model", "bipartite"), [("ssd", True), ("ssd_torchvision", False)])
+def test_composed_matching_is_multibox_bipartite_and_torchvision_as_torchvision(model, bipartite):
+    """Both objects' best prior is prior 0 (IoU 0.9 and 0.69); object 1's next is prior 1 (0.4 < 0.5). The paper's
+    config (§2.2: "as in MultiBox", bipartite) gives object 1 prior 1; torchvision's SSD config leaves it
+    background, as torchvision's own Matcher does on the same IoUs."""
+    priors = Priors(torch.tensor([[0, 0, 20, 20], [0, 0, 40, 36], [300, 300, 310, 310]], dtype=torch.float32), [3])
+    batch = make_batch([[[0, 0, 18, 20], [0, 0, 24, 24]]], [[0, 1]])
+    assigner = instantiate(compose(f"model={model}").model.assigner)
+    labels = assigner(priors, batch, num_classes=2)["labels"][0].tolist()
+    assert labels == ([0, 1, 2] if bipartite else [0, 2, 2])
+    if not bipartite:
+        from torchvision.models.detection._utils import Matcher
+        from torchvision.ops import box_iou
+
+        matches = Matcher(0.5, 0.5, allow_low_quality_matches=True)(box_iou(batch.boxes[0], priors.boxes))
+        assert matches.tolist() == [0, -1, -1]
+
+
 def reference_multibox_loss(logits, deltas, labels, gt_boxes, priors, ratio, min_neg, variances):
     """Paper eq. 1–3 written out with loops: per image, positives + the top (ratio × #pos) background boxes by
     confidence loss, summed, over the batch's N positives."""
