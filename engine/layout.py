@@ -120,9 +120,14 @@ def choose_channels_last(
     start = time.perf_counter()
     with untouched(model):  # the samples' augmentation draws from the global generators: restored after
         batch = probe_batch(dataset, images, shape)
-    if device.type != "cpu":
+    home = next(model.parameters()).device  # at Lightning's setup the model is still where it was built
+    if device != home:
         batch = type(batch)(**{k: v.to(device) for k, v in vars(batch).items()})
-    seconds = time_layouts(model, batch, model.use_channels_last, autocast)
+        model.to(device)
+    try:
+        seconds = time_layouts(model, batch, model.use_channels_last, autocast)
+    finally:
+        model.to(home)  # the strategy moves it after setup, as it would have without the probe
     choice = seconds[True] < seconds[False]
     model.use_channels_last(choice)
     log.info(

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from engine import layout
 from engine.memory import probe_batch
 
-from ..conftest import TINY, compose
+from ..conftest import DEVICES, TINY, compose, quiet_trainer
 
 
 def tiny(*overrides):
@@ -128,3 +128,28 @@ def test_every_rank_takes_rank_zeros_choice(monkeypatch, global_zero):
     callback.setup(trainer, model, "fit")
     assert len(measured) == int(global_zero) and sent == [False if global_zero else None]
     assert model.net.channels_last and is_nhwc(model.net)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_trainer_on_the_device_measures_there_at_setup_and_trains(device, tmp_path, monkeypatch):
+    """The callback in a real fit: at Lightning's setup the model is still on the CPU and the strategy moves it
+    after, so the probe takes it to the training device and back (a batch on the GPU beside weights on the CPU
+    stopped every `train.py trainer.accelerator=gpu` run before its first step)."""
+    monkeypatch.setattr(layout, "cache_file", lambda: tmp_path / "layouts.json")
+    module, data, cfg = tiny()
+    probed_on = []
+    real = layout.time_layouts
+    monkeypatch.setattr(
+        layout,
+        "time_layouts",
+        lambda model, batch, *a, **k: (
+            probed_on.append({next(model.parameters()).device.type, batch.images.device.type})
+            or real(model, batch, *a, **k)
+        ),
+    )
+    trainer = quiet_trainer(
+        tmp_path, device, max_steps=2, callbacks=[layout.ChannelsLastAuto(8, {"test": device})], limit_train_batches=2
+    )
+    trainer.fit(module, datamodule=data)
+    assert probed_on == [{device}] and trainer.global_step == 2
+    assert module.net.channels_last == json.loads((tmp_path / "layouts.json").read_text()).popitem()[1]["channels_last"]
