@@ -42,8 +42,10 @@ def _coco_tools(backend: str):
 
 
 def _flatten(items: Sequence[dict[str, Tensor]], keys: Sequence[str]) -> tuple[Tensor, ...]:
-    """The images' boxes of each key concatenated, and the number per image."""
-    counts = torch.tensor([len(item[keys[0]]) for item in items], dtype=torch.long)
+    """The images' boxes of each key concatenated, and the number per image, on the boxes' device (a state list
+    of CPU counts beside GPU boxes would be split by the next ``.to(device)``: torchmetrics moves the elements
+    appended before, not the one appended after)."""
+    counts = torch.tensor([len(item[keys[0]]) for item in items], dtype=torch.long, device=items[0][keys[0]].device)
     return (*(torch.cat([item[k] for item in items]) for k in keys), counts)
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from bench.evaluation import coco_dicts
-from evaluation.metrics import COCOAveragePrecision, DetectionMetrics, VOCAveragePrecision
+from evaluation.metrics import COCOAveragePrecision, DetectionMetrics, VOCAveragePrecision, _flatten
+
+from ..conftest import DEVICES
 
 
 def box(x0, y0, size=10.0):
@@ -501,3 +503,25 @@ def test_the_best_f1_threshold_is_reported_with_the_metrics():
     # a: F1 1 up to 0.9; b: 2/3 up to 0.3, 1 from there to 0.6: the mean is 1 on (0.3, 0.6]
     assert out["val/f1_score_thresh"] == pytest.approx(0.6) and out["val/best_f1"] == pytest.approx(1.0)
     assert metrics.f1_score_thresh == pytest.approx(0.6)
+
+
+def test_every_state_lies_on_the_device_of_the_boxes_it_came_from():
+    """Checked on the meta device, which any machine has: the counts too (CPU counts beside GPU boxes were split
+    across devices by the validation step's ``.to(device)`` and failed ``torch.cat`` at the first epoch's end)."""
+    items = [{"boxes": torch.zeros(n, 4, device="meta"), "labels": torch.zeros(n, device="meta")} for n in (2, 0, 3)]
+    *flat, counts = _flatten(items, ("boxes", "labels"))
+    assert all(t.device.type == "meta" for t in (*flat, counts)) and counts.shape == (3,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_updates_on_the_device_between_moves_give_the_cpu_numbers(device):
+    """As DetectionModule.validation_step does: ``.to(device)`` before every update; the numbers equal a CPU run."""
+    detections, targets = random_coco_set(3, num_images=30)
+    on_cpu, moved = DetectionMetrics([str(c) for c in range(7)]), DetectionMetrics([str(c) for c in range(7)])
+    for start in range(0, 30, 10):
+        on_cpu.update(detections[start : start + 10], targets[start : start + 10])
+        batch = [{k: v.to(device) for k, v in d.items()} for d in detections[start : start + 10]]
+        moved.to(torch.device(device)).update(
+            batch, [{k: v.to(device) for k, v in t.items()} for t in targets[start : start + 10]]
+        )
+    assert moved.compute("val") == on_cpu.compute("val")
