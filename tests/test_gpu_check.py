@@ -107,3 +107,23 @@ def test_quick_check_on_cpu_runs_every_section_and_writes_the_report(tmp_path):
     for heading in ("## Goals", "## CUDA tests", "## A training step", "## train.py"):
         assert heading in text
     assert ("## The VOC training loader" in text) == (loader_status == "ok")
+
+
+def test_one_detector_failing_to_train_keeps_the_others_figures(tmp_path, monkeypatch):
+    """The train section goes on past a detector whose train.py fails (on its first GPU, RetinaNet's bf16 run
+    diverged and hid SSD's and YOLO's runs): the section is failed, naming that detector, with the others' rows."""
+    real = gpu_check.run_training
+
+    def run_training(model, *args):
+        if model == "retinanet":
+            raise RuntimeError("train.py retinanet exited 1: non-finite loss")
+        return real(model, *args)
+
+    monkeypatch.setattr(gpu_check, "run_training", run_training)
+    status = gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--skip", "tests,bench,loader"])
+    assert status == 1
+    train = json.loads((tmp_path / "report.json").read_text())["sections"]["train"]
+    assert train["status"] == "failed" and set(train["results"]) == {"ssd", "yolo"}
+    assert train["error"].startswith("retinanet: RuntimeError: train.py retinanet exited 1")
+    text = (tmp_path / "report.md").read_text()
+    assert "**train failed:**" in text and "| ssd |" in text and "| yolo |" in text
