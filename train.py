@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 from engine import layout, memory
@@ -207,6 +208,25 @@ def check_memory(
     )
 
 
+def warn_bf16_with_trainable_batchnorm(trainer: L.Trainer, model: DetectionModule) -> str | None:
+    """bf16-mixed beside trainable BatchNorm: a warning (also returned), measured, not a refusal."""
+    if not str(trainer.precision).startswith("bf16"):
+        return None
+    norms = [m for m in model.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    trainable = [m for m in norms if any(p.requires_grad for p in m.parameters())]
+    if not trainable:
+        return None
+    message = (
+        f"trainer.precision={trainer.precision} with {len(trainable)} trainable BatchNorm layers: from random "
+        "weights their backbone's bf16 gradient is mostly rounding (RetinaNet R50-FPN: cosine 0.12 with the exact "
+        "gradient, float32 1.000, frozen BatchNorm 0.995; python -m bench.bf16_gradients), and model=retinanet "
+        "diverged so on a GPU where float32 trained. Use trainer.precision=32, or ImageNet weights with "
+        "model.backbone.norm=frozen_bn (the paper's recipe)"
+    )
+    log.warning(message)
+    return message
+
+
 def refuse_other_data(cfg: DictConfig) -> None:
     """A paper recipe (``recipe_data: voc``) trained on other data would run its schedule silently on the wrong
     set: stopped, unless ``recipe_data=null`` says it is meant."""
@@ -246,6 +266,7 @@ def fit_and_validate(
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     refuse_multirun_with_own_processes(trainer)
     model = DetectionModule.from_config(OmegaConf.to_container(cfg.model, resolve=True))
+    warn_bf16_with_trainable_batchnorm(trainer, model)
     check_memory(cfg, trainer, model, datamodule)  # before lr_scaling: it reads the batch size auto chooses
     # model.channels_last=auto: rank 0 measures at setup, every rank takes its answer (engine/layout.py)
     trainer.callbacks.append(

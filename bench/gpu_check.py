@@ -471,8 +471,12 @@ def training_overrides(model: str, device: torch.device, quick: bool, minutes: f
             "model.channels_last=false",
         ]
     batch = {"retinanet": 16, "ssd": 32, "yolo": 64}[model]
+    # RetinaNet as the paper fine-tunes it (frozen BatchNorm, conv1 and res2 fixed; random weights offline): with
+    # trainable BatchNorm its bf16 gradient is mostly rounding and it diverged here (python -m bench.bf16_gradients)
+    paper = ["model.backbone.norm=frozen_bn", "model.backbone.trainable_layers=3"] if model == "retinanet" else []
     return [
         f"model={model}",  # the paper's network (random weights) and its own input size, on the built-in shapes
+        *paper,
         "data=shapes",
         f"data.batch_size={batch}",
         f"data.num_workers={workers}",

@@ -110,3 +110,25 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         [ROOT / "train.py", *TINY, f"paths.log_dir={tmp_path}", "ckpt_path=nope.ckpt"], tmp_path, timeout=300
     )
     assert done.returncode != 0 and "ckpt_path=nope.ckpt: no such file" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "precision, overrides, warned",
+    [
+        ("bf16-mixed", (), True),  # ResNet-18 with trainable BatchNorm
+        ("32-true", (), False),
+        ("bf16-mixed", ("model.backbone.norm=frozen_bn",), False),
+    ],
+)
+def test_bf16_beside_trainable_batchnorm_is_warned_with_the_fix(precision, overrides, warned, caplog):
+    from types import SimpleNamespace
+
+    import train
+
+    module = instantiate(compose(*TINY, *overrides).model)
+    message = train.warn_bf16_with_trainable_batchnorm(SimpleNamespace(precision=precision), module)
+    assert (message is not None) == warned
+    if warned:
+        assert "trainer.precision=bf16-mixed with 20 trainable BatchNorm layers" in message
+        assert "trainer.precision=32" in message and "model.backbone.norm=frozen_bn" in message
+        assert message in caplog.text
