@@ -219,7 +219,7 @@ def warn_bf16_with_trainable_batchnorm(trainer: L.Trainer, model: DetectionModul
     message = (
         f"trainer.precision={trainer.precision} with {len(trainable)} trainable BatchNorm layers: from random "
         "weights their backbone's bf16 gradient is mostly rounding (RetinaNet R50-FPN: cosine 0.12 with the exact "
-        "gradient, float32 1.000, frozen BatchNorm 0.995; python -m bench.bf16_gradients), and model=retinanet "
+        "gradient, float32 1.000, frozen BatchNorm 0.994; python -m bench.bf16_gradients), and model=retinanet "
         "diverged so on a GPU where float32 trained. Use trainer.precision=32, or ImageNet weights with "
         "model.backbone.norm=frozen_bn (the paper's recipe)"
     )

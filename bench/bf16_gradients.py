@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .training_step import random_samples, train_config
+
 PARTS = {
     "ours": {"body": "backbone.body.", "fpn": "backbone.fpn.", "cls subnet": "head.cls_", "box subnet": "head.box_"},
     "torchvision": {
@@ -63,33 +65,18 @@ def compare(name: str, model: nn.Module, loss_of: Callable, parts: dict[str, str
     return rows
 
 
-def inputs(size: int, batch: int, seed: int = 0) -> tuple[Tensor, list[dict[str, Tensor]]]:
-    """Random images and two to four boxes an image, of three classes."""
-    g = torch.Generator().manual_seed(seed)
-    images = (torch.rand(batch, 3, size, size, generator=g) * 255).to(torch.uint8)
-    targets = []
-    for _ in range(batch):
-        n = int(torch.randint(2, 5, (), generator=g))
-        xy = torch.rand(n, 2, generator=g) * size * 0.6
-        wh = (torch.rand(n, 2, generator=g) * 0.3 + 0.1) * size
-        labels = torch.randint(0, 3, (n,), generator=g)
-        targets.append({"boxes": torch.cat((xy, xy + wh), 1), "labels": labels, "image_id": len(targets)})
-    return images, targets
-
-
-def ours(norm: str, images: Tensor, targets: list[dict[str, Tensor]]) -> tuple[nn.Module, Callable]:
+def ours(norm: str, samples: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[nn.Module, Callable]:
     from hydra.utils import instantiate
+    from lightning.fabric.utilities.apply_func import move_data_to_device
 
     from detectors.batch import collate_detection
 
-    from .training_step import train_config
-
     overrides = [f"model.backbone.norm={norm}"] + (["model.backbone.trainable_layers=3"] if norm == "frozen_bn" else [])
     net = instantiate(train_config("model=retinanet", "data=shapes", *overrides).model).net.train()
-    batch = collate_detection(list(zip(images, targets, strict=True)))
+    batch = collate_detection(samples)
 
     def loss_of(model: nn.Module, dtype: torch.dtype) -> Tensor:
-        moved = type(batch)(**{k: v.to(next(model.parameters()).device) for k, v in vars(batch).items()})
+        moved = move_data_to_device(batch, next(model.parameters()).device)
         if dtype == torch.float64:
             moved = type(moved)(**{k: v.double() if v.is_floating_point() else v for k, v in vars(moved).items()})
         return sum(model.compute_losses(moved).values())
@@ -97,16 +84,16 @@ def ours(norm: str, images: Tensor, targets: list[dict[str, Tensor]]) -> tuple[n
     return net, loss_of
 
 
-def torchvision_retinanet(images: Tensor, targets: list[dict[str, Tensor]]) -> tuple[nn.Module, Callable]:
+def torchvision_retinanet(samples: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[nn.Module, Callable]:
     from torchvision.models.detection import retinanet_resnet50_fpn
 
-    size = images.shape[-1]
+    size = samples[0][0].shape[-1]
     net = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4, min_size=size, max_size=size)
 
     def loss_of(model: nn.Module, dtype: torch.dtype) -> Tensor:
         device = next(model.parameters()).device
-        ims = [(im.to(device, dtype) / 255) for im in images]
-        tgs = [{"boxes": t["boxes"].to(device, dtype), "labels": t["labels"].to(device) + 1} for t in targets]
+        ims = [(im.to(device, dtype) / 255) for im, _ in samples]
+        tgs = [{"boxes": t["boxes"].to(device, dtype), "labels": t["labels"].to(device) + 1} for _, t in samples]
         return sum(model(ims, tgs).values())
 
     return net.train(), loss_of
@@ -120,12 +107,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    images, targets = inputs(args.size, args.batch)
+    # noise images, three boxes each of sides 0.1–0.4 of the input, three classes
+    samples = random_samples(args.batch, args.size, 3, 3, 0.1 * args.size, 0.4 * args.size, seed=0)
     rows = []
     for norm in ("bn", "frozen_bn"):
-        net, loss_of = ours(norm, images, targets)
+        net, loss_of = ours(norm, samples)
         rows += compare(f"ours, {norm}", net, loss_of, PARTS["ours"], device)
-    net, loss_of = torchvision_retinanet(images, targets)
+    net, loss_of = torchvision_retinanet(samples)
     rows += compare("torchvision, bn", net, loss_of, PARTS["torchvision"], device)
     parts = list(PARTS["ours"])
     print(

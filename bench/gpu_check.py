@@ -206,7 +206,9 @@ class OwnStep:
 def yolo_step(device: torch.device, batch_size: int, autocast: torch.dtype | None, channels_last: bool) -> OwnStep:
     from hydra.utils import instantiate
 
-    from detectors.batch import DetectionBatch, collate_detection
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from detectors.batch import collate_detection
 
     from .training_step import _step, _trainable, model_config, random_samples
 
@@ -216,7 +218,7 @@ def yolo_step(device: torch.device, batch_size: int, autocast: torch.dtype | Non
     net = module.net.to(device).train()
     net.use_channels_last(channels_last)
     batch = collate_detection(random_samples(batch_size, 448, 20, 5, 16.0, 400.0, 0), 1)
-    batch = DetectionBatch(**{k: v.to(device) for k, v in vars(batch).items()})
+    batch = move_data_to_device(batch, device)
     optimizer = module.optimizer_factory(_trainable(net))
 
     def losses():

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from torchvision.models.detection import retinanet_resnet50_fpn
 
@@ -59,7 +60,7 @@ def make_fixture(
         scales=torch.ones(batch_size, 2),
         image_ids=torch.arange(batch_size),
     )
-    batch = DetectionBatch(**{k: v.to(device) for k, v in vars(batch).items()})
+    batch = move_data_to_device(batch, device)
     # a trained detector's score distribution: nearly every (anchor, class) far below 0.05, the anchors
     # overlapping an object confident in its class, so NMS sees realistic clusters of overlapping boxes
     n = priors.boxes.shape[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 from torchvision.models.detection import ssd300_vgg16
 
@@ -66,7 +67,7 @@ def make_fixture(
     img, prior = pos.nonzero(as_tuple=True)
     logits[img, prior, assigned["labels"][pos] + 1] = torch.randn(len(img), generator=g) + 9.0
     deltas = torch.randn(batch_size, n, 4, generator=g) * 0.5
-    batch = DetectionBatch(**{k: v.to(device) for k, v in vars(batch).items()})
+    batch = move_data_to_device(batch, device)
     priors = Priors(priors.boxes.to(device), priors.level_sizes)
     return Fixture(priors, batch, logits.to(device), deltas.to(device), num_classes)
 

@@ -42,6 +42,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
@@ -173,7 +174,7 @@ def _make_case(
     if channels_last:  # both networks' weights NHWC: torchvision's convolutions then return NHWC activations too
         theirs = theirs.to(memory_format=torch.channels_last)
     batch = collate_detection(samples, size_divisible)
-    batch = DetectionBatch(**{k: v.to(device) for k, v in vars(batch).items()})
+    batch = move_data_to_device(batch, device)
     if channels_last is None and module.channels_last_auto:  # the config's `auto`, resolved here as train.py does
         amp = partial(torch.autocast, device.type, dtype=autocast) if autocast else nullcontext
         seconds = layout.time_layouts(ours, batch, ours.use_channels_last, amp)

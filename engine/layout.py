@@ -25,12 +25,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 from torch.utils.data import Dataset
 
 from engine.detection_module import DetectionModule
 from engine.machine import cpu_model
-from engine.memory import largest_input, probe_batch, training_step, untouched
+from engine.memory import largest_input, on_device, probe_batch, training_step, untouched
 
 log = logging.getLogger(__name__)
 PROBE_PIXELS = 2 * 512 * 512  # the probe batch: at most this many input pixels (and at most the run's batch)
@@ -120,14 +121,8 @@ def choose_channels_last(
     start = time.perf_counter()
     with untouched(model):  # the samples' augmentation draws from the global generators: restored after
         batch = probe_batch(dataset, images, shape)
-    home = next(model.parameters()).device  # at Lightning's setup the model is still where it was built
-    if device != home:
-        batch = type(batch)(**{k: v.to(device) for k, v in vars(batch).items()})
-        model.to(device)
-    try:
-        seconds = time_layouts(model, batch, model.use_channels_last, autocast)
-    finally:
-        model.to(home)  # the strategy moves it after setup, as it would have without the probe
+    with on_device(model, device):  # at Lightning's setup the model is still where it was built
+        seconds = time_layouts(model, move_data_to_device(batch, device), model.use_channels_last, autocast)
     choice = seconds[True] < seconds[False]
     model.use_channels_last(choice)
     log.info(

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from lightning.fabric.utilities.apply_func import move_data_to_device
+
 from datamodules.transforms import resize_sample, short_side_size
 from detectors.batch import DetectionBatch, collate_detection
 
@@ -207,6 +209,18 @@ def untouched(model: nn.Module) -> Iterator[None]:
         model.train(training)
 
 
+@contextmanager
+def on_device(model: nn.Module, device: torch.device | None) -> Iterator[None]:
+    """``model`` on ``device`` (None: where it is) inside the block, and back where it was after: the probes run
+    before Lightning's strategy moves the model, which must find it where it was built."""
+    home = next(model.parameters()).device
+    model.to(device or home)
+    try:
+        yield
+    finally:
+        model.to(home)
+
+
 def training_step(model: nn.Module, batch: DetectionBatch, autocast: Callable[[], AbstractContextManager]) -> None:
     """One training step's forward and backward, as Lightning runs ``DetectionModule.training_step`` (backward outside
     autocast); gradients are set to None first, as ``optimizer.zero_grad()`` leaves them."""
@@ -274,7 +288,7 @@ def probe(
     def peak(batch: int, hw: tuple[int, int]) -> int:
         samples = probe_batch(dataset, batch, hw)
         if run_on is not None:
-            samples = type(samples)(**{k: v.to(run_on) for k, v in vars(samples).items()})
+            samples = move_data_to_device(samples, run_on)
         with PeakMemory(run_on) as m:
             step(model, samples, autocast)
             del samples
@@ -283,9 +297,7 @@ def probe(
     def settled(estimate: Estimate) -> bool:
         return batch_size is not None and estimate.need(batch_size) <= budget
 
-    if run_on is not None:
-        model.to(run_on)
-    try:
+    with on_device(model, run_on):
         _malloc_trim()
         base = torch.cuda.memory_reserved(run_on) if run_on is not None else rss()
 
@@ -311,9 +323,6 @@ def probe(
         two = peak(first + 1, shape)
         per_image = two - one if two > one else (one - base) / first  # (a flat pair: noise, take the over-estimate)
         return line(one - first * per_image, per_image, measured=True)
-    finally:
-        if run_on is not None:
-            model.to("cpu")
 
 
 def optimizer_states(factory: object) -> int:
