@@ -66,28 +66,6 @@ MODULE_OF = {
     "faster-coco-eval": "faster_coco_eval",
     "opencv-python-headless": "cv2",
 }
-# The host-device synchronisations a training step makes by design, by (file, function's qualified name), each
-# with its count a step and reason (read from the code; a GPU check counts them): anything else found in a step is a
-# regression the report names. Outside this repository: by (package, function), or the package's "*".
-NAMED_SYNCS = {
-    ("engine/detection_module.py", "DetectionModule._nonfinite"): "the NaN check, 1: every rank skips or stops",
-    ("detectors/assigners.py", "ignore_crowd_regions"): "whether the batch holds crowd boxes, 1 (RetinaNet, SSD)",
-    ("detectors/assigners.py", "crowd_overlap"): "the crowd boxes' indices, 2, only in batches that hold one (COCO)",
-    ("detectors/retinanet.py", "_active_tiles"): "sparse box subnet: the tiles holding positives, 1 a level (5)",
-    ("detectors/retinanet.py", "RetinaNetHead.box_deltas_where"): "sparse box subnet: level sizes and rows, 5",
-    ("detectors/retinanet.py", "_gather_patches"): "sparse box subnet: the levels' row offsets, 3",
-    ("detectors/retinanet.py", "RetinaNetLoss.__call__"): "the positives' boxes and targets, 3",
-    ("detectors/losses.py", "_focal_sum_and_grad"): "fused focal loss: the positive rows' indices, 1",
-    ("detectors/ssd.py", "BestMatchIoUAssigner.match_bipartite"): "bipartite matching: whether a round matched, 1-3",
-    ("detectors/ssd.py", "MultiBoxLoss.__call__"): "hard negative mining: the most negatives kept, the chosen rows, 4",
-    ("detectors/yolo.py", "ResponsiblePredictorAssigner.__call__"): "the responsible cells and the image size, 2",
-    ("detectors/yolo.py", "YOLOv1Loss.__call__"): "the loss terms' masked sums, 4",
-    ("detectors/retinanet.py", "AnchorGenerator._generate"): "anchors for an input size not seen before (cached)",
-    ("detectors/ssd.py", "DefaultBoxGenerator._generate"): "default boxes for an input size not seen before (cached)",
-    ("detectors/yolo.py", "GridCells._generate"): "grid cells for an input size not seen before (cached)",
-    ("lightning", "backward"): "autograd: the backward of boolean-mask indexing (RetinaNet's box rows, YOLO's masks)",
-    ("lightning", "*"): "Lightning: the progress bar's refresh (every callbacks.progress_bar.refresh_rate steps)",
-}
 
 
 class PartlyFailed(RuntimeError):
@@ -396,7 +374,11 @@ class HostSyncCounter(Callback):
     def _site() -> tuple[str, str]:
         """(file:line, function) of the innermost frame that is not torch's, torchvision's, the warnings module's or
         this file's, when it is this repository's code; else (its package, function). The function is its qualified
-        name without ``<locals>``/``<genexpr>`` (a generator expression counts for the function around it)."""
+        name without ``<locals>``/``<genexpr>`` (a generator expression counts for the function around it). Inside
+        an autograd node's backward: ("backward", the node's name)."""
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            return "backward", type(node).__name__
         frame = sys._getframe(1)
         while frame is not None:
             path = Path(frame.f_code.co_filename).resolve()
@@ -445,15 +427,11 @@ class HostSyncCounter(Callback):
 
 
 def named_sync(site: str, function: str) -> str | None:
-    """Why the design makes this sync (NAMED_SYNCS), or None. In this repository by (file, qualified name), on
-    Python 3.10 (no qualified names) by the name's last part; elsewhere by (package, function), else the package."""
-    if ".py:" not in site:
-        return NAMED_SYNCS.get((site, function)) or NAMED_SYNCS.get((site, "*"))
-    file = site.rsplit(":", 1)[0]
-    if (file, function) in NAMED_SYNCS:
-        return NAMED_SYNCS[file, function]
-    same_name = [v for (f, q), v in NAMED_SYNCS.items() if f == file and q.rsplit(".", 1)[-1] == function]
-    return same_name[0] if "." not in function and same_name else None
+    """Why the design makes this sync (``bench.host_syncs``' tables), or None: a site is ``file:line`` in this
+    repository, else a package."""
+    from .host_syncs import reason
+
+    return reason(site.rsplit(":", 1)[0] if ".py:" in site else site, function)
 
 
 def training_overrides(model: str, device: torch.device, quick: bool, minutes: float, workers: int) -> list[str]:

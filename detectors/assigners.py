@@ -21,13 +21,12 @@ def positives(labels: Tensor, num_classes: int) -> Tensor:
 def crowd_overlap(priors: Tensor, targets: DetectionBatch) -> Tensor:
     """(B, N): the largest fraction of each prior's area that lies inside one of its image's crowd boxes."""
     b = len(targets)
-    counts = targets.crowd.sum(1)
-    m = int(counts.max())
-    # the crowd boxes of each image, packed to (B, m); padding slots are empty boxes
-    slot = torch.cumsum(targets.crowd.long(), 1) - 1
-    crowd = targets.boxes.new_zeros(b, m, 4)
-    img, obj = torch.nonzero(targets.crowd, as_tuple=True)
-    crowd[img, slot[img, obj]] = targets.boxes[img, obj]
+    m = targets.max_crowd if targets.max_crowd is not None else int(targets.crowd.sum(1).max())
+    # the crowd boxes of each image, packed to (B, m) by a scatter (the other objects go to a spare slot m,
+    # dropped); padding slots are empty boxes
+    slot = torch.where(targets.crowd, torch.cumsum(targets.crowd.long(), 1) - 1, m)
+    crowd = targets.boxes.new_zeros(b, m + 1, 4).scatter_(1, slot[..., None].expand(-1, -1, 4), targets.boxes)
+    crowd = crowd[:, :m]
     wh = (
         torch.minimum(crowd[:, :, None, 2:], priors[None, None, :, 2:])
         - torch.maximum(crowd[:, :, None, :2], priors[None, None, :, :2])
@@ -41,7 +40,8 @@ def ignore_crowd_regions(
 ) -> Tensor:
     """Background priors mostly inside a crowd region (COCO ``iscrowd``) become ``IGNORE``: the region holds
     objects nobody boxed, so it must not be taught as background. Positives keep their label."""
-    if crowd_ioa is None or not bool(targets.crowd.any()):
+    any_crowd = targets.max_crowd > 0 if targets.max_crowd is not None else bool(targets.crowd.any())
+    if crowd_ioa is None or not any_crowd:
         return labels
     inside = crowd_overlap(priors, targets) > crowd_ioa
     return labels.masked_fill(inside & (labels == num_classes), IGNORE)

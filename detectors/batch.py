@@ -17,6 +17,9 @@ class DetectionBatch:
     difficult / crowd: (B, M) bool flags (VOC ``difficult``, COCO ``iscrowd``).
     scales: (B, 2) input size ÷ original size as (sy, sx), to map boxes back to the original image.
     image_ids: (B,) long.
+    max_crowd: at least as many crowd boxes as any one image holds (0: none), counted on the host by
+    ``collate_detection``, so the assigners size their crowd tables without reading the device (a GPU sync);
+    None: unknown, read from ``crowd`` when needed.
     """
 
     images: Tensor
@@ -28,6 +31,7 @@ class DetectionBatch:
     crowd: Tensor
     scales: Tensor
     image_ids: Tensor
+    max_crowd: int | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -104,4 +108,5 @@ def collate_detection(samples: list[tuple[Tensor, dict[str, Tensor]]], size_divi
         crowd=crowd,
         scales=torch.stack([t.get("scale", torch.ones(2)) for t in targets]).float(),
         image_ids=torch.tensor([int(t["image_id"]) for t in targets], dtype=torch.long),
+        max_crowd=int(crowd.sum(1).max()),
     )

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
+from .device_paths import takes_gpu_path
+
 
 def focal_loss_dense(logits: Tensor, labels: Tensor, gamma: float, alpha: float) -> Tensor:
     """Reference formulation: one-hot targets + ``torchvision.ops.sigmoid_focal_loss``, summed.
@@ -54,7 +56,7 @@ class _SparseFocalLoss(torch.autograd.Function):
         if grad is None:  # forward ran without grad, or a second backward (retain_graph): recompute
             _, grad = _focal_sum_and_grad(logits, labels, ctx.gamma, ctx.alpha, inverse, True)
         # ×1 is exact: skipped where checking is free (no host-device sync); elsewhere one pass over the buffer
-        if grad_out.device.type != "cpu" or float(grad_out) != 1.0:
+        if takes_gpu_path(grad_out) or float(grad_out) != 1.0:
             grad.mul_(grad_out.to(grad.dtype))
         return grad.view(logits.shape), None, None, None, None, None
 
@@ -85,16 +87,18 @@ def _focal_sum_and_grad(
                 torch.mul(g, weight, out=out)
             else:
                 out.copy_(g.mul_(weight))
-    # the positives: their target class is FL⁺, not the FL⁻ counted above
-    pos_rows = torch.nonzero((lab >= 0) & (lab < num_classes)).squeeze(1)
-    pos_cols = lab[pos_rows]
-    xp = x[pos_rows, pos_cols].float()
+    # the positives: their target class is FL⁺, not the FL⁻ counted above. Every row's label column is read
+    # and the correction kept where the row is positive: no count of positives read on the host (a GPU sync)
+    positive = (lab >= 0) & (lab < num_classes)
+    cols = lab.clamp(0, num_classes - 1)[:, None]
+    xp = x.gather(1, cols)[:, 0].float()
     pp = torch.sigmoid(xp)
     qp = 1 - pp
-    correction = (w_pos * qp.pow(gamma) * F.softplus(-xp) - w_neg * pp.pow(gamma) * F.softplus(xp)).sum()
+    correction = w_pos * qp.pow(gamma) * F.softplus(-xp) - w_neg * pp.pow(gamma) * F.softplus(xp)
+    correction = torch.where(positive, correction, 0.0).sum()
     if grad is not None:
-        grad_pos = -w_pos * qp.pow(gamma) * (gamma * pp * F.softplus(-xp) + qp)
-        grad[pos_rows, pos_cols] = grad_pos.mul_(inverse).to(grad.dtype)
+        grad_pos = (-w_pos * qp.pow(gamma) * (gamma * pp * F.softplus(-xp) + qp)).mul_(inverse).to(grad.dtype)
+        grad.scatter_(1, cols, torch.where(positive, grad_pos, grad.gather(1, cols)[:, 0])[:, None])
     return sums.sum() + correction * inverse, grad
 
 
@@ -110,9 +114,10 @@ def focal_loss_sparse(
 
 
 def box_regression_loss(pred: Tensor, target: Tensor, kind: str, beta: float) -> Tensor:
-    """Summed smooth-L1 (``beta`` is the L2→L1 switch point) or plain L1 (beta 0)."""
+    """Smooth-L1 (``beta`` is the L2→L1 switch point) or plain L1 (beta 0), per element (the caller masks and
+    sums)."""
     if kind == "smooth_l1":
-        return F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
+        return F.smooth_l1_loss(pred, target, beta=beta, reduction="none")
     if kind == "l1":
-        return F.l1_loss(pred, target, reduction="sum")
+        return F.l1_loss(pred, target, reduction="none")
     raise ValueError(f"loss.box_loss={kind!r}: choose 'smooth_l1' or 'l1'")

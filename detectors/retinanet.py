@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from .assigners import CROWD_IOA, IGNORE, ignore_crowd_regions, matched_boxes, positives
 from .batch import DetectionBatch
 from .boxes import BoxCoder, batched_box_iou
+from .device_paths import takes_gpu_path
 from .losses import box_regression_loss, focal_loss_dense, focal_loss_sparse
 from .postprocess import nms_per_image, topk_per_group
 from .priors import PriorGenerator, Priors, flatten_predictions
@@ -117,6 +119,7 @@ class RetinaNetHead(nn.Module):
         self.num_classes, self.num_anchors, self.num_convs = num_classes, num_anchors, num_convs
         # a location's box deltas depend only on the features around it, unless GroupNorm mixes the level
         self.sparse_box_training = sparse_box_training and norm == "none"
+        self._tile_layouts: dict[tuple, _TileLayout] = {}  # box_deltas_where's tables, per input size
 
         def subnet() -> nn.Sequential:
             layers: list[nn.Module] = []
@@ -157,24 +160,31 @@ class RetinaNetHead(nn.Module):
         tiles of every level and image go through the subnet together as one batch with unpadded convolutions,
         and after each layer the pixels outside the level are zeroed, as the full map's zero padding would
         have them. When the tiles would cost more than the whole maps (crowded images), the maps run whole.
+        The number of active tiles is the one value read on the host (a GPU sync): it sizes the work. The
+        levels' sizes and offsets come from tables made once per input size (``_TileLayout``).
         """
         tile, halo = self.BOX_TILE, self.num_convs + 1
         size = tile + 2 * halo  # an input patch's side
-        batch, sizes = needed.shape[0], [tuple(f.shape[-2:]) for f in features]
-        locations = sum(h * w for h, w in sizes)
+        pad = halo + tile - 1
+        batch, sizes = needed.shape[0], tuple(tuple(f.shape[-2:]) for f in features)
+        key = (sizes, batch, str(needed.device))
+        if key not in self._tile_layouts:
+            self._tile_layouts[key] = _TileLayout.make(sizes, batch, tile, pad, needed.device)
+        layout = self._tile_layouts[key]
+        locations = layout.locations
         needed = needed.view(batch, locations, self.num_anchors).any(-1)
-        tiles = _active_tiles(needed, sizes, tile)  # (T, 4): level, image, tile row, tile column
+        tiles = _active_tiles(needed, layout)  # (T, 4): level, image, tile row, tile column
         if len(tiles) * sum((size - 2 * k) ** 2 for k in range(1, halo + 1)) >= batch * locations * halo:
             return self.box_deltas(features)
         if len(tiles) == 0:  # no positives: one tile all the same, so every box parameter stays in the graph
             tiles = torch.zeros(1, 4, dtype=torch.long, device=needed.device)
         level, image, ty, tx = tiles.unbind(1)
-        h, w = (torch.tensor(v, device=needed.device)[level] for v in zip(*sizes))  # (T,) each tile's level size
+        h, w = layout.height[level], layout.width[level]  # (T,) each tile's level size
         steps = torch.arange(size, device=needed.device)
         ys, xs = (ty * tile - halo)[:, None] + steps, (tx * tile - halo)[:, None] + steps  # (T, size) patch pixels
         inside_y, inside_x = (ys >= 0) & (ys < h[:, None]), (xs >= 0) & (xs < w[:, None])
 
-        x = _gather_patches(features, level, image, ys, xs, pad=halo + tile - 1)
+        x = _gather_patches(features, level, image, ys, xs, pad, layout)
         for i in range(self.num_convs):
             conv, relu = self.box_subnet[2 * i], self.box_subnet[2 * i + 1]
             x = relu(F.conv2d(x, conv.weight, conv.bias))
@@ -183,44 +193,93 @@ class RetinaNetHead(nn.Module):
             x = x * keep[:, None].to(x.dtype)
         out = F.conv2d(x, self.box_pred.weight, self.box_pred.bias)  # (T, 4A, tile, tile)
 
-        # into ``box_deltas``' (B·locations, 4A) rows, leaving out the tile pixels beyond the level
-        level_start = torch.tensor([0] + [fh * fw for fh, fw in sizes], device=needed.device).cumsum(0)[level]
+        # into ``box_deltas``' (B·locations, 4A) rows; the tile pixels beyond the level go to a spare last row,
+        # dropped (a scatter in place of boolean-mask indexing, which would read a count on the host)
         oy, ox = ys[:, halo : halo + tile], xs[:, halo : halo + tile]
-        rows = (image * locations + level_start)[:, None, None] + oy[:, :, None] * w[:, None, None] + ox[:, None, :]
-        valid = (inside_y[:, halo : halo + tile, None] & inside_x[:, None, halo : halo + tile]).reshape(-1)
-        values = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])[valid]
-        dense = values.new_zeros(batch * locations, out.shape[1]).index_put((rows.reshape(-1)[valid],), values)
-        return dense.view(batch, -1, 4)
+        first = image * locations + layout.level_start[level]
+        rows = first[:, None, None] + oy[:, :, None] * w[:, None, None] + ox[:, None, :]
+        valid = inside_y[:, halo : halo + tile, None] & inside_x[:, None, halo : halo + tile]
+        rows = torch.where(valid, rows, batch * locations).reshape(-1)
+        values = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+        dense = values.new_zeros(batch * locations + 1, out.shape[1]).index_put((rows,), values)
+        return dense[:-1].view(batch, -1, 4)
 
 
-def _gather_patches(features: list[Tensor], level: Tensor, image: Tensor, ys: Tensor, xs: Tensor, pad: int) -> Tensor:
+@dataclass(frozen=True)
+class _TileLayout:
+    """Where each level's locations, tiles and padded pixel rows lie, as small device tensors made once per
+    (feature sizes, batch, device): read by index on the device, never built from Python lists every step (each
+    such tensor is a copy from the host, a GPU sync)."""
+
+    sizes: tuple[tuple[int, int], ...]  # each level's (H, W)
+    tile: int  # a tile's side
+    tile_grids: tuple[tuple[int, int], ...]  # each level's tiles down and across
+    locations: int  # Σ H·W
+    height: Tensor  # (L,) each level's H
+    width: Tensor  # (L,) each level's W
+    level_start: Tensor  # (L,) a level's first location among an image's
+    padded_height: Tensor  # (L,) H + 2·pad
+    padded_width: Tensor  # (L,) W + 2·pad
+    padded_start: Tensor  # (L,) a level's first pixel row among all levels' padded rows (B images each)
+    tile_level: Tensor  # (Σ tiles,) each tile's level, tiles ordered level by level, row-major
+    tile_y: Tensor  # (Σ tiles,) its tile row
+    tile_x: Tensor  # (Σ tiles,) its tile column
+
+    @staticmethod
+    def make(sizes: tuple[tuple[int, int], ...], batch: int, tile: int, pad: int, device: torch.device) -> _TileLayout:
+        grids = tuple((-(-h // tile), -(-w // tile)) for h, w in sizes)
+        level, ty, tx = [], [], []
+        for i, (th, tw) in enumerate(grids):
+            level += [i] * (th * tw)
+            ty += [r for r in range(th) for _ in range(tw)]
+            tx += list(range(tw)) * th
+        padded = [(h + 2 * pad) * (w + 2 * pad) * batch for h, w in sizes]
+
+        def table(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return _TileLayout(
+            sizes=sizes,
+            tile=tile,
+            tile_grids=grids,
+            locations=sum(h * w for h, w in sizes),
+            height=table([h for h, _ in sizes]),
+            width=table([w for _, w in sizes]),
+            level_start=table([sum(h * w for h, w in sizes[:i]) for i in range(len(sizes))]),
+            padded_height=table([h + 2 * pad for h, _ in sizes]),
+            padded_width=table([w + 2 * pad for _, w in sizes]),
+            padded_start=table([sum(padded[:i]) for i in range(len(sizes))]),
+            tile_level=table(level),
+            tile_y=table(ty),
+            tile_x=table(tx),
+        )
+
+
+def _gather_patches(
+    features: list[Tensor], level: Tensor, image: Tensor, ys: Tensor, xs: Tensor, pad: int, layout: _TileLayout
+) -> Tensor:
     """(T, C, S, S) patches (NHWC memory): patch t holds pixels ``ys[t]`` × ``xs[t]`` (level coordinates, −pad..
     size+pad−1, zero outside) of image ``image[t]``'s map at ``level[t]``. One gather over all levels' pixel rows."""
-    rows, starts, start = [], [], 0
-    for f in features:  # each level zero-padded and flattened to (B·(H+2·pad)·(W+2·pad), C) pixel rows
-        padded = F.pad(f, (pad, pad, pad, pad))
-        rows.append(padded.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
-        starts.append(start)
-        start += len(rows[-1])
-    heights, widths = (torch.tensor([f.shape[i] + 2 * pad for f in features], device=ys.device)[level] for i in (2, 3))
-    first = torch.tensor(starts, device=ys.device)[level] + image * heights * widths
+    # each level zero-padded and flattened to (B·(H+2·pad)·(W+2·pad), C) pixel rows
+    rows = [F.pad(f, (pad, pad, pad, pad)).permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]
+    heights, widths = layout.padded_height[level], layout.padded_width[level]
+    first = layout.padded_start[level] + image * heights * widths
     index = first[:, None, None] + (ys + pad)[:, :, None] * widths[:, None, None] + (xs + pad)[:, None, :]
     patches = torch.cat(rows).index_select(0, index.reshape(-1))
     return patches.view(*index.shape, -1).permute(0, 3, 1, 2)
 
 
-def _active_tiles(needed: Tensor, sizes: Sequence[tuple[int, int]], tile: int) -> Tensor:
-    """(T, 4) rows (level, image, tile row, tile column) of the ``tile``² tiles of each level holding a location
-    marked in ``needed`` (B, Σ H·W), level by level."""
-    batch, active, start = needed.shape[0], [], 0
-    for level, (h, w) in enumerate(sizes):
-        marks = needed[:, start : start + h * w].view(batch, h, w)
+def _active_tiles(needed: Tensor, layout: _TileLayout) -> Tensor:
+    """(T, 4) rows (level, image, tile row, tile column) of the tiles of each level holding a location marked in
+    ``needed`` (B, Σ H·W): every level's tile marks side by side, then one ``nonzero`` (the one host read)."""
+    batch, marks, start, tile = needed.shape[0], [], 0, layout.tile
+    for (h, w), (th, tw) in zip(layout.sizes, layout.tile_grids):
+        level = needed[:, start : start + h * w].view(batch, h, w)
         start += h * w
-        th, tw = -(-h // tile), -(-w // tile)
-        marks = F.pad(marks, (0, tw * tile - w, 0, th * tile - h))
-        hit = marks.view(batch, th, tile, tw, tile).any(4).any(2).nonzero()
-        active.append(torch.cat((hit.new_full((len(hit), 1), level), hit), 1))
-    return torch.cat(active)
+        level = F.pad(level, (0, tw * tile - w, 0, th * tile - h))
+        marks.append(level.view(batch, th, tile, tw, tile).any(4).any(2).reshape(batch, -1))
+    image, index = torch.cat(marks, 1).nonzero(as_tuple=True)
+    return torch.stack((layout.tile_level[index], image, layout.tile_y[index], layout.tile_x[index]), 1)
 
 
 class MaxIoUAssigner:
@@ -260,7 +319,7 @@ class MaxIoUAssigner:
     ) -> dict[str, Tensor]:
         gt_ok = targets.valid & ~targets.crowd  # (B, M)
         n = priors.boxes.shape[0]
-        block = n if self.cpu_block is None or priors.boxes.device.type != "cpu" else self.cpu_block
+        block = n if self.cpu_block is None or takes_gpu_path(priors.boxes) else self.cpu_block
         starts = range(0, n, block)
 
         # padding and crowd never win a match (on the CPU the check is free: skip the fill when there are none)
@@ -332,11 +391,11 @@ class RetinaNetLoss:
             loss_cls = focal_loss_sparse(logits, labels, self.gamma, self.alpha, num_pos)
         else:
             loss_cls = focal_loss_dense(logits, labels, self.gamma, self.alpha) / num_pos
-        anchors = priors.boxes.expand(labels.shape[0], -1, -1)[positive]
-        box_targets = self.box_coder.encode(assigned["boxes"][positive], anchors)
-        loss_box = (
-            box_regression_loss(deltas[positive].float(), box_targets, self.box_loss, self.smooth_l1_beta) / num_pos
-        )
+        # the box loss over every anchor, kept on the positives: no count read on the host (a GPU sync); the other
+        # anchors' targets (unmatched, possibly log 0) are replaced, not read
+        box_targets = torch.where(positive[..., None], self.box_coder.encode(assigned["boxes"], priors.boxes), 0.0)
+        per_anchor = box_regression_loss(deltas.float(), box_targets, self.box_loss, self.smooth_l1_beta)
+        loss_box = torch.where(positive, per_anchor.sum(-1), 0.0).sum() / num_pos
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
     @staticmethod

@@ -8,6 +8,7 @@ the rest of the code are logits 1..K here.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from torchvision import models
 from .assigners import CROWD_IOA, IGNORE, ignore_crowd_regions, matched_boxes, positives
 from .batch import DetectionBatch
 from .boxes import BoxCoder, batched_box_iou
+from .device_paths import takes_gpu_path
 from .postprocess import capped_nms_per_image, nms_per_image, topk_per_group
 from .priors import PriorGenerator, Priors, flatten_predictions
 from .protocols import HeadOutputs
@@ -435,26 +437,31 @@ class BestMatchIoUAssigner:
         such a pair before every pair that shares its object or its box, so no pair taken earlier can get in its
         way, and a round settles what many loop steps would. The loop's own first pick is always such a pair, so
         each round matches one at the least; one to three rounds are usual. A round reads the (B, M, N) table
-        once (each object's best free box); the boxes' best objects are read on the M boxes in question only."""
+        once (each object's best free box); the boxes' best objects are read only on the M boxes in question.
+
+        Whether a free pair is left is read on the host (a GPU sync) after every second round on a GPU, so one or
+        two rounds cost one sync; a round with no pair left changes nothing."""
         batch, num_gt, num_boxes = iou.shape
         free = iou.clone()  # taken boxes' columns become -1
         matched = torch.zeros(batch, num_gt, dtype=torch.bool, device=iou.device)
         claim_iou = iou.new_full((batch, num_boxes), -1.0)
         claim_gt = torch.full((batch, num_boxes), num_gt, dtype=torch.long, device=iou.device)
         gt_index = torch.arange(num_gt, device=iou.device).expand(batch, num_gt)
-        while True:
-            row_iou, row_box = free.max(dim=2)  # (B, M) each object's best free box, the first of equals
+        rounds_per_check = 2 if takes_gpu_path(iou) else 1
+        row_iou, row_box = free.max(dim=2)  # (B, M) each object's best free box, the first of equals
+        for done in itertools.count(1):
             row_iou = row_iou.masked_fill(matched, -1.0)
             columns = row_box[:, None, :].expand(batch, num_gt, num_gt)
             on_box = torch.gather(free, 2, columns).masked_fill(matched[..., None], -1.0)  # (B, h, g): h on g's box
             won = (row_iou > 0) & (on_box.max(dim=1).indices == gt_index)  # at most one object a box
-            if not won.any():  # a host sync a round: the loop's end depends on the data
-                return claim_iou, claim_gt
             claim_iou.scatter_reduce_(1, row_box, row_iou.masked_fill(~won, -1.0), "amax")
             claim_gt.scatter_reduce_(1, row_box, gt_index.masked_fill(~won, num_gt), "amin")
             # the won boxes' columns to -1 (amin: other objects' writes to the same box keep their values)
             free.scatter_reduce_(2, columns, on_box.masked_fill(won[:, None, :], -1.0), "amin")
             matched |= won
+            row_iou, row_box = free.max(dim=2)
+            if done % rounds_per_check == 0 and not bool(((row_iou > 0) & ~matched).any()):  # the loop's end
+                return claim_iou, claim_gt
 
     @staticmethod
     def resolve_claims_plain(iou: Tensor, gt_ok: Tensor) -> tuple[Tensor, Tensor]:
@@ -489,7 +496,8 @@ class MultiBoxLoss:
     confidence loss, at most ``neg_pos_ratio``:1 to its positives (§2.2 "Hard negative mining": 3:1). Two
     details the paper leaves open: an image without positives still contributes ``min_negatives`` hard
     negatives (else background-only images teach nothing), and a box is a negative only if it is not a
-    positive or ignored, so none is counted twice. Vectorised over the batch with one top-k.
+    positive or ignored, so none is counted twice. Vectorised over the batch: one sort ranks every image's
+    background boxes, and the sums run over masks, with no count read on the host.
     """
 
     def __init__(
@@ -513,25 +521,22 @@ class MultiBoxLoss:
         num_pos = positive.sum(1)
         wanted = torch.clamp((num_pos * self.neg_pos_ratio).long(), min=self.min_negatives)
         num_neg = torch.minimum(wanted, background.sum(1))  # (B,)
-        with torch.no_grad():  # mining: the background confidence loss −log softmax(x)₀ of every box
-            background_loss = torch.logsumexp(logits.float(), -1) - logits[..., 0].float()
-            k = int(num_neg.max()) if num_neg.numel() else 0
-            top = background_loss.masked_fill(~background, -math.inf).topk(k, dim=1).indices  # hardest first
-            chosen = torch.arange(k, device=logits.device)[None, :] < num_neg[:, None]
-            neg_img = torch.arange(len(labels), device=logits.device)[:, None].expand(-1, k)[chosen]
-            pos_img, pos_box = torch.nonzero(positive, as_tuple=True)
-        # the cross-entropy (and its gradient) only on the boxes that count: positives and hard negatives
-        rows = logits[torch.cat((pos_img, neg_img)), torch.cat((pos_box, top[chosen]))].float()
-        target = torch.cat((labels[pos_img, pos_box] + 1, torch.zeros_like(neg_img)))
-        ce_sum = F.cross_entropy(rows, target, reduction="sum")
+        # every box's cross-entropy against its target (background: class 0), then summed over the boxes that
+        # count: dense, as torchvision's SSD loss, so no step reads a count on the host (a GPU sync)
+        target = torch.where(positive, labels + 1, 0)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(labels)
+        with torch.no_grad():  # mining: the background boxes of highest confidence loss −log softmax(x)₀
+            order = ce.masked_fill(~background, -math.inf).argsort(dim=1, descending=True)
+            positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+            rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[b, order[b, j]] = j
+            hard_negative = background & (rank < num_neg[:, None])
+        ce_sum = torch.where(positive | hard_negative, ce, 0.0).sum()
         n = num_pos.sum().clamp(min=1).to(ce_sum.dtype)
         loss_cls = ce_sum / n
-        # the positives' (image, box) indices from above: each boolean-mask index would redo the nonzero
-        box_targets = self.box_coder.encode(assigned["boxes"][pos_img, pos_box], priors.boxes[pos_box])
-        loss_box = (
-            F.smooth_l1_loss(deltas[pos_img, pos_box].float(), box_targets, beta=self.smooth_l1_beta, reduction="sum")
-            / n
-        )
+        # L_loc on the positives; the other boxes' targets (unmatched, possibly log 0) are replaced, not read
+        box_targets = torch.where(positive[..., None], self.box_coder.encode(assigned["boxes"], priors.boxes), 0.0)
+        box_loss = F.smooth_l1_loss(deltas.float(), box_targets, beta=self.smooth_l1_beta, reduction="none").sum(-1)
+        loss_box = torch.where(positive, box_loss, 0.0).sum() / n
         return {"loss_cls": loss_cls, "loss_box": self.alpha * loss_box}
 
     @staticmethod

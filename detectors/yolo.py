@@ -255,9 +255,10 @@ class ResponsiblePredictorAssigner:
         best_key = torch.full((batch, s * s), -1.0, dtype=torch.float64, device=boxes.device)
         best_key.scatter_reduce_(1, cell, key, reduce="amax")
         winner = ok & (key == torch.gather(best_key, 1, cell))
+        # each cell's winning object (at most one: keys are unique), -1 where none; a scatter, no host read
+        index = torch.where(winner, torch.arange(m, device=boxes.device), -1)
         cell_gt = torch.full((batch, s * s), -1, dtype=torch.long, device=boxes.device)
-        rows, cols = torch.nonzero(winner, as_tuple=True)
-        cell_gt[rows, cell[rows, cols]] = cols
+        cell_gt.scatter_reduce_(1, cell, index, reduce="amax")
 
         has_obj = cell_gt >= 0  # (batch, S·S)
         gt_of_cell = torch.gather(boxes, 1, cell_gt.clamp(min=0)[..., None].expand(-1, -1, 4))
@@ -269,7 +270,8 @@ class ResponsiblePredictorAssigner:
         choice = iou
         if self.no_overlap == "nearest":  # no overlap in the cell: the lowest RMSE (negated) is the highest score
             diff = box_convert(pred, "xyxy", "cxcywh") - box_convert(gt_of_cell[:, :, None, :], "xyxy", "cxcywh")
-            rmse = (diff / diff.new_tensor([w, h, w, h])).square().sum(-1).sqrt()
+            scaled = torch.stack((diff[..., 0] / w, diff[..., 1] / h, diff[..., 2] / w, diff[..., 3] / h), -1)
+            rmse = scaled.square().sum(-1).sqrt()  # image fractions (a tensor of the sizes would be a host copy)
             choice = torch.where(iou.amax(dim=2, keepdim=True) > 0, iou, -rmse)
         responsible = torch.zeros_like(iou, dtype=torch.bool)
         responsible.scatter_(2, choice.argmax(dim=2, keepdim=True), True)  # ties: the first predictor
@@ -321,13 +323,15 @@ class YOLOv1Loss:
             ),
             -1,
         )
-        loss_box = self.lambda_coord * ((box - target) ** 2).sum(-1)[responsible].sum()
+        # masked sums as torch.where, not boolean-mask indexing: the same terms with no host read (a GPU sync)
+        loss_box = self.lambda_coord * torch.where(responsible, ((box - target) ** 2).sum(-1), 0.0).sum()
         conf_target = assigned["iou"] if self.confidence_target == "iou" else torch.ones_like(conf)
-        loss_obj = ((conf - conf_target) ** 2)[responsible].sum()
-        loss_noobj = self.lambda_noobj * (conf**2)[~responsible].sum()
+        loss_obj = torch.where(responsible, (conf - conf_target) ** 2, 0.0).sum()
+        loss_noobj = self.lambda_noobj * torch.where(responsible, 0.0, conf**2).sum()
         has_obj = assigned["cell_labels"] < num_classes  # (batch, S·S)
-        onehot = nn.functional.one_hot(assigned["cell_labels"].clamp(max=num_classes - 1), num_classes).to(probs)
-        loss_cls = ((probs - onehot) ** 2).sum(-1)[has_obj].sum()
+        classes = torch.arange(num_classes, device=probs.device)
+        onehot = (assigned["cell_labels"][..., None] == classes).to(probs)  # one_hot checks its input on the host
+        loss_cls = torch.where(has_obj, ((probs - onehot) ** 2).sum(-1), 0.0).sum()
         return {
             "loss_box": loss_box / batch,
             "loss_obj": loss_obj / batch,

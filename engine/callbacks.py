@@ -265,8 +265,9 @@ class ValidationPredictions(L.Callback):
                 self._batch = loader.collate_fn(samples) if samples else None
             else:  # an iterable data set: the first batch, cut to num_images
                 batch = next(iter(loader))
-                self._batch = DetectionBatch(
-                    **{f.name: getattr(batch, f.name)[: self.num_images] for f in dataclasses.fields(batch)}
+                cut = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+                self._batch = DetectionBatch(  # the tensors cut; max_crowd stays a bound for the first images
+                    **{k: v[: self.num_images] if isinstance(v, torch.Tensor) else v for k, v in cut.items()}
                 )
         return self._batch
 

@@ -81,16 +81,18 @@ def quiet_trainer(tmp_path, device: str = "cpu", **kwargs):
     import lightning as L
 
     return L.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kwargs,
+        **{
+            "accelerator": "gpu" if device == "cuda" else "cpu",
+            "devices": 1,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": tmp_path,
+            **kwargs,  # a test's own settings win
+        }
     )
 
 

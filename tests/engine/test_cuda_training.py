@@ -95,3 +95,29 @@ def test_a_nonfinite_loss_stops_the_run_naming_its_step_and_images(device, tmp_p
         FloatingPointError, match=rf"step 2: non-finite loss_box \(.*\) on the batch of image ids \[{ids}\]"
     ):
         fit(model, [batch, batch, bad, batch], device, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_validation_on_the_device_gives_the_cpus_metrics(name, device, tmp_path):
+    """Issue 31: the same weights validated through Lightning on ``device`` and on the CPU give the same COCO and VOC
+    figures (within 1e-4), the metrics' device-side counts included (38c428a). Both in float32 with TF32 off: the
+    check is of the validation path, not of the GPU's convolution rounding (which may reorder near-equal scores)."""
+    model, batch = module_and_batch(name)
+    fit(model, [batch] * 40, "cpu", tmp_path / "fit")  # 40 steps on the batch validated: AP above 0
+    images = DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
+    results = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for on in dict.fromkeys(("cpu", device)):
+            trainer = quiet_trainer(tmp_path / on, on, precision="32-true", limit_val_batches=1.0)
+            results[on] = trainer.validate(model, images, verbose=False)[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    cpu, other = results["cpu"], results[device]
+    assert cpu["val/map_50"] > 0, cpu  # the model detects something: the comparison is not of zeros
+    assert set(cpu) == set(other)
+    for key in sorted(cpu):
+        assert abs(cpu[key] - other[key]) <= 1e-4, (key, cpu[key], other[key])
