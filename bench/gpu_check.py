@@ -333,6 +333,7 @@ class HostSyncCounter(Callback):
         self._batch_end: float | None = None
         self._counted = False
         self._device = "cpu"
+        self.sync_seconds = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -364,6 +365,10 @@ class HostSyncCounter(Callback):
         """``warnings.showwarning`` while a step is counted: a sync is counted at its site, the rest shown."""
         if "synchroniz" in str(message):
             self.sites[self._site()] += 1
+            if self._device == "cuda":  # the wait this sync makes: the GPU finishing what was queued before it
+                start = time.perf_counter()
+                torch.cuda.synchronize()
+                self.sync_seconds += time.perf_counter() - start
         else:
             self._shown(message, category, filename, lineno, file, line)
 
@@ -409,6 +414,7 @@ class HostSyncCounter(Callback):
             "wait_share": sum(self.waits) / seconds if seconds else None,
             "window": self.window,
             "syncs_per_step": total / self.steps if self.steps else None,
+            "sync_s": self.sync_seconds / self.steps if self.steps else None,
             "sites": [
                 {
                     "site": site,
@@ -424,6 +430,95 @@ class HostSyncCounter(Callback):
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.summary(), indent=2))
+
+
+try:
+    from lightning.pytorch.profilers import Profiler
+except ImportError:  # the environment section names what is missing
+    Profiler = object
+
+
+class StepProfiler(Profiler):
+    """Where a ``train.py`` training step's wall time goes, from Lightning's own profiler actions: **data** (the
+    loader's next batch and its copy to the device), **step** (training_step: forward and loss; backward; the
+    optimiser's own step), and the **rest** (the loop, callbacks, logging, the progress bar: wall − data − step).
+    The host syncs' share comes from ``HostSyncCounter`` (the time the host waits at them, inside the step).
+    Steps before ``skip_steps`` are left out; ``path`` (json) is written at teardown.
+
+    Example::
+
+        python train.py model=ssd '+trainer.profiler={_target_: bench.gpu_check.StepProfiler, path: split.json}'
+    """
+
+    PARTS = {
+        "data": ("train_dataloader_next", ".batch_to_device", ".on_before_batch_transfer", ".on_after_batch_transfer"),
+        "forward": (".training_step",),
+        "backward": (".backward",),
+        "optimizer": (".optimizer_step",),  # holds the closure (training_step and backward): they are taken off
+    }
+
+    def __init__(self, path: str, skip_steps: int = 5) -> None:
+        super().__init__()
+        self.path, self.skip_steps = Path(path), skip_steps
+        self.seconds: Counter[str] = Counter()
+        self.steps, self.window = 0, [0.0, 0.0]
+        self._started: dict[str, float] = {}
+        self._fetches = 0
+
+    def _part(self, action: str) -> str | None:
+        if action.startswith(("[_EvaluationLoop]", "[Strategy]")) and "validation" in action:
+            return None
+        for part, endings in self.PARTS.items():
+            if action.endswith(endings) and ("[Strategy]" in action or part in ("data", "optimizer")):
+                return part
+        return None
+
+    def start(self, action_name: str) -> None:
+        now = time.perf_counter()
+        if action_name.endswith("train_dataloader_next"):
+            self._fetches += 1
+            if self._fetches == self.skip_steps + 1:
+                self.window[0] = now
+        self._started[action_name] = now
+
+    def stop(self, action_name: str) -> None:
+        now = time.perf_counter()
+        started = self._started.pop(action_name, None)
+        if started is None or self._fetches <= self.skip_steps:
+            return
+        part = self._part(action_name)
+        if part:
+            self.seconds[part] += now - started
+        if action_name == "run_training_batch":
+            self.steps += 1
+            self.window[1] = now
+
+    def split(self) -> dict[str, Any]:
+        """Seconds a step in each part, and the wall seconds a step (from the first counted fetch to the last
+        counted step's end)."""
+        if not self.steps:
+            return {"steps": 0}
+        s = {k: v / self.steps for k, v in self.seconds.items()}
+        step = {"forward": s.get("forward", 0.0), "backward": s.get("backward", 0.0)}
+        step["optimizer"] = max(0.0, s.get("optimizer", 0.0) - step["forward"] - step["backward"])
+        wall = (self.window[1] - self.window[0]) / self.steps
+        data = s.get("data", 0.0)
+        return {
+            "steps": self.steps,
+            "wall_s": wall,
+            "data_s": data,
+            **{f"{k}_s": v for k, v in step.items()},
+            "rest_s": max(0.0, wall - data - sum(step.values())),
+        }
+
+    def summary(self) -> str:
+        return json.dumps(self.split())
+
+    def teardown(self, stage: str | None) -> None:
+        if stage == "fit" or stage is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.split(), indent=2))
+        super().teardown(stage)
 
 
 def named_sync(site: str, function: str) -> str | None:
@@ -516,6 +611,9 @@ def run_training(
         "+callbacks.host_syncs._target_=bench.gpu_check.HostSyncCounter",
         f"+callbacks.host_syncs.path={syncs}",
         f"+callbacks.host_syncs.skip_steps={1 if quick else 5}",
+        "+trainer.profiler._target_=bench.gpu_check.StepProfiler",
+        f"+trainer.profiler.path={run_dir / 'step_split.json'}",
+        f"+trainer.profiler.skip_steps={1 if quick else 5}",
     ]
     command = [sys.executable, "train.py", *overrides]
     sampler = UtilisationSampler(device)
@@ -533,6 +631,8 @@ def run_training(
             f"{(proc.stdout + proc.stderr)[-1500:]}"
         )
     result = json.loads(syncs.read_text())
+    split = run_dir / "step_split.json"
+    result["split"] = json.loads(split.read_text()) if split.is_file() else {}
     result.update(
         command="python train.py " + " ".join(overrides),
         wall_s=time.perf_counter() - started,
@@ -701,6 +801,34 @@ def markdown(sections: dict[str, Section], total_s: float, argv: list[str]) -> s
                 f"| {model} | {r['steps']} | {_num(r['images_per_s'], '.1f')} | {_num(r['wait_share'], '.0%')} | "
                 f"{_num(r['gpu_utilisation'], '.0%')} | {_num(r['syncs_per_step'], '.1f')} | {unnamed} |"
             )
+        bench = {r["model"]: r for r in sections["bench"].results.get("rows", [])}
+        lines += [
+            "",
+            "Where a train.py step's time goes (host time a step; the syncs' wait is inside the step's parts):",
+            "",
+            "| model | train.py img/s | step bench img/s | train.py ÷ bench | wall ms | data | forward | backward "
+            "| optimiser | syncs' wait | rest |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for model, r in runs.items():
+            sp, b = r.get("split") or {}, bench.get(model, {})
+            if not sp.get("steps"):
+                continue
+            wall = sp["wall_s"]
+            same_case = r["device"] == "cuda"  # --quick: the bench's toy size and the CPU recipe differ
+            ratio = r["images_per_s"] / b["images_per_s"] if same_case and b.get("images_per_s") else None
+            shares = [sp["data_s"], sp["forward_s"], sp["backward_s"], sp["optimizer_s"], r.get("sync_s") or 0.0]
+            lines.append(
+                f"| {model} | {_num(r.get('images_per_s'), '.1f')} | {_num(b.get('images_per_s'), '.1f')} | "
+                f"{_num(ratio, '.0%')} | {wall * 1e3:.0f} | "
+                + " | ".join(f"{v / wall:.0%}" for v in shares)
+                + f" | {sp['rest_s'] / wall:.0%} |"
+            )
+        lines += [
+            "",
+            "The step bench's row is its own case (section 3: the same paper's network, its batch and precision; "
+            "with --quick a toy size, and train.py the CPU recipe): read the ratio as the loop's cost on a GPU only.",
+        ]
         lines += ["", "Where the synchronisations come from (per step):", ""]
         for model, r in runs.items():
             for s in r["sites"]:

@@ -68,6 +68,11 @@ def test_quick_check_on_cpu_runs_every_section_and_writes_the_report(tmp_path):
         # 4 steps of 4 images, the first left out; no CUDA, so nothing to count
         assert (run["steps"], run["images"], run["device"]) == (3, 12, "cpu"), model
         assert run["syncs_per_step"] == 0 and run["images_per_s"] > 0
+        # the step's split (StepProfiler): the same 3 steps, every part measured, the parts within the wall time
+        split = run["split"]
+        assert split["steps"] == 3 and all(split[f"{k}_s"] > 0 for k in ("data", "forward", "backward", "optimizer"))
+        parts = sum(split[f"{k}_s"] for k in ("data", "forward", "backward", "optimizer"))
+        assert parts <= split["wall_s"] and split["rest_s"] == pytest.approx(split["wall_s"] - parts, abs=1e-9)
     if loader_status == "ok":
         loader = sections["loader"]["results"]["models"]
         assert set(loader) == {"retinanet", "ssd", "yolo"}
@@ -77,7 +82,7 @@ def test_quick_check_on_cpu_runs_every_section_and_writes_the_report(tmp_path):
         met is None for goal, met in goals.items() if "minutes" not in goal
     )
     text = (tmp_path / "report.md").read_text()
-    for heading in ("## Goals", "## CUDA tests", "## A training step", "## train.py"):
+    for heading in ("## Goals", "## CUDA tests", "## A training step", "## train.py", "Where a train.py step's time"):
         assert heading in text
     assert ("## The VOC training loader" in text) == (loader_status == "ok")
 
