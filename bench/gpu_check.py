@@ -377,30 +377,11 @@ class HostSyncCounter(Callback):
 
     @staticmethod
     def _site() -> tuple[str, str]:
-        """(file:line, function) of the innermost frame that is not torch's, torchvision's, the warnings module's or
-        this file's, when it is this repository's code; else (its package, function). The function is its qualified
-        name without ``<locals>``/``<genexpr>`` (a generator expression counts for the function around it). Inside
-        an autograd node's backward: ("backward", the node's name)."""
-        node = torch._C._current_autograd_node()
-        if node is not None:
-            return "backward", type(node).__name__
-        frame = sys._getframe(1)
-        while frame is not None:
-            path = Path(frame.f_code.co_filename).resolve()
-            if not (
-                path == Path(__file__).resolve()
-                or path.name == "warnings.py"
-                or {"torch", "torchvision"} & set(path.parts)
-            ):
-                qualname = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)  # Python 3.11+
-                function = ".".join(p for p in qualname.split(".") if not p.startswith("<")) or qualname
-                if "site-packages" in path.parts:
-                    return path.parts[path.parts.index("site-packages") + 1], frame.f_code.co_name
-                if path.is_relative_to(ROOT):
-                    return f"{path.relative_to(ROOT)}:{frame.f_lineno}", function
-                return str(path), function
-            frame = frame.f_back
-        return "torch", "?"
+        """(file:line, function) in this repository, else (package, function): ``bench.host_syncs.site``."""
+        from .host_syncs import site
+
+        where, line, function = site(skip=(Path(__file__).resolve(),))
+        return (f"{where}:{line}" if line is not None else where), function
 
     def summary(self) -> dict[str, Any]:
         seconds = (self.window[1] - self.window[0]) if self.window else 0.0
@@ -461,13 +442,12 @@ class StepProfiler(Profiler):
         super().__init__()
         self.path, self.skip_steps = Path(path), skip_steps
         self.seconds: Counter[str] = Counter()
-        self.steps, self.window = 0, [0.0, 0.0]
+        self.steps, self.window, self.validating_s = 0, [0.0, 0.0], 0.0
         self._started: dict[str, float] = {}
         self._fetches = 0
+        self._validation_began: float | None = None  # a validation between steps: neither a part nor the wall
 
     def _part(self, action: str) -> str | None:
-        if action.startswith(("[_EvaluationLoop]", "[Strategy]")) and "validation" in action:
-            return None
         for part, endings in self.PARTS.items():
             if action.endswith(endings) and ("[Strategy]" in action or part in ("data", "optimizer")):
                 return part
@@ -475,7 +455,13 @@ class StepProfiler(Profiler):
 
     def start(self, action_name: str) -> None:
         now = time.perf_counter()
+        if action_name.endswith("on_validation_start") and self._validation_began is None:
+            self._validation_began = now
         if action_name.endswith("train_dataloader_next"):
+            if self._validation_began is not None:  # training resumes: the validation ends here
+                if self._fetches > self.skip_steps:
+                    self.validating_s += now - self._validation_began
+                self._validation_began = None
             self._fetches += 1
             if self._fetches == self.skip_steps + 1:
                 self.window[0] = now
@@ -484,7 +470,7 @@ class StepProfiler(Profiler):
     def stop(self, action_name: str) -> None:
         now = time.perf_counter()
         started = self._started.pop(action_name, None)
-        if started is None or self._fetches <= self.skip_steps:
+        if started is None or self._fetches <= self.skip_steps or self._validation_began is not None:
             return
         part = self._part(action_name)
         if part:
@@ -495,13 +481,13 @@ class StepProfiler(Profiler):
 
     def split(self) -> dict[str, Any]:
         """Seconds a step in each part, and the wall seconds a step (from the first counted fetch to the last
-        counted step's end)."""
+        counted step's end, less the validations between)."""
         if not self.steps:
             return {"steps": 0}
         s = {k: v / self.steps for k, v in self.seconds.items()}
         step = {"forward": s.get("forward", 0.0), "backward": s.get("backward", 0.0)}
         step["optimizer"] = max(0.0, s.get("optimizer", 0.0) - step["forward"] - step["backward"])
-        wall = (self.window[1] - self.window[0]) / self.steps
+        wall = (self.window[1] - self.window[0] - self.validating_s) / self.steps
         data = s.get("data", 0.0)
         return {
             "steps": self.steps,

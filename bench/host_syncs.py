@@ -49,13 +49,9 @@ DESIGNED_SYNCS: dict[tuple[str, str], tuple[int, str]] = {
         2,
         "bipartite matching: whether a free pair is left, read every second round (1–2 rounds: 1 read)",
     ),
-    ("detectors/assigners.py", "crowd_overlap"): (
+    ("detectors/batch.py", "DetectionBatch.crowd_bound"): (
         1,
-        "crowd boxes' count, only for a batch not collated by collate_detection (it counts them on the host)",
-    ),
-    ("detectors/assigners.py", "ignore_crowd_regions"): (
-        1,
-        "whether a batch holds crowd boxes, only for a batch not collated by collate_detection",
+        "the crowd boxes' count, only for a batch not collated by collate_detection (it counts them on the host)",
     ),
 }
 #: Sites seen only on a GPU, by train.py's machinery rather than the step (``bench.gpu_check`` names them).
@@ -63,7 +59,7 @@ OUTSIDE_THE_STEP = {
     ("detectors/retinanet.py", "AnchorGenerator._generate"): "anchors for an input size not seen before (cached)",
     ("detectors/ssd.py", "DefaultBoxGenerator._generate"): "default boxes for an input size not seen before (cached)",
     ("detectors/yolo.py", "GridCells._generate"): "grid cells for an input size not seen before (cached)",
-    ("detectors/retinanet.py", "_TileLayout.make"): "the sparse box subnet's tables for an input size (cached)",
+    ("detectors/retinanet.py", "_TileLayout.make.table"): "the sparse box subnet's tables for an input size (cached)",
     ("lightning", "*"): "Lightning: the progress bar's refresh and the loggers (every log_every_n_steps)",
 }
 
@@ -105,8 +101,9 @@ class HostSyncCount(TorchDispatchMode):
         kwargs = kwargs or {}
         what = syncing(func, args, kwargs)
         if what:
+            where, _, function = site()
             self.ops[what] += 1
-            self.sites[site()] += 1
+            self.sites[where, function] += 1
         return func(*args, **kwargs)
 
     def unexpected(self, designed: dict[tuple[str, str], tuple[int, str]] = DESIGNED_SYNCS) -> dict[str, int]:
@@ -131,38 +128,39 @@ def syncing(func, args: tuple, kwargs: dict[str, Any]) -> str | None:
     return None
 
 
-def site() -> tuple[str, str]:
-    """(file relative to the repository, function's qualified name) of the innermost frame of this repository's
-    code outside this file; ``("backward", <autograd node>)`` inside an autograd node's backward."""
+def site(skip: tuple[Path, ...] = ()) -> tuple[str, int | None, str]:
+    """(where, line, function) of the innermost frame that is not torch's, torchvision's, the warnings module's,
+    this file's or in ``skip``: where is a file relative to the repository (with its line), else the package of
+    an installed one, or ("backward", None, <autograd node>) inside an autograd node's backward. The function is
+    its qualified name without ``<locals>``/``<genexpr>`` (a generator expression counts for the function around
+    it)."""
     node = torch._C._current_autograd_node()
     if node is not None:
-        return "backward", type(node).__name__
-    here = Path(__file__).resolve()
+        return "backward", None, type(node).__name__
+    passed = {Path(__file__).resolve(), *skip}
     frame = sys._getframe(1)
     while frame is not None:
         path = Path(frame.f_code.co_filename).resolve()
-        outside = {".venv", "site-packages"} & set(path.parts)
-        if path != here and path.is_relative_to(ROOT) and not outside:
+        if not (path in passed or path.name == "warnings.py" or {"torch", "torchvision"} & set(path.parts)):
             qualname = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)  # Python 3.11+
             function = ".".join(p for p in qualname.split(".") if not p.startswith("<")) or qualname
-            return str(path.relative_to(ROOT)), function
+            if "site-packages" in path.parts:
+                return path.parts[path.parts.index("site-packages") + 1], None, frame.f_code.co_name
+            if path.is_relative_to(ROOT):
+                return str(path.relative_to(ROOT)), frame.f_lineno, function
+            return str(path), None, function
         frame = frame.f_back
-    return "outside", "?"
+    return "torch", None, "?"
 
 
 def reason(file: str, function: str) -> str | None:
     """Why the design makes a sync at this site (``DESIGNED_SYNCS``, ``OUTSIDE_THE_STEP``), or None. On Python 3.10
     (no qualified names) by the function name's last part."""
-    for table in (DESIGNED_SYNCS, OUTSIDE_THE_STEP):
-        entry = table.get((file, function)) or table.get((file, "*"))
-        if entry is not None:
-            return entry[1] if isinstance(entry, tuple) else entry
-    if "." not in function:
-        for table in (DESIGNED_SYNCS, OUTSIDE_THE_STEP):
-            for (f, q), entry in table.items():
-                if f == file and q.rsplit(".", 1)[-1] == function:
-                    return entry[1] if isinstance(entry, tuple) else entry
-    return None
+    reasons = {**{k: why for k, (_, why) in DESIGNED_SYNCS.items()}, **OUTSIDE_THE_STEP}
+    found = reasons.get((file, function)) or reasons.get((file, "*"))
+    if found is None and "." not in function:
+        found = next((why for (f, q), why in reasons.items() if f == file and q.rsplit(".", 1)[-1] == function), None)
+    return found
 
 
 #: Each paper's network as ``model=<paper>`` builds it, and the input side a counted step uses: the paper's own

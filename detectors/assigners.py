@@ -18,10 +18,10 @@ def positives(labels: Tensor, num_classes: int) -> Tensor:
     return (labels >= 0) & (labels < num_classes)
 
 
-def crowd_overlap(priors: Tensor, targets: DetectionBatch) -> Tensor:
-    """(B, N): the largest fraction of each prior's area that lies inside one of its image's crowd boxes."""
-    b = len(targets)
-    m = targets.max_crowd if targets.max_crowd is not None else int(targets.crowd.sum(1).max())
+def crowd_overlap(priors: Tensor, targets: DetectionBatch, max_crowd: int) -> Tensor:
+    """(B, N): the largest fraction of each prior's area that lies inside one of its image's crowd boxes, of which
+    no image holds more than ``max_crowd``."""
+    b, m = len(targets), max_crowd
     # the crowd boxes of each image, packed to (B, m) by a scatter (the other objects go to a spare slot m,
     # dropped); padding slots are empty boxes
     slot = torch.where(targets.crowd, torch.cumsum(targets.crowd.long(), 1) - 1, m)
@@ -40,10 +40,10 @@ def ignore_crowd_regions(
 ) -> Tensor:
     """Background priors mostly inside a crowd region (COCO ``iscrowd``) become ``IGNORE``: the region holds
     objects nobody boxed, so it must not be taught as background. Positives keep their label."""
-    any_crowd = targets.max_crowd > 0 if targets.max_crowd is not None else bool(targets.crowd.any())
-    if crowd_ioa is None or not any_crowd:
+    max_crowd = targets.crowd_bound() if crowd_ioa is not None else 0
+    if max_crowd == 0:
         return labels
-    inside = crowd_overlap(priors, targets) > crowd_ioa
+    inside = crowd_overlap(priors, targets, max_crowd) > crowd_ioa
     return labels.masked_fill(inside & (labels == num_classes), IGNORE)
 
 

@@ -36,6 +36,10 @@ class DetectionBatch:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def crowd_bound(self) -> int:
+        """At least as many crowd boxes as any one image holds: ``max_crowd``, or (None) counted on the device."""
+        return self.max_crowd if self.max_crowd is not None else int(self.crowd.sum(1).max())
+
     @property
     def input_size(self) -> tuple[int, int]:
         return int(self.images.shape[-2]), int(self.images.shape[-1])

@@ -218,8 +218,6 @@ class _TileLayout:
     height: Tensor  # (L,) each level's H
     width: Tensor  # (L,) each level's W
     level_start: Tensor  # (L,) a level's first location among an image's
-    padded_height: Tensor  # (L,) H + 2·pad
-    padded_width: Tensor  # (L,) W + 2·pad
     padded_start: Tensor  # (L,) a level's first pixel row among all levels' padded rows (B images each)
     tile_level: Tensor  # (Σ tiles,) each tile's level, tiles ordered level by level, row-major
     tile_y: Tensor  # (Σ tiles,) its tile row
@@ -246,8 +244,6 @@ class _TileLayout:
             height=table([h for h, _ in sizes]),
             width=table([w for _, w in sizes]),
             level_start=table([sum(h * w for h, w in sizes[:i]) for i in range(len(sizes))]),
-            padded_height=table([h + 2 * pad for h, _ in sizes]),
-            padded_width=table([w + 2 * pad for _, w in sizes]),
             padded_start=table([sum(padded[:i]) for i in range(len(sizes))]),
             tile_level=table(level),
             tile_y=table(ty),
@@ -262,7 +258,7 @@ def _gather_patches(
     size+pad−1, zero outside) of image ``image[t]``'s map at ``level[t]``. One gather over all levels' pixel rows."""
     # each level zero-padded and flattened to (B·(H+2·pad)·(W+2·pad), C) pixel rows
     rows = [F.pad(f, (pad, pad, pad, pad)).permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]
-    heights, widths = layout.padded_height[level], layout.padded_width[level]
+    heights, widths = layout.height[level] + 2 * pad, layout.width[level] + 2 * pad
     first = layout.padded_start[level] + image * heights * widths
     index = first[:, None, None] + (ys + pad)[:, :, None] * widths[:, None, None] + (xs + pad)[:, None, :]
     patches = torch.cat(rows).index_select(0, index.reshape(-1))

@@ -105,3 +105,44 @@ def test_one_detector_failing_to_train_keeps_the_others_figures(tmp_path, monkey
     assert train["error"].startswith("retinanet: RuntimeError: train.py retinanet exited 1")
     text = (tmp_path / "report.md").read_text()
     assert "**train failed:**" in text and "| ssd |" in text and "| yolo |" in text
+
+
+def test_the_step_split_leaves_out_the_warm_up_and_a_validation_between_steps(tmp_path, monkeypatch):
+    """StepProfiler on a scripted sequence of Lightning's actions, on a fake clock: 1 warm-up step, then 3 steps of
+    10 s (data 1, forward 2, backward 3, optimiser's own 1, rest 3), a 50 s validation (its own transfers and
+    steps) after the second."""
+    clock = [0.0]
+    monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: clock[0])
+    profiler = gpu_check.StepProfiler(path=str(tmp_path / "split.json"), skip_steps=1)
+
+    def action(name: str, seconds: float, inside=()) -> None:
+        profiler.start(name)
+        for inner in inside:
+            inner()
+        clock[0] += seconds
+        profiler.stop(name)
+
+    def step() -> None:
+        action("[_TrainingEpochLoop].train_dataloader_next", 0.6)
+        action("[Strategy]SingleDeviceStrategy.batch_to_device", 0.4)
+        training = (
+            lambda: action("[Strategy]SingleDeviceStrategy.training_step", 2),
+            lambda: action("[Strategy]SingleDeviceStrategy.backward", 3),
+        )
+        optimiser = lambda: action("[LightningModule]DetectionModule.optimizer_step", 1, training)  # noqa: E731
+        action("run_training_batch", 0, (optimiser,))
+        clock[0] += 3  # callbacks, logging
+
+    def validation() -> None:
+        action("[LightningModule]DetectionModule.on_validation_start", 1)
+        action("[Strategy]SingleDeviceStrategy.batch_to_device", 4)
+        action("[Strategy]SingleDeviceStrategy.validation_step", 45)
+
+    for run in (step, step, step, validation, step):
+        run()
+    split = profiler.split()
+    assert split["steps"] == 3
+    assert split["wall_s"] == pytest.approx((4 * 10 - 3 - 10) / 3)  # first counted fetch to last step's end
+    assert (split["data_s"], split["forward_s"], split["backward_s"], split["optimizer_s"]) == pytest.approx(
+        (1, 2, 3, 1)
+    )
