@@ -4,15 +4,15 @@ printed as one table.
 Ratios are the peer's time ÷ ours (higher is better for us); the last column is ours ÷ a physical floor: bytes
 moved ÷ measured copy bandwidth (memory) or matmul/conv FLOPs ÷ measured matmul rate (FLOPs). Options:
 ``--device cuda``, ``--repeats N``, ``--json PATH`` to keep the figures, ``--only ssd`` (or ``retinanet``, ``data``,
-``eval``, ``train``, ``loader``) for one group of rows. ``loader`` measures the project's VOC training loader
-(``--voc-root``, ``--workers``) in images/s, against the training rate when the ``train`` rows ran too.
+``eval``, ``train``, ``loader``) for one group of rows. ``loader`` measures each paper's training pipeline in
+one loader worker (one CPU core) on real JPEGs (``../shared/data``'s VOC sample and BCCD, or ``--voc-root``), and
+the cores it takes to feed the training step on one GPU (this run's step rate on a GPU, else the H200's).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -40,14 +40,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--voc-root",
         type=Path,
-        default=data_pipeline.SAMPLE.parent,
-        help="loader: a VOCdevkit folder (default: the sample in ../shared/data)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
+        action="append",
         default=None,
-        help="loader: worker processes (default: 16 on a GPU, else the number of cores)",
+        help="loader: a VOCdevkit or one VOC-style folder, repeatable (default: ../shared/data's VOC sample, BCCD)",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -59,7 +54,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s; float32 matmul rate: {flops / 1e9:.0f} GFLOP/s",
         flush=True,
     )
-    rows, loader = [], None
+    rows, loader = [], []
 
     def record(
         what: str,
@@ -89,11 +84,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         data_pipeline.pipeline_rows(args.repeats, record)
     if args.only in (None, "eval"):
         evaluation_rows(args.repeats, record)
-    training_rates = {}
     if args.only in (None, "train"):
-        training_rates = training_step.training_step_rows(device, args.repeats, record, flops)
+        training_step.training_step_rows(device, args.repeats, record, flops)
     if args.only in (None, "loader"):
-        loader = loader_row(device, args, training_rates)
+        loader = loader_rows(args.voc_root, args.repeats)
 
     if rows:
         print("\n| what | peer | peer time | ours | speed-up | ours ÷ floor |")
@@ -106,14 +100,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     if loader:
         print(
-            f"\nloader: {loader['what']}: {loader['images_per_s']:.1f} img/s"
-            + (
-                f"; training ({loader['against']}) {loader['training_images_per_s']:.1f} img/s: "
-                f"{loader['headroom']:.1f}× headroom"
-                if loader.get("against")
-                else ""
-            )
+            f"\n| training pipeline, one loader worker | img/s a core | H200 step img/s | cores to feed it "
+            f"({data_pipeline.GPU_CORES} on the GPU machines) |"
         )
+        print("|---|---:|---:|---:|")
+        for r in loader:
+            cores = f"{r['cores_needed']:.1f}" if r["cores_needed"] else "–"
+            print(
+                f"| {r['model']} on {r['data']} | {r['images_per_s_per_core']:.1f} | "
+                f"{r['step_images_per_s'] or 0:.0f} | {cores} |"
+            )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
@@ -131,23 +127,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def loader_row(device: torch.device, args, training_rates: dict[str, float]) -> dict | None:
-    """The VOC training loader's images/s with the workers a training run would use, and whether it keeps up with
-    the training rate measured above (on a GPU: the 800 px bf16 row, the loader's own resolution)."""
-    if not args.voc_root.is_dir():
-        print(f"loader: {args.voc_root} is not a folder; give a VOCdevkit with --voc-root", flush=True)
-        return None
-    workers = args.workers if args.workers is not None else (16 if device.type == "cuda" else os.cpu_count())
-    batch = 16 if device.type == "cuda" else 2
-    rate, what = data_pipeline.loader_rate(args.voc_root, workers, batch, pin_memory=device.type == "cuda")
-    print(f"loader: {what}: {rate:.1f} img/s", flush=True)
-    row = {"what": what, "images_per_s": rate}
-    if training_rates:
-        against = list(training_rates)[-1] if device.type == "cuda" else next(iter(training_rates))
-        row.update(
-            against=against, training_images_per_s=training_rates[against], headroom=rate / training_rates[against]
-        )
-    return row
+def loader_rows(roots: list[Path] | None, repeats: int) -> list[dict]:
+    """Each paper's training pipeline on one core, on each folder of real JPEGs, against the GPU step's rate
+    measured on an H200 (``data_pipeline.GPU_STEP_RATES``; ``bench.gpu_check`` compares with its own GPU's)."""
+    roots = roots or [r for r in (data_pipeline.SAMPLE.parent, data_pipeline.BCCD) if r.is_dir()]
+    if not roots:
+        print("loader: no JPEGs in ../shared/data; give a VOCdevkit or one VOC-style folder: --voc-root", flush=True)
+        return []
+    return data_pipeline.per_core_rows(roots, data_pipeline.GPU_STEP_RATES, repeats=repeats)
 
 
 def retinanet_rows(device: torch.device, repeats: int, bandwidth: float, record) -> None:

@@ -70,6 +70,21 @@ def test_loader_rate_runs_the_projects_voc_loader(tmp_path):
         loader_rate(tmp_path / "nothing", workers=0, batch_size=2)
 
 
+def test_loader_rows_measure_each_papers_pipeline_in_one_folder(tmp_path):
+    from bench.data_pipeline import per_core_rows
+
+    from .datamodules.test_voc import write_folder
+
+    # one exported folder (BCCD's layout): Annotations/, JPEGImages/, ImageSets/Main/train.txt; classes from XMLs
+    folder = write_folder(tmp_path / "export", 8, "Annotations", "JPEGImages", lists={"train": list(range(8))})
+    rows = per_core_rows([folder], {"ssd": 100.0}, batches=2, repeats=1)
+    assert [r["model"] for r in rows] == ["retinanet", "ssd", "yolo"] and {r["data"] for r in rows} == {"export"}
+    assert all(r["images_per_s_per_core"] > 0 and "export train (8 images" in r["what"] for r in rows)
+    ssd = rows[1]
+    assert ssd["cores_needed"] == pytest.approx(100.0 / ssd["images_per_s_per_core"])
+    assert rows[0]["cores_needed"] is None  # no step rate given for it
+
+
 def test_speed_ups_near_a_goal_print_with_two_decimals():
     from bench.__main__ import times
 

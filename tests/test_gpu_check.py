@@ -74,7 +74,8 @@ def test_quick_check_on_cpu_runs_every_section_and_writes_the_report(tmp_path):
         parts = sum(split[f"{k}_s"] for k in ("data", "forward", "backward", "optimizer"))
         assert parts <= split["wall_s"] and split["rest_s"] == pytest.approx(split["wall_s"] - parts, abs=1e-9)
     if loader_status == "ok":
-        loader = sections["loader"]["results"]["models"]
+        assert list(sections["loader"]["results"]["sets"]) == ["VOC"]  # --quick: the VOC sample alone
+        loader = sections["loader"]["results"]["sets"]["VOC"]["models"]
         assert set(loader) == {"retinanet", "ssd", "yolo"}
         assert all(m["recommended_workers"] in (0, 1) for m in loader.values())
     goals = {g["goal"]: g["met"] for g in report["goals"]}
@@ -84,7 +85,7 @@ def test_quick_check_on_cpu_runs_every_section_and_writes_the_report(tmp_path):
     text = (tmp_path / "report.md").read_text()
     for heading in ("## Goals", "## CUDA tests", "## A training step", "## train.py", "Where a train.py step's time"):
         assert heading in text
-    assert ("## The VOC training loader" in text) == (loader_status == "ok")
+    assert ("## The training loader on VOC" in text) == (loader_status == "ok")
 
 
 def test_one_detector_failing_to_train_keeps_the_others_figures(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ pixels under a box, the flip/resize formulas), since a silently unapplied IoU co
 RandomSampleCrop) or a box that drifts off its object trains without any error.
 """
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -25,6 +26,7 @@ from datamodules.transforms import (
     SSDAugmentation,
     YOLOAugmentation,
     scale_saturation_value,
+    scale_saturation_value_hwc,
 )
 from detectors.batch import collate_detection
 
@@ -587,6 +589,17 @@ def test_hsv_scaling_equals_the_hsv_round_trip(saturation, value):
     assert (ours.double() - hsv_reference(image, saturation, value)).abs().max() <= 0.5 + 1e-6  # rounding only
 
 
+@pytest.mark.parametrize(("saturation", "value"), [(1.5, 1.5), (1 / 1.5, 1 / 1.5), (1.5, 0.7), (0.8, 1.3), (1, 1)])
+def test_hsv_scaling_through_opencv_is_within_a_level_of_the_definition(saturation, value):
+    image = torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
+    image[:, :4] = 90  # grey pixels: no hue, saturation 0
+    image[:, 4:8, :10] = 0  # black
+    hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    ours = torch.from_numpy(scale_saturation_value_hwc(hwc, saturation, value)).permute(2, 0, 1)
+    # float32 HSV and back: the exact value to ~1e-4 of a level, so its rounding is off by at most one level
+    assert ours.dtype == torch.uint8 and (ours.double() - hsv_reference(image, saturation, value)).abs().max() <= 1
+
+
 def test_hsv_factors_lie_within_the_papers_range_and_boxes_pass():
     from matplotlib.colors import rgb_to_hsv
 
@@ -634,6 +647,41 @@ def test_yolo_jitter_scales_and_translates_boxes_with_their_pixels():
             assert fill.any()
         moved += abs(cx - 40) > 1
     assert moved >= 20
+
+
+@pytest.mark.parametrize("out", [(448, 448), (160, 160), (200, 120)])
+def test_yolo_one_pass_equals_its_v2_twin(out):
+    """The same draws (the generator left in the same state), boxes within 1 px (the paste's offset and the resized
+    size are whole pixels: ≤ ½ px each), pixels within 2 levels away from the pasted edges: on a linear ramp both
+    the bilinear warp and the antialiased resize sample the same plane, ≤ 0.4 level per px apart here, plus the
+    twin's two uint8 roundings."""
+    h, w = 480, 640
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    ramp = torch.stack((40 + 0.2 * x, 30 + 0.3 * y, 20 + 0.1 * x + 0.15 * y)).round().to(torch.uint8)
+    boxes = torch.tensor([[0.3 * w, 0.3 * h, 0.5 * w, 0.6 * h], [0.45 * w, 0.35 * h, 0.7 * w, 0.7 * h]])
+    target = {"boxes": boxes, "labels": torch.tensor([1, 2]), "image_id": torch.tensor(0)}
+    geometry = YOLOAugmentation(size=out, hsv=False, mean=(0.2, 0.4, 0.6))
+    full = YOLOAugmentation(size=out, mean=(0.2, 0.4, 0.6))
+    for seed in range(12):
+        torch.manual_seed(seed)
+        fast_image, fast = geometry(ramp, target)
+        after_fast = torch.rand(1)
+        torch.manual_seed(seed)
+        plain_image, plain = geometry.plain(ramp, target)
+        assert torch.rand(1) == after_fast
+        assert fast_image.shape == plain_image.shape == (3, *out)
+        torch.testing.assert_close(fast["boxes"], plain["boxes"], atol=1.0, rtol=0)
+        # away from the pasted image's edges (the fill and the resize's border taps): the ramp in both
+        inside = (plain_image.int() - fast_image.int()).abs().amax(0)
+        fill = (fast_image == torch.tensor([51, 102, 153], dtype=torch.uint8)[:, None, None]).all(0)
+        interior = ~torch.nn.functional.max_pool2d(fill[None, None].float(), 7, 1, 3)[0, 0].bool()
+        interior[:3], interior[-3:], interior[:, :3], interior[:, -3:] = False, False, False, False
+        assert interior.float().mean() > 0.3 and inside[interior].max() <= 2
+        torch.manual_seed(seed)
+        _, with_hsv = full(ramp, target)
+        torch.manual_seed(seed)
+        _, with_hsv_plain = full.plain(ramp, target)
+        torch.testing.assert_close(with_hsv["boxes"], with_hsv_plain["boxes"], atol=1.0, rtol=0)
 
 
 def test_yolo_augmentation_drops_degenerate_boxes_and_passes_empty_images():
