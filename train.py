@@ -20,11 +20,13 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 from engine import layout, memory
+from engine.callbacks import ValidateAtTheEnd
 from engine.checkpoint_loading import finetune_from
 from engine.detection_module import DetectionModule
 from engine.distributed import SameConfigOnEveryRank, launches_its_own_processes
@@ -227,6 +229,65 @@ def warn_bf16_with_trainable_batchnorm(trainer: L.Trainer, model: DetectionModul
     return message
 
 
+def fit_batch_to_data(cfg: DictConfig, trainer: L.Trainer, datamodule: L.LightningDataModule) -> None:
+    """A training set smaller than a batch trains with the batch shrunk to it (a warning says so; the loader drops
+    an incomplete last batch, so it would otherwise train nothing); a set with no image per process stops."""
+    datamodule.setup("fit")
+    images, ranks = len(datamodule.train_set), trainer.world_size
+    per_rank = images // ranks
+    if per_rank == 0:
+        raise ValueError(
+            f"the training data holds {images} image(s) for {ranks} process(es): nothing to train on. Check "
+            f"data.root and the training split ({describe_training_data(cfg)}), or train on fewer devices"
+        )
+    batch = int(cfg.data.batch_size)
+    fits = min(batch, per_rank)
+    if fits == batch:
+        return
+    log.warning(
+        "data.batch_size=%d is more than the %d training image(s)%s: training with batches of %d (give "
+        "data.batch_size=%d to silence this; the learning rate is the recipe's, for its batch of %d)",
+        batch,
+        images,
+        f" ({per_rank} per process)" if ranks > 1 else "",
+        fits,
+        fits,
+        batch,
+    )
+    cfg.data.batch_size = datamodule.batch_size = fits
+
+
+def describe_training_data(cfg: DictConfig) -> str:
+    keys = ("root", "train_sets", "train_json", "train_images", "num_train")
+    return ", ".join(f"data.{k}={cfg.data[k]}" for k in keys if cfg.data.get(k) is not None)
+
+
+def refuse_zero_steps(trainer: L.Trainer, datamodule: L.LightningDataModule) -> None:
+    """A fit that would run no training step stops before it starts, naming why (Lightning's own stop, "No
+    training batches", exits 0: a run that trained nothing would look like a success)."""
+    batches = len(datamodule.train_dataloader())
+    limit = trainer.limit_train_batches
+    limited = batches if limit is None else (min(batches, limit) if isinstance(limit, int) else int(batches * limit))
+    why = None
+    if batches == 0:
+        why = (
+            f"the training loader makes no batch of {datamodule.batch_size} from {len(datamodule.train_set)} images"
+            + (
+                " (batches hold one orientation: data.aspect_ratio_grouping=false mixes them)"
+                if getattr(datamodule, "aspect_ratio_grouping", False)
+                else ""
+            )
+        )
+    elif limited == 0:
+        why = f"trainer.limit_train_batches={limit} leaves none of the epoch's {batches} batches"
+    elif trainer.max_steps == 0:
+        why = "trainer.max_steps=0"
+    elif trainer.max_epochs == 0:
+        why = "trainer.max_epochs=0"
+    if why:
+        raise ValueError(f"this run would train zero steps: {why}")
+
+
 def refuse_other_data(cfg: DictConfig) -> None:
     """A paper recipe (``recipe_data: voc``) trained on other data would run its schedule silently on the wrong
     set: stopped, unless ``recipe_data=null`` says it is meant."""
@@ -268,6 +329,7 @@ def fit_and_validate(
     model = DetectionModule.from_config(OmegaConf.to_container(cfg.model, resolve=True))
     warn_bf16_with_trainable_batchnorm(trainer, model)
     check_memory(cfg, trainer, model, datamodule)  # before lr_scaling: it reads the batch size auto chooses
+    fit_batch_to_data(cfg, trainer, datamodule)
     # model.channels_last=auto: rank 0 measures at setup, every rank takes its answer (engine/layout.py)
     trainer.callbacks.append(
         layout.ChannelsLastAuto(int(cfg.data.batch_size), OmegaConf.to_container(cfg.model, resolve=True))
@@ -285,22 +347,46 @@ def fit_and_validate(
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    # weights_only: our checkpoints hold tensors and plain containers, so nothing in them can run code
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if ckpt_path is None:
+        refuse_zero_steps(trainer, datamodule)
+    try:
+        # weights_only: our checkpoints hold tensors and plain containers, so nothing in them can run code
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # last.ckpt is saved (CheckpointOnSignal); the grace period leaves no time to validate
+        write_metrics(trainer, output_dir, "the last validation before SIGTERM")
+        raise
+    if trainer.global_step == 0 and ckpt_path is None:
+        raise RuntimeError("the run trained zero steps (see the log above for Lightning's reason)")
+    save_last_checkpoint(trainer)
 
     # the checkpoint callback that monitors a metric (conf/callbacks: best_checkpoint) holds best.ckpt
     best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
     if cfg.get("validate_best") and best:
         trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+    metrics = write_metrics(trainer, output_dir, f"best checkpoint {best}" if best else "the last validation")
+    if trainer.is_global_zero:
+        print(f"\nrun folder: {output_dir}")
+    return metrics
+
+
+def save_last_checkpoint(trainer: L.Trainer) -> None:
+    """last.ckpt at the final step where the loop saved none there (a run without validation data ends between
+    its epoch-end saves); the ``ValidateAtTheEnd`` callback knows the step of the last save."""
+    end = next((c for c in trainer.callbacks if isinstance(c, ValidateAtTheEnd)), None)
+    last = next((c for c in trainer.checkpoint_callbacks if not c.monitor), None)
+    if end is None or last is None or end.saved_step == trainer.global_step:
+        return
+    path = Path(last.dirpath, f"{last.filename}{last.FILE_EXTENSION}")
+    trainer.save_checkpoint(path)
+    log.info("saved %s at the final step %d", path, trainer.global_step)
+
+
+def write_metrics(trainer: L.Trainer, output_dir: Path, what: str) -> dict[str, float]:
+    """The validation metrics Lightning holds now, into metrics.json and the console (rank 0)."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    if not trainer.is_global_zero:  # every rank holds the same gathered metrics; one writes and prints them
-        return metrics
-    if metrics:
+    if metrics and trainer.is_global_zero:  # every rank holds the same gathered metrics; one writes them
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(
-            f"\nvalidation metrics ({'best checkpoint ' + best if best else 'last epoch'}):\n{format_metrics(metrics)}"
-        )
-    print(f"\nrun folder: {output_dir}")
+        print(f"\nvalidation metrics ({what}):\n{format_metrics(metrics)}")
     return metrics
 
 

@@ -11,10 +11,11 @@ rewritten after every section so that an interrupted check keeps what it measure
    RetinaNet R50-FPN 800×800 batch 16, SSD300 batch 32 (both bf16 autocast, channels-last) and YOLOv1 448×448
    batch 64 (no torchvision peer: ours alone); images/s and the step's activation peak (GPU memory above what
    the models and optimisers hold).
-4. **train**: ``train.py`` for about a minute per detector (the paper's network on the built-in shapes at its own
-   input size, bf16-mixed), counting each host-device synchronisation in the training steps and where it comes
-   from (``torch.cuda.set_sync_debug_mode``: :class:`HostSyncCounter`), the time the step waits for its batch,
-   and the GPU's utilisation sampled by ``nvidia-smi``.
+4. **train**: ``train.py`` for about a minute per detector (the paper's network on the built-in shapes at its
+   own input size, bf16-mixed), and again with ``compile=true`` (``--compile``, recompiles counted), counting
+   each host-device synchronisation in the training steps and where it comes from
+   (``torch.cuda.set_sync_debug_mode``: :class:`HostSyncCounter`), the time the step waits for its batch, and
+   the GPU's utilisation sampled by ``nvidia-smi``.
 5. **loader**: the project's VOC training loader on real JPEGs (``../shared/data``'s VOC2012 sample and BCCD, or
    ``--voc-root``) with 1–16 worker processes, for each model's own augmentation, next to that model's training
    rate from (3): the fewest workers that keep the GPU fed.
@@ -398,6 +399,8 @@ class HostSyncCounter(Callback):
             "window": self.window,
             "syncs_per_step": total / self.steps if self.steps else None,
             "sync_s": self.sync_seconds / self.steps if self.steps else None,
+            "compiled_graphs": _dynamo_count("stats", "unique_graphs"),  # compile=true: graphs made, ...
+            "recompiles": _dynamo_count("recompiles"),  # ... and recompilations (a guard failed: a new shape)
             "sites": [
                 {
                     "site": site,
@@ -413,6 +416,16 @@ class HostSyncCounter(Callback):
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.summary(), indent=2))
+
+
+def _dynamo_count(group: str, key: str | None = None) -> int:
+    """torch._dynamo's counter ``group``/``key`` (its sum when ``key`` is None), 0 where nothing was compiled."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    values = counters.get(group, {})
+    return int(values.get(key, 0) if key else sum(values.values()))
 
 
 try:
@@ -584,17 +597,18 @@ class UtilisationSampler:
 
 
 def run_training(
-    model: str, device: torch.device, out: Path, quick: bool, minutes: float, workers: int
+    model: str, device: torch.device, out: Path, quick: bool, minutes: float, workers: int, compile: bool = False
 ) -> dict[str, Any]:
-    run_dir = out / f"train_{model}"
+    run_dir = out / f"train_{model}{'_compiled' if compile else ''}"
     syncs = run_dir / "host_syncs.json"
     overrides = [
         *training_overrides(model, device, quick, minutes, workers),
+        *(["compile=true"] if compile else []),
         "logger=csv",
         "validate_best=false",
         "callbacks.prediction_images=null",  # drawing, not training
         "callbacks.pr_curves=null",
-        f"task_name=gpu_check_{model}",
+        f"task_name=gpu_check_{model}{'_compiled' if compile else ''}",
         f"hydra.run.dir={run_dir}",
         "+callbacks.host_syncs._target_=bench.gpu_check.HostSyncCounter",
         f"+callbacks.host_syncs.path={syncs}",
@@ -723,6 +737,16 @@ def goals(sections: dict[str, Section], total_s: float) -> list[dict[str, Any]]:
                     "met": busy is not None and busy >= BUSY_GOAL,
                 }
             )
+        compiled = run.get("compiled")
+        if compiled and compiled.get("images_per_s") and run.get("images_per_s"):
+            ratio = compiled["images_per_s"] / run["images_per_s"]
+            out.append(
+                {
+                    "goal": f"{model}: compile=true trains faster than eager (else off, with this reason)",
+                    "value": f"{ratio:.2f}×, {compiled['recompiles']} recompiles",
+                    "met": ratio > 1 if run["device"] == "cuda" else None,
+                }
+            )
         unnamed = run["unnamed_syncs"]
         out.append(
             {
@@ -842,6 +866,25 @@ def markdown(sections: dict[str, Section], total_s: float, argv: list[str]) -> s
             "The step bench's row is its own case (section 3: the same paper's network, its batch and precision; "
             "with --quick a toy size, and train.py the CPU recipe): read the ratio as the loop's cost on a GPU only.",
         ]
+        compiled = {model: r["compiled"] for model, r in runs.items() if r.get("compiled")}
+        if compiled:
+            lines += [
+                "",
+                "`compile=true` (the backbone and head parts through torch.compile) against eager, same run length:",
+                "",
+                "| model | eager img/s | compiled img/s | compiled ÷ eager | graphs | recompiles | eager wall s "
+                "| compiled wall s |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for model, c in compiled.items():
+                e = runs[model]
+                ratio = c["images_per_s"] / e["images_per_s"] if c["images_per_s"] and e["images_per_s"] else None
+                lines.append(
+                    f"| {model} | {_num(e['images_per_s'], '.1f')} | {_num(c['images_per_s'], '.1f')} | "
+                    f"{_num(ratio, '.2f', '×')} | {c['compiled_graphs']} | {c['recompiles']} | {e['wall_s']:.0f} | "
+                    f"{c['wall_s']:.0f} |"
+                )
+            lines += ["", "Wall includes the compilation; img/s counts steps after the first few only."]
         lines += ["", "Where the synchronisations come from (per step):", ""]
         for model, r in runs.items():
             for s in r["sites"]:
@@ -907,9 +950,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a VOCdevkit or one VOC-style folder, repeatable (default: ../shared/data's VOC sample and BCCD)",
     )
+    parser.add_argument(
+        "--compile",
+        default=None,
+        help="detectors to train again with compile=true, e.g. ssd (default: all three; none with --quick)",
+    )
     parser.add_argument("--skip", default="", help="sections to leave out, comma-separated: tests,bench,train,loader")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    compiled = (
+        {m for m in args.compile.split(",") if m}
+        if args.compile is not None
+        else (set() if args.quick else {"retinanet", "ssd", "yolo"})
+    )
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(
             f"--device {args.device}: torch {torch.__version__} sees no CUDA device (built for CUDA "
@@ -979,6 +1032,20 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {model}: {r['steps']} steps, {_num(r['images_per_s'], '.1f')} img/s, "
                 f"{_num(r['syncs_per_step'], '.1f')} host syncs a step",
+                flush=True,
+            )
+            if model not in compiled:
+                continue
+            try:  # the same run with compile=true: faster than eager, or the setting stays off (issue 31)
+                runs[model]["compiled"] = c = run_training(
+                    model, device, out, args.quick, args.train_minutes, min(8, cores), compile=True
+                )
+            except Exception as e:
+                failed[f"{model} compile=true"] = f"{type(e).__name__}: {e}"
+                continue
+            print(
+                f"  {model} compile=true: {c['steps']} steps, {_num(c['images_per_s'], '.1f')} img/s, "
+                f"{c['compiled_graphs']} graphs, {c['recompiles']} recompiles, {c['wall_s']:.0f} s",
                 flush=True,
             )
         if failed:

@@ -205,6 +205,44 @@ class TimeBudget(L.Callback):
         self.last_validation = state_dict.get("last_validation", 0.0)
 
 
+class ValidateAtTheEnd(L.Callback):
+    """Every fit ends on a validation of its last weights, with the checkpoints a validation brings (best.ckpt,
+    last.ckpt), however its loop ends: its plan (``max_steps``, ``max_epochs``), the user's
+    ``limit_train_batches``, the time budget, an early stop. Lightning validates at its interval only, so a run
+    that ends between two (a smoke test of 3 steps where the recipe validates every 256) would end unvalidated.
+
+    At the last step this sets ``trainer.should_stop``, which Lightning answers with a validation in the loop, and
+    clears ``trainer.check_val_every_n_epoch`` so that an epoch cadence cannot skip it (both read right after
+    this hook). It records the step of the last validation and of the last checkpoint saved: ``train.py`` saves
+    last.ckpt after the fit where the loop did not (a run without validation data)."""
+
+    def __init__(self) -> None:
+        self.validated_step: int | None = None
+        self.saved_step: int | None = None
+
+    @staticmethod
+    def is_last_step(trainer: L.Trainer) -> bool:
+        """Whether the fit loop ends after the step that just ran (its plan or a stop asked for)."""
+        if trainer.should_stop:
+            return True
+        if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+            return True
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        return last_epoch and trainer.fit_loop.epoch_loop.batch_idx + 1 >= trainer.num_training_batches
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.enable_validation and self.is_last_step(trainer) and self.validated_step != trainer.global_step:
+            trainer.should_stop = True
+            trainer.check_val_every_n_epoch = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self.validated_step = trainer.global_step
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.saved_step = trainer.global_step
+
+
 def _first_loader(loaders: Any) -> Any:
     """The first of Lightning's val loaders (one loader, a list or a dict of them)."""
     if isinstance(loaders, dict):

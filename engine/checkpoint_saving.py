@@ -68,7 +68,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class CheckpointOnSignal(Callback):
     """On SIGTERM (SLURM sends it at the time limit and on scancel/preemption; Lightning then stops after the current
-    batch) save ``<dirpath>/<filename>.ckpt``, so ``ckpt_path=last`` or ``auto`` resumes from that step
+    batch), and on Ctrl-C, save ``<dirpath>/<filename>.ckpt``, so ``ckpt_path=last`` or ``auto`` resumes from that step
     rather than from the last epoch end. The process then exits with code 0, as Lightning's SIGTERM stop does.
 
     Under SLURM with auto-requeue (``#SBATCH --signal=SIGUSR1@120``), Lightning's handler of the requeue signal saves
@@ -104,13 +104,18 @@ class CheckpointOnSignal(Callback):
             handler(signum, frame)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not (isinstance(exception, SIGTERMException) or trainer.received_sigterm):
+        if isinstance(exception, KeyboardInterrupt):  # Ctrl-C: the same save, nothing trained is lost
+            what = "Ctrl-C"
+        elif isinstance(exception, SIGTERMException) or trainer.received_sigterm:
+            what = "SIGTERM"
+        else:
             return
         path = os.path.join(self.dirpath, f"{self.filename}.ckpt")
         os.makedirs(self.dirpath, exist_ok=True)
         trainer.save_checkpoint(path)  # atomic through the trainer's AtomicCheckpointIO
         log.warning(
-            "SIGTERM: saved %s at step %d (epoch %d); resume with ckpt_path=last (or auto)",
+            "%s: saved %s at step %d (epoch %d); resume with ckpt_path=last (or auto)",
+            what,
             path,
             trainer.global_step,
             trainer.current_epoch,

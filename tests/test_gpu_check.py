@@ -147,3 +147,52 @@ def test_the_step_split_leaves_out_the_warm_up_and_a_validation_between_steps(tm
     assert (split["data_s"], split["forward_s"], split["backward_s"], split["optimizer_s"]) == pytest.approx(
         (1, 2, 3, 1)
     )
+
+
+def test_the_report_sets_compile_against_eager_and_train_py_against_the_step(tmp_path):
+    """A GPU run's train section as the report reads it (figures made up): compile=true's rate over eager's with
+    its recompiles, and train.py's rate over the step bench's, each against issue 31's goal."""
+
+    def run(rate: float, **extra) -> dict:
+        return {
+            "device": "cuda",
+            "steps": 100,
+            "images": 3200,
+            "images_per_s": rate,
+            "wait_share": 0.05,
+            "gpu_utilisation": 0.95,
+            "syncs_per_step": 2.0,
+            "sync_s": 0.001,
+            "unnamed_syncs": [],
+            "sites": [],
+            "split": {},
+            "command": "python train.py model=ssd",
+            "wall_s": 60.0,
+            **extra,
+        }
+
+    sections = {n: gpu_check.Section(n, status="ok") for n in ("environment", "tests", "bench", "train", "loader")}
+    sections["environment"].results = {"gpu": "NVIDIA H100"}
+    bench_row = {"model": "ssd", "what": "SSD300", "images_per_s": 1000.0, "speedup": 2.5, "peak_gib": 2.8}
+    sections["bench"].results = {"rows": [bench_row]}
+    compiled = run(1100.0, compiled_graphs=7, recompiles=1, wall_s=150.0)
+    sections["train"].results = {"ssd": run(850.0, compiled=compiled)}
+    goals = {g["goal"]: (g["value"], g["met"]) for g in gpu_check.goals(sections, 300.0)}
+    assert goals["ssd: train.py's training images/s ≥ 90% of the step bench's"] == ("85%", False)
+    assert goals["ssd: the GPU busy ≥ 90% of train.py's steps (nvidia-smi)"] == ("95%", True)
+    compile_goal = "ssd: compile=true trains faster than eager (else off, with this reason)"
+    assert goals[compile_goal] == ("1.29×, 1 recompiles", True)
+    assert goals["SSD300: training images/s ≥ 2.0× torchvision's"] == ("2.50×", True)
+    text = gpu_check.markdown(sections, 300.0, [])
+    assert "| ssd | 850.0 | 1100.0 | 1.29× | 7 | 1 | 60 | 150 |" in text
+
+
+def test_dynamo_counters_are_read_as_counts():
+    from torch._dynamo.utils import counters
+
+    counters["recompiles"]["test_gpu_check"] += 2
+    try:
+        assert gpu_check._dynamo_count("recompiles") >= 2
+        assert gpu_check._dynamo_count("no-such-group", "x") == 0
+    finally:
+        del counters["recompiles"]["test_gpu_check"]
