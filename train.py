@@ -365,8 +365,19 @@ def fit_and_validate(
         trainer.validate(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     metrics = write_metrics(trainer, output_dir, f"best checkpoint {best}" if best else "the last validation")
     if trainer.is_global_zero:
+        list_bad_images(datamodule, output_dir)
         print(f"\nrun folder: {output_dir}")
     return metrics
+
+
+def list_bad_images(datamodule: L.LightningDataModule, output_dir: Path) -> None:
+    """The image files the run skipped as unreadable (data.bad_images=skip), in bad_images.txt and the summary."""
+    bad = getattr(datamodule, "bad_files", None)
+    if not bad:
+        return
+    path = output_dir / "bad_images.txt"
+    path.write_text("".join(f"{file}: {problem}\n" for file, problem in bad.items()))
+    print(f"\n{len(bad)} unreadable image file(s) were skipped (data.bad_images=skip), listed in {path}")
 
 
 def save_last_checkpoint(trainer: L.Trainer) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
@@ -15,7 +16,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from detectors.batch import collate_detection
 
-from .images import ImageReadError
+from .images import ImageReadError, image_file_problems
 from .sampling import (
     EpochRandomSampler,
     KeyedBatchSampler,
@@ -32,22 +33,36 @@ SampleTransform = Callable[[Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, 
 
 
 class SkipBadImages(Dataset):
-    """``dataset`` where an image that cannot be read (``ImageReadError``: missing, empty, corrupt) is replaced by
-    the next readable one, each skip logged with the file and the count so far (in this process)."""
+    """``dataset`` where an image that cannot be read is replaced by the next readable one: those ``known`` from the
+    start-up check (``image_file_problems``: missing, empty, not an image) without a try, others (a file damaged
+    inside) when their read fails (``ImageReadError``), each logged with the file and the count (in this process).
+    Past ``limit`` unreadable images in all it stops, naming them. The replacement depends on the index alone, so
+    a resumed run reads what the uninterrupted one read."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset, self.skipped = dataset, 0
+    def __init__(self, dataset: Dataset, known: dict[int, str] | None = None, limit: int | None = None) -> None:
+        self.dataset, self.known = dataset, dict(known or {})
+        self.limit = len(dataset) if limit is None else limit
+        self.found: dict[int, str] = {}  # read failures this process met
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         for step in range(len(self.dataset)):
+            i = (index + step) % len(self.dataset)
+            if i in self.known:
+                continue
             try:
-                return self.dataset[(index + step) % len(self.dataset)]
+                return self.dataset[i]
             except ImageReadError as e:
-                self.skipped += 1
-                log.warning("%s; skipped (data.bad_images=skip): %d image(s) skipped so far", e, self.skipped)
+                self.found[i] = str(e)
+                self.known[i] = str(e)
+                log.warning("%s; skipped (data.bad_images=skip): %d image(s) skipped so far", e, len(self.found))
+                if len(self.known) > self.limit:
+                    raise ImageReadError(
+                        f"{len(self.known)} of {len(self.dataset)} images cannot be read, more than "
+                        f"data.max_bad_fraction allows ({self.limit}): " + "; ".join(list(self.known.values())[:10])
+                    ) from e
         raise ImageReadError(f"none of the {len(self.dataset)} images could be read (data.bad_images=skip)")
 
 
@@ -130,8 +145,10 @@ class DetectionDataModule(L.LightningDataModule):
     ``persistent_workers`` (None: whenever there are workers) keeps loader workers between epochs.
     Under DDP, evaluation loaders split the images between ranks without repeating any (the metrics gather
     them once per evaluation), so mAP on N processes equals mAP on one.
-    ``bad_images``: an image file that cannot be read stops the run with its path (``error``) or is replaced by
-    the next one with a warning and a count (``skip``).
+    ``bad_images``: an image file that cannot be read (missing, empty, not an image; checked from each file's first
+    bytes when a loader is first made, and again when it is decoded) stops the run naming it (``error``), or is
+    replaced by the next one with a warning naming it (``skip``), unless more than ``max_bad_fraction`` of a set's
+    images are: then the run stops naming them. ``bad_files`` lists what was skipped ({path: problem}).
     """
 
     def __init__(
@@ -146,7 +163,8 @@ class DetectionDataModule(L.LightningDataModule):
         val_transform: SampleTransform | None = None,
         size_divisible: int = 1,
         aspect_ratio_grouping: bool = False,
-        bad_images: str = "error",
+        bad_images: str = "skip",
+        max_bad_fraction: float = 0.01,
         order_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -163,7 +181,11 @@ class DetectionDataModule(L.LightningDataModule):
         self.size_divisible, self.aspect_ratio_grouping = int(size_divisible), aspect_ratio_grouping
         if bad_images not in ("error", "skip"):
             raise ValueError(f"data.bad_images={bad_images!r}: choose 'error' or 'skip'")
-        self.bad_images = bad_images
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction={max_bad_fraction}: a share of the images in [0, 1], e.g. 0.01")
+        self.bad_images, self.max_bad_fraction = bad_images, float(max_bad_fraction)
+        self.bad_files: dict[str, str] = {}
+        self._checked: dict[int, dict[int, str]] = {}  # id(dataset) → its unreadable files found at start-up
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -183,8 +205,9 @@ class DetectionDataModule(L.LightningDataModule):
             collate_fn=partial(collate_detection, size_divisible=self.size_divisible),
         )
         ratios = dataset.aspect_ratios() if hasattr(dataset, "aspect_ratios") else None
+        known = self.unreadable_images(dataset, "training" if shuffle else "evaluation")
         if self.bad_images == "skip":
-            dataset = SkipBadImages(dataset)
+            dataset = SkipBadImages(dataset, known, limit=int(self.max_bad_fraction * len(dataset)))
         if shuffle:  # training: the order and each sample's augmentation from (seed, epoch, index) (sampling.py)
             order, seed = EpochRandomSampler(dataset, self.order_seed), self.order_seed
             if self.aspect_ratio_grouping and ratios is not None:
@@ -206,6 +229,43 @@ class DetectionDataModule(L.LightningDataModule):
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(), **common)
+
+    def unreadable_images(self, dataset: Dataset, part: str) -> dict[int, str]:
+        """{index: problem} of ``dataset``'s image files that cannot be read, checked once from their first bytes;
+        with ``bad_images=error``, or more than ``max_bad_fraction`` of them, an error naming them."""
+        if id(dataset) in self._checked or not hasattr(dataset, "image_paths"):
+            return self._checked.get(id(dataset), {})
+        paths = dataset.image_paths()
+        start = time.perf_counter()
+        problems = image_file_problems(paths)
+        seconds = time.perf_counter() - start
+        log.info("checked the %d %s image files in %.1f s: %d unreadable", len(paths), part, seconds, len(problems))
+        self._checked[id(dataset)] = problems
+        if not problems:
+            return problems
+        listed = [f"{paths[i]}: {problem}" for i, problem in problems.items()]
+        shown = "; ".join(listed[:10]) + (f"; and {len(listed) - 10} more" if len(listed) > 10 else "")
+        if self.bad_images == "error":
+            raise ImageReadError(
+                f"{len(problems)} {part} image file(s) cannot be read (data.bad_images=error): {shown}. Repair or "
+                f"remove them, or skip them with data.bad_images=skip"
+            )
+        if len(problems) > self.max_bad_fraction * len(paths):
+            raise ImageReadError(
+                f"{len(problems)} of the {len(paths)} {part} image files ({len(problems) / len(paths):.1%}) cannot "
+                f"be read, more than data.max_bad_fraction={self.max_bad_fraction:g}: {shown}. Repair or remove "
+                f"them, or raise data.max_bad_fraction"
+            )
+        log.warning(
+            "%d of the %d %s image files cannot be read and are skipped, each replaced by the next "
+            "(data.bad_images=skip): %s",
+            len(problems),
+            len(paths),
+            part,
+            shown,
+        )
+        self.bad_files.update({str(paths[i]): problem for i, problem in problems.items()})
+        return problems
 
     def training_position(self) -> tuple[int, int]:
         """(epoch, batches of it trained): where a checkpoint taken now stands in the training data."""

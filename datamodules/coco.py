@@ -179,6 +179,9 @@ class COCODataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def image_paths(self) -> list[Path]:
+        return [self.image_dir / self.coco.imgs[i]["file_name"] for i in self.image_ids]
+
     def aspect_ratios(self) -> list[float]:
         """Width ÷ height from the json, without decoding images."""
         return [self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] for i in self.image_ids]

@@ -259,6 +259,9 @@ class VOCDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def image_paths(self) -> list[Path]:
+        return [r.image_path for r in self.records]
+
     def aspect_ratios(self) -> list[float]:
         """Width ÷ height from the annotations, without decoding images (1.0 where <size> is missing)."""
         return [r.width / r.height if r.height and r.width else 1.0 for r in self.records]
@@ -494,6 +497,9 @@ class ImageIdOffsets(ConcatDataset):
 
     def aspect_ratios(self) -> list[float]:
         return [r for d in self.datasets for r in d.aspect_ratios()]
+
+    def image_paths(self) -> list[Path]:
+        return [p for d in self.datasets for p in d.image_paths()]
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         image, target = super().__getitem__(index)

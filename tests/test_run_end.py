@@ -108,3 +108,27 @@ def test_a_run_without_validation_still_saves_its_last_step(tmp_path):
     run = run_folder(tmp_path, "ssd_cpu")
     assert "saved" in out and "at the final step 2" in out
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+
+
+def test_one_bad_file_never_loses_a_run(tmp_path):
+    """A truncated JPEG is read as far as it goes; a missing and an empty file are skipped, named, counted and listed
+    in the run folder; the run trains, validates and saves."""
+    splits = {"train": [0, 1, 2, 3, 4, 5], "val": [6, 7]}
+    root = write_folder(tmp_path / "export", 8, "Annotations", "JPEGImages", splits)
+    images = root / "JPEGImages"
+    raw = (images / "img0.jpg").read_bytes()
+    (images / "img0.jpg").write_bytes(raw[: len(raw) // 2])  # truncated: a copy that stopped part way
+    (images / "img1.jpg").unlink()
+    (images / "img2.jpg").write_bytes(b"")
+    data = (f"data.root={root}", "data=voc", "data.train_sets=[train]", "data.val_sets=[val]")
+    done, out = train(tmp_path, "ssd_cpu", *data, "trainer.max_steps=2", "data.max_bad_fraction=0.5")
+    assert done.returncode == 0, out[-3000:]
+    assert "img0.jpg: the file is truncated" in out and "read as far as it goes" in out
+    run = run_folder(tmp_path, "ssd_cpu")
+    listed = (run / "bad_images.txt").read_text().splitlines()
+    assert listed == [f"{images / 'img1.jpg'}: no such file", f"{images / 'img2.jpg'}: empty (0 bytes)"]
+    assert "2 unreadable image file(s) were skipped" in out and (run / "metrics.json").is_file()
+    # the default share, 1 %: two of six stop the run before its first step, naming them
+    (tmp_path / "strict").mkdir()
+    done, out = train(tmp_path / "strict", "ssd_cpu", *data, "trainer.max_steps=2")
+    assert done.returncode != 0 and "more than data.max_bad_fraction=0.01" in out and "img1.jpg: no such file" in out

@@ -298,28 +298,37 @@ def test_missing_empty_and_corrupt_images_name_the_file(tmp_path):
         read_image(tmp_path / "cut.jpg")
 
 
-def test_unreadable_images_stop_the_run_or_are_skipped_with_a_count(tmp_path, caplog):
-    xmls = {i: voc_xml(obj("dog", "1 1 20 20")) for i in ("a", "b", "c")}
-    root = write_devkit(tmp_path, xmls, {"a": rgb(), "b": b"", "c": rgb()})  # b: a zero-byte file
-    data = VOCDataModule(
-        str(root), train_sets=[[2007, "train"]], val_sets=[[2007, "train"]], num_workers=0, batch_size=3
-    )
-    data.setup("fit")
-    with pytest.raises(ImageReadError, match=r"b\.jpg: the image file is empty"):
-        next(iter(data.val_dataloader()))
-    skipping = VOCDataModule(
-        str(root),
-        train_sets=[[2007, "train"]],
-        val_sets=[[2007, "train"]],
-        num_workers=0,
-        batch_size=3,
-        bad_images="skip",
-    )
-    skipping.setup("fit")
+def test_unreadable_images_are_skipped_named_and_counted_or_stop_the_run(tmp_path, caplog):
+    """Found from the files' first bytes when a loader is made (b: empty, d: no image), or when a decode fails
+    (c: a JPEG's signature, then noise): each replaced by the next readable image, named in the log and in
+    ``bad_files``; more than ``max_bad_fraction`` of a set, or ``bad_images=error``, stops the run naming them."""
+    xmls = {i: voc_xml(obj("dog", "1 1 20 20")) for i in "abcdefgh"}
+    no_image, damaged = b"<html>not found</html>", b"\xff\xd8\xff" + bytes(range(256)) * 2
+    images = {i: rgb() for i in "aefgh"} | {"b": b"", "c": damaged, "d": no_image}
+    root = write_devkit(tmp_path, xmls, images)
+
+    def data(**kw):
+        module = VOCDataModule(
+            str(root), train_sets=[[2007, "train"]], val_sets=[[2007, "train"]], num_workers=0, batch_size=8, **kw
+        )
+        module.setup("fit")
+        return module
+
+    skipping = data(max_bad_fraction=0.5)
     with caplog.at_level(logging.WARNING):
         batch = next(iter(skipping.val_dataloader()))
-    assert batch.image_ids.tolist() == [0, 2, 2]  # b replaced by the next readable image
-    assert "b.jpg: the image file is empty" in caplog.text and "1 image(s) skipped so far" in caplog.text
+    # b and d known at the start (no read tried), c when its decode failed: each replaced by the next readable
+    assert batch.image_ids.tolist() == [0, 4, 4, 4, 4, 5, 6, 7]
+    assert "2 of the 8 evaluation image files cannot be read and are skipped" in caplog.text
+    assert "b.jpg: empty (0 bytes)" in caplog.text and "d.jpg: not an image (it starts b'<html>no')" in caplog.text
+    assert "c.jpg: cannot decode the image" in caplog.text and "1 image(s) skipped so far" in caplog.text
+    assert set(skipping.bad_files) == {str(root / "VOC2007" / "JPEGImages" / f"{i}.jpg") for i in "bd"}
+    with pytest.raises(ImageReadError, match=r"3 of 8 images cannot be read, more than data.max_bad_fraction"):
+        next(iter(data(max_bad_fraction=0.25).val_dataloader()))  # 2 known: within 0.25; c makes 3
+    with pytest.raises(ImageReadError, match=r"2 of the 8 training .*more than data.max_bad_fraction=0.01: .*b\.jpg"):
+        data().train_dataloader()  # the default: 1 %
+    with pytest.raises(ImageReadError, match=r"2 training image file\(s\) cannot be read \(data.bad_images=error\)"):
+        data(bad_images="error").train_dataloader()
     with pytest.raises(ValueError, match="data.bad_images='maybe'"):
         VOCDataModule(str(root), bad_images="maybe")
 
