@@ -205,6 +205,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data_config = eval_data_config(cfg.get("data"), checkpoint, ckpt_path)
     if data_config.get("classes") is None:  # data.classes=null: the model's classes, the ones it was trained on
         data_config["classes"] = list(trained_classes)
+        if "unknown_classes" in data_config:  # VOC, COCO: a class the model never saw cannot be scored
+            data_config["unknown_classes"] = "skip"
+        log.info(
+            "data.classes=null: the checkpoint's %d classes %s; objects of any other class in the data are left "
+            "out of the evaluation, with a count in the log (data.unknown_classes=skip)",
+            len(trained_classes),
+            list(trained_classes),
+        )
     datamodule = instantiate(data_config)
     check_classes(trained_classes, datamodule.classes, ckpt_path)
     model = build_model(checkpoint, ckpt_path, cfg.get("model"), trusted=bool(cfg.get("trust_checkpoint")))

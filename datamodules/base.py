@@ -126,13 +126,16 @@ def fraction_split(ids: Sequence, fraction: float, seed: int) -> tuple[list, lis
     return [i for i, v in zip(ids, is_val.tolist()) if not v], [i for i, v in zip(ids, is_val.tolist()) if v]
 
 
-def unseen_classes_error(unseen: Sequence[str], where: str, classes: Sequence[str]) -> ValueError:
-    """The error for validation objects of classes the training data (which named the classes) does not have."""
-    return ValueError(
-        f"{where}: validation objects of class(es) {sorted(unseen)} that the training data does not have; the "
-        f"classes were read from the training data ({list(classes)}). Give data.classes=[...] with every class, "
-        f"or leave those objects out of the validation annotations"
-    )
+def warn_validation_only_classes(val_only: Sequence[str], where: str) -> None:
+    """A class with validation objects and no training object: a warning (it stays a class, scored AP 0 at first,
+    and the metrics table shows it), not a stop: a rare class missing from one split is ordinary in real data."""
+    if val_only:
+        log.warning(
+            "class(es) %s have validation objects in %s but no training object: the model cannot learn them, "
+            "and their AP (val/ap/<class>) will stay near 0",
+            sorted(val_only),
+            where,
+        )
 
 
 class DetectionDataModule(L.LightningDataModule):

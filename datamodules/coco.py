@@ -27,7 +27,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import DetectionDataModule, SampleTransform, fraction_split, unseen_classes_error
+from .base import DetectionDataModule, SampleTransform, fraction_split, warn_validation_only_classes
 from .images import clip_boxes, read_image
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,10 @@ class COCODataset(Dataset):
         image_dir: str | Path | None = None,
         coco: COCO | None = None,
         image_ids: Sequence[int] | None = None,
+        unknown_classes: str = "error",
     ) -> None:
+        if unknown_classes not in ("error", "skip"):
+            raise ValueError(f"data.unknown_classes={unknown_classes!r}: choose 'error' or 'skip'")
         self.root = Path(root) if root is not None else None
         if (annotation_file is None or image_dir is None) and (self.root is None or split is None):
             raise ValueError("COCODataset: give root and split, or annotation_file and image_dir")
@@ -157,12 +160,21 @@ class COCODataset(Dataset):
         for cat in self.coco.dataset["categories"]:
             if cat["name"] in label_of_name:
                 self.label_of_category[cat["id"]] = label_of_name[cat["name"]]
-            elif cat["id"] in used:
+            elif cat["id"] in used and unknown_classes == "error":
                 raise COCOFormatError(
                     f"{self.annotation_file}: category {cat['id']} {cat['name']!r} has annotations "
-                    f"but is not in data.classes; add it to data.classes"
+                    f"but is not in data.classes; add it to data.classes or set data.unknown_classes=skip"
                 )
         self.category_of_label = {label: cat for cat, label in self.label_of_category.items()}
+        skipped = [a for a in self.coco.dataset["annotations"] if a["category_id"] not in self.label_of_category]
+        if skipped:
+            names = {c["id"]: c["name"] for c in self.coco.dataset["categories"]}
+            log.warning(
+                "%s: skipped %d annotation(s) of categories not in data.classes %s (data.unknown_classes=skip)",
+                self.annotation_file,
+                len(skipped),
+                sorted({names.get(a["category_id"], str(a["category_id"])) for a in skipped}),
+            )
         ids = [im["id"] for im in self.coco.dataset["images"]]  # the json's order, never the folder's
         if image_ids is not None:
             wanted = set(image_ids)
@@ -200,7 +212,7 @@ class COCODataset(Dataset):
                 w,
                 h,
             )
-        anns = self.coco.imgToAnns[info["id"]]
+        anns = [a for a in self.coco.imgToAnns[info["id"]] if a["category_id"] in self.label_of_category]
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes = torch.cat((xywh[:, :2], xywh[:, :2] + xywh[:, 2:]), dim=1)  # [x, y, w, h] → xyxy
         labels = torch.tensor([self.label_of_category[a["category_id"]] for a in anns], dtype=torch.long)
@@ -262,9 +274,9 @@ class COCODataModule(DetectionDataModule):
     * ``val_fraction`` validates on that fraction of the training json's images, drawn by ``split_seed`` (instead of
       a validation json); given only ``train_json``, it is needed.
 
-    ``classes=None`` takes the names of the training json's categories that have annotations (placeholders
-    dropped), in id order, here in ``__init__`` (the model is sized by them before ``setup``); a validation object
-    of another category is then an error naming it. The loaded jsons are kept for ``setup``. Training leaves out
+    ``classes=None`` takes the names of the categories that the training or validation annotations use
+    (placeholders dropped), in id order, here in ``__init__`` (the model is sized by them before ``setup``); a
+    class only validation uses is a warning naming it. The loaded jsons are kept for ``setup``. Training leaves out
     images without annotations unless ``train_empty_images`` (after a split, from its training part only);
     validation keeps every image of its json or part."""
 
@@ -283,9 +295,11 @@ class COCODataModule(DetectionDataModule):
         val_images: str | None = None,
         val_fraction: float | None = None,
         split_seed: int = 0,
+        unknown_classes: str = "error",
         **loader: Any,
     ) -> None:
         super().__init__(classes, batch_size, num_workers=num_workers, **loader)  # see DetectionDataModule
+        self.unknown_classes = unknown_classes
         self.root = Path(root) if root is not None and str(root) not in ("", "???") else None
         if self.root is None and train_json is None:
             raise ValueError(
@@ -344,19 +358,23 @@ class COCODataModule(DetectionDataModule):
         return self._cocos[path]
 
     def _classes_from_training_data(self) -> list[str]:
-        """data.classes=null: the training json's categories with annotations, in id order; validation may use no
-        other (a val_fraction split takes both parts from the same json, so it cannot)."""
-        classes = used_category_names(self._coco("train"))
-        if not classes:
+        """data.classes=null: the categories that the training or validation annotations use, in the training
+        json's id order (a validation json's own category after them), each name once: a placeholder no annotation
+        uses (Roboflow's category 0, labelme's ``_background_``) is left out. A class only validation uses is a
+        warning naming it."""
+        train = self._coco("train")
+        training = used_category_names(train)
+        validation = used_category_names(self._coco("val")) if self.val_json != self.train_json else []
+        used = set(training) | set(validation)
+        classes = [c["name"] for c in sorted(train.dataset["categories"], key=lambda c: c["id"]) if c["name"] in used]
+        classes = list(dict.fromkeys(classes + [name for name in validation if name not in classes]))
+        if not training:
             raise ValueError(
-                f"{self.train_json}: data.classes=null reads the classes from the training json's annotated "
-                f"categories, and it has no annotations; give them: data.classes=[name, ...]"
+                f"{self.train_json}: data.classes=null reads the classes from the categories the annotations use, "
+                f"and the training json has no annotations; give them: data.classes=[name, ...]"
             )
         log.info("data.classes from the categories with annotations in %s: %s", self.train_json, classes)
-        if self.val_json != self.train_json:
-            unseen = set(used_category_names(self._coco("val"))) - set(classes)
-            if unseen:
-                raise unseen_classes_error(sorted(unseen), where=str(self.val_json), classes=classes)
+        warn_validation_only_classes(set(validation) - set(training), str(self.val_json))
         return classes
 
     def _images(self, part: str) -> Path:
@@ -423,6 +441,7 @@ class COCODataModule(DetectionDataModule):
             image_dir=self._images(part),
             coco=self._coco(part),
             image_ids=self._image_ids(part),
+            unknown_classes=self.unknown_classes,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -24,7 +24,7 @@ from defusedxml import DefusedXmlException
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset
 
-from .base import DetectionDataModule, SampleTransform, fraction_split, unseen_classes_error
+from .base import DetectionDataModule, SampleTransform, fraction_split, warn_validation_only_classes
 from .images import clip_boxes, read_image
 
 log = logging.getLogger(__name__)
@@ -324,8 +324,8 @@ class VOCDataModule(DetectionDataModule):
       the sets are split names (``[train]``, ``[val]``: ``ImageSets/Main/<split>.txt``); or ``val_fraction`` splits
       every annotation file of the folder by ``split_seed``; given neither, its ``train``/``val`` lists if it has them.
 
-    ``classes=None`` takes the class names from the training annotations (sorted); a validation object of another
-    class is then an error naming it. Training drops "difficult" objects unless ``train_difficult``; validation
+    ``classes=None`` takes the class names from the training and validation annotations (sorted); a class only
+    validation has is a warning naming it. Training drops "difficult" objects unless ``train_difficult``; validation
     keeps them flagged for the metrics.
     """
 
@@ -447,19 +447,16 @@ class VOCDataModule(DetectionDataModule):
         return [self._folder(s) / self.annotations_dir / f"{i}.xml" for s in sets for i in self._ids(s)]
 
     def _classes_from_training_data(self) -> list[str]:
-        """data.classes=null: the names in the training annotations, sorted; validation may use no other. A
-        ``val_fraction`` split takes them from all the folder's annotations: a rare class drawn into validation
-        only stays a class, whatever the seed."""
-        sets = [*self.train_sets, *self.val_sets] if self.fraction_split else self.train_sets
-        classes = sorted(voc_class_names(self._xml_files(sets)))
+        """data.classes=null: the names in the training and validation annotations, sorted; a name that only
+        validation uses is a warning naming it."""
+        training = voc_class_names(self._xml_files(self.train_sets))
+        validation = voc_class_names(self._xml_files(self.val_sets))
+        classes = sorted(training | validation)
         if not classes:
-            raise ValueError(f"data.classes=null: the training annotations under {self.root} hold no objects")
-        log.info("data.classes from the training annotations: %s", classes)
-        if self.fraction_split:
-            return classes
-        unseen = voc_class_names(self._xml_files(self.val_sets)) - set(classes)
-        if unseen:
-            raise unseen_classes_error(unseen, f"{self.root} ({', '.join(s.split for s in self.val_sets)})", classes)
+            raise ValueError(f"data.classes=null: the annotations under {self.root} hold no objects")
+        log.info("data.classes from the training and validation annotations: %s", classes)
+        where = f"{self.root} ({', '.join(s.split for s in self.val_sets)})"
+        warn_validation_only_classes(validation - training, where)
         return classes
 
     def prepare_data(self) -> None:

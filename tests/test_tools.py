@@ -144,6 +144,33 @@ def test_eval_refuses_other_classes_naming_both_lists(best, tmp_path):
     assert "model.finetune_from=" in message
 
 
+def test_eval_takes_the_checkpoints_classes_and_leaves_a_sets_other_class_out_with_a_count(best, tmp_path):
+    """data.classes=null on a checkpoint: its classes, in its order; objects of a class it never learned (here a
+    VOC folder's "zebra") cannot be scored, so they are left out of the evaluation and counted in the log."""
+    from .datamodules.test_voc import obj, write_folder
+
+    root = write_folder(tmp_path / "export", 4, "Annotations", "JPEGImages", {"val": [0, 1, 2, 3]})
+    xml = root / "Annotations" / "img0.xml"
+    xml.write_text(xml.read_text().replace("</annotation>", obj("zebra", "2 2 20 20") + "</annotation>"))
+    out = run_tool(
+        "eval.py",
+        tmp_path,
+        f"ckpt_path={best}",
+        f"paths.log_dir={tmp_path}",
+        "data=voc",
+        f"data.root={root}",
+        "data.train_sets=[val]",
+        "data.val_sets=[val]",
+        "data.classes=null",
+        "trainer=cpu",
+    )
+    assert f"data.classes=null: the checkpoint's 5 classes {list(SHAPE_CLASSES)}" in out
+    assert "skipped 1 object(s) of classes not in data.classes (data.unknown_classes=skip)" in out
+    (folder,) = (tmp_path / "eval").iterdir()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert "val/ap/zebra" not in metrics and all(f"val/ap/{name}" in metrics for name in SHAPE_CLASSES)
+
+
 # --- predict.py -----------------------------------------------------------------------------------------------
 def test_predict_draws_each_image_at_its_size_and_writes_model_detections(best, tmp_path):
     inputs = tiny_images(tmp_path / "in")

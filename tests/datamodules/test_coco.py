@@ -4,6 +4,7 @@ COCOeval on the same files, and fixture sets in tmp_path for the quirks of expor
 import contextlib
 import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -381,17 +382,32 @@ def test_file_name_with_sub_folders_and_explicit_images_folder(tmp_path):
         data.setup("fit")
 
 
-def test_validation_class_unseen_in_training(tmp_path):
-    categories = [{"id": 1, "name": "apple"}, {"id": 2, "name": "pear"}]
+def test_validation_class_unseen_in_training(tmp_path, caplog):
+    """data.classes=null: the categories the training or validation annotations use, in id order; labelme's
+    ``_background_`` (id 0) and a category no annotation uses are left out; a validation-only one is a warning."""
+    categories = [
+        {"id": 0, "name": "_background_"},
+        {"id": 1, "name": "apple"},
+        {"id": 2, "name": "pear"},
+        {"id": 3, "name": "plum"},
+    ]
     train = write_json(tmp_path / "train" / "t.json", [image(1)], [ann(1, 1, 1, [0, 0, 5, 5])], categories)
     val = write_json(tmp_path / "val" / "v.json", [image(1)], [ann(1, 1, 2, [0, 0, 5, 5])], categories)
-    with pytest.raises(ValueError, match=r"v\.json: validation objects of class\(es\) \['pear'\].*\['apple'\]"):
-        COCODataModule(None, None, train_json=str(train), val_json=str(val))
+    with caplog.at_level(logging.WARNING):
+        data = COCODataModule(None, None, train_json=str(train), val_json=str(val))
+    assert data.classes == ["apple", "pear"]
+    assert "class(es) ['pear'] have validation objects in" in caplog.text and "v.json" in caplog.text
+    data.setup("fit")
+    assert data.val_set[0][1]["labels"].tolist() == [1]
     data = COCODataModule(None, ["apple"], train_json=str(train), val_json=str(val))  # explicit: as before
     with pytest.raises(COCOFormatError, match=r"v\.json: category 2 'pear' has annotations but is not in data.classes"):
         data.setup("fit")
+    skipping = COCODataModule(None, ["apple"], train_json=str(train), val_json=str(val), unknown_classes="skip")
+    with caplog.at_level(logging.WARNING):
+        skipping.setup("fit")
+    assert skipping.val_set[0][1]["labels"].tolist() == [] and "skipped 1 annotation(s) of categories" in caplog.text
     empty = write_json(tmp_path / "empty" / "e.json", [image(1)], [], categories)
-    with pytest.raises(ValueError, match=r"e\.json: data.classes=null .* no annotations; give them: data.classes="):
+    with pytest.raises(ValueError, match=r"e\.json: data.classes=null .* has no annotations; give them: data.classes="):
         COCODataModule(None, None, train_json=str(empty), val_json=str(val))
 
 

@@ -427,11 +427,17 @@ def test_one_folder_errors_name_the_way_out(tmp_path):
         VOCDataModule(str(root), train_sets=["train"], val_sets=["val"], **kw).setup("fit")
 
 
-def test_a_validation_class_the_training_data_lacks_is_named(tmp_path):
+def test_a_validation_class_the_training_data_lacks_stays_a_class_with_a_warning(tmp_path, caplog):
+    """data.classes=null: the names of the training and the validation XMLs, sorted; one that only validation has
+    is a warning naming it (a rare class missing from one split is ordinary), scored as any class."""
     root = write_devkit(tmp_path, {"a": voc_xml(obj("dog", "1 1 5 5"))}, {"a": rgb()})
     write_devkit(tmp_path, {"b": voc_xml(obj("dog", "1 1 5 5") + obj("zebra", "2 2 8 8"))}, {"b": rgb()}, split="val")
-    with pytest.raises(ValueError, match=r"class\(es\) \['zebra'\] that the training data does not have.*\['dog'\]"):
-        VOCDataModule(str(root), train_sets=[[2007, "train"]], val_sets=[[2007, "val"]], classes=None)
+    with caplog.at_level(logging.WARNING):
+        data = VOCDataModule(str(root), train_sets=[[2007, "train"]], val_sets=[[2007, "val"]], classes=None)
+    assert data.classes == ["dog", "zebra"]
+    assert "class(es) ['zebra'] have validation objects" in caplog.text and "no training object" in caplog.text
+    data.setup("fit")
+    assert data.val_set[0][1]["labels"].tolist() == [0, 1]
     with pytest.raises(ValueError, match=r"is a VOCdevkit.*val_fraction splits one exported folder"):
         VOCDataModule(str(root), val_fraction=0.2)
 
