@@ -67,7 +67,9 @@ class TimeBudget(L.Callback):
     epochs, as the CPU recipes) keeps its number of validations: they come every N planned steps, N ÷ the
     compression trained ones (the callback tells Lightning when, through ``trainer.val_check_batch``); but they
     take at most ``val_share`` of the time left (fewer, further apart, where a validation is slow against the
-    budget). The last step stops the run with a validation (and its checkpoints).
+    budget). The last step stops the run with a validation (and its checkpoints). The first ``keep_steps`` planned
+    steps (the warm-up) are never squeezed: a cut made inside them starts where they end, and the steps after
+    carry the whole compression.
     Where the plan and its validations fit, nothing changes: the run is the same as without a budget.
     ``minutes: null`` turns it off. Kept in checkpoints, so a resumed run keeps its shortened plan.
     """
@@ -75,10 +77,13 @@ class TimeBudget(L.Callback):
     WARM_STEPS = 2  # left out of the step time
     NEVER = 2**62  # as trainer.val_check_batch: Lightning validates where (batch + 1) % val_check_batch == 0
 
-    def __init__(self, minutes: float | None = None, check_after_steps: int = 10, val_share: float = 0.1) -> None:
+    def __init__(
+        self, minutes: float | None = None, check_after_steps: int = 10, val_share: float = 0.1, keep_steps: int = 0
+    ) -> None:
         if not 0 < val_share <= 1:
             raise ValueError(f"callbacks.time_budget.val_share={val_share}: a share of the time, in (0, 1]")
         self.minutes, self.check_after_steps, self.val_share = minutes, check_after_steps, val_share
+        self.keep_steps = int(keep_steps or 0)
         self.cuts: list[tuple[int, float]] = []  # (step, how many schedule steps one step covers from there on)
         self.total_steps: int | None = None  # where training stops
         self.planned_steps: int | None = None  # the schedule's end, in the planned schedule's steps
@@ -170,10 +175,18 @@ class TimeBudget(L.Callback):
             vals_left = min(vals_left, affordable)
         left = self.minutes * 60 - (now - self._start) - vals_left * val_seconds
         fits = max(1, int(left / step_seconds)) if left > 0 else 1
-        rate = max(1.0, planned_left / fits)  # planned steps a step covers from here: never stretched past the plan
-        if self.cuts and self.cuts[-1][1] == rate or not self.cuts and rate == 1.0:
+        pending = [c for c in self.cuts if c[0] > step]  # a cut set for the warm-up's end: planned afresh
+        self.cuts = [c for c in self.cuts if c[0] <= step]
+        rate_now = self.cuts[-1][1] if self.cuts else 1.0
+        # the warm-up's planned steps still ahead run as planned, where they fit: only the steps after are squeezed
+        held = math.ceil(self.keep_steps - self.schedule_step(step) - 1e-9) if rate_now == 1.0 else 0
+        held = held if 0 < held < min(fits, planned_left) else 0
+        rate = max(1.0, (planned_left - held) / (fits - held))  # planned steps a step covers: never stretched
+        if rate == rate_now:
+            if pending:  # the plan that was to be cut fits after all
+                self.total_steps = step + math.ceil(planned_left / rate - 1e-9)
             return
-        total = step + math.ceil(planned_left / rate - 1e-9)
+        total = step + held + math.ceil((planned_left - held) / rate - 1e-9)
         log.warning(
             "time budget %.3g min (callbacks.time_budget.minutes): %.2f s a step and %.1f s a validation "
             "here; training %d more steps (%d in all) for the %d planned ones left, the rest of the "
@@ -184,9 +197,10 @@ class TimeBudget(L.Callback):
             total - step,
             total,
             round(planned_left),
-            "compressed onto them" if rate > 1 else "as planned",
+            ("compressed onto them" if rate > 1 else "as planned")
+            + (f" after the warm-up's {held} steps" if held and rate > 1 else ""),
         )
-        self.cuts.append((step, rate))
+        self.cuts.append((step + held, rate))
         self.total_steps = total
 
     def state_dict(self) -> dict[str, Any]:

@@ -18,9 +18,9 @@ SCHEDULE = dict(warmup_steps=5, warmup_factor=0.1, milestones=[60, 80], gamma=0.
 class SlowModule(L.LightningModule):
     """A step that takes STEP_SECONDS (sleeping, so the CPU's load does not change it) and records its lr."""
 
-    def __init__(self, val_seconds: float = STEP_SECONDS) -> None:
+    def __init__(self, val_seconds: float = STEP_SECONDS, schedule: dict = SCHEDULE) -> None:
         super().__init__()
-        self.val_seconds = val_seconds
+        self.val_seconds, self.schedule = val_seconds, schedule
         self.layer = torch.nn.Linear(2, 1)
         self.lrs: list[float] = []
         self.validations: list[int] = []  # the step of each validation
@@ -36,15 +36,15 @@ class SlowModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=1.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_multistep(**SCHEDULE))
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_multistep(**self.schedule))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def fit(minutes, by_steps=False, val_seconds=STEP_SECONDS, val_share=1.0):
+def fit(minutes, by_steps=False, val_seconds=STEP_SECONDS, val_share=1.0, schedule=SCHEDULE):
     """100 planned steps: 10 epochs of 10 steps, validated each epoch; or (``by_steps``, as the CPU recipes plan)
     max_steps=100 with a validation every 10 steps across epochs."""
     data = DataLoader(TensorDataset(torch.randn(10, 2)), batch_size=1)
-    budget = TimeBudget(minutes, check_after_steps=5, val_share=val_share)
+    budget = TimeBudget(minutes, check_after_steps=5, val_share=val_share, keep_steps=schedule["warmup_steps"])
     plan = (
         dict(max_steps=100, max_epochs=-1, check_val_every_n_epoch=None, val_check_interval=10)
         if by_steps
@@ -60,7 +60,7 @@ def fit(minutes, by_steps=False, val_seconds=STEP_SECONDS, val_share=1.0):
         num_sanity_val_steps=0,
         limit_val_batches=1,
     )
-    module = SlowModule(val_seconds)
+    module = SlowModule(val_seconds, schedule)
     start = time.monotonic()
     trainer.fit(module, data, data)
     return module, budget, time.monotonic() - start
@@ -81,6 +81,18 @@ def test_a_plan_that_does_not_fit_is_cut_and_ends_on_the_decayed_rates(by_steps)
     assert all(b <= a for a, b in zip(after, after[1:]))  # past the warm-up, only decays
     if by_steps:  # the plan's 10 validations, every 10 planned steps: closer together in trained steps
         assert 8 <= len(module.validations) <= 12, module.validations  # + the last step's, + one as it changes
+
+
+def test_the_warm_up_runs_as_planned_and_the_steps_after_carry_the_cut():
+    """The budget is measured at step 7, inside a 30-step warm-up: the warm-up's steps run at their planned rates,
+    one planned step each, the cut starts at step 30 and the run still ends on the decayed rates within budget."""
+    schedule = {**SCHEDULE, "warmup_steps": 30}
+    module, budget, seconds = fit(minutes=2.5 / 60, by_steps=True, schedule=schedule)
+    planned = warmup_multistep(**schedule)
+    assert budget.cuts[0][0] == 30 and budget.cuts[0][1] > 1.5, budget.cuts
+    assert module.lrs[:30] == pytest.approx([planned(s) for s in range(30)])  # not squeezed
+    assert module.lrs[-1] == pytest.approx(planned(99), rel=1e-6) and 30 < len(module.lrs) < 70
+    assert seconds < 2.5 + 1.5
 
 
 def test_a_plan_that_fits_is_left_as_it_is():
