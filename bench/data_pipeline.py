@@ -21,7 +21,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from datamodules.images import read_image
-from datamodules.transforms import IMAGENET_MEAN, SSDAugmentation
+from datamodules.transforms import SSDAugmentation
+from datamodules.transforms.ssd import IMAGENET_MEAN
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample" / "VOCdevkit" / "VOC2012"
 BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd" / "BCCD"  # 364 blood-smear photos, 640×480

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from datamodules.transforms import resize_sample, short_side_size
+from datamodules.transforms.resize import resize_sample
 from detectors.batch import DetectionBatch, collate_detection
 
 GiB = 2**30
@@ -152,17 +152,17 @@ class PeakMemory(AbstractContextManager):
 
 # --- the probe -----------------------------------------------------------------------------------------------------
 def largest_input(transform: object, dataset: Dataset, size_divisible: int = 1) -> tuple[int, int]:
-    """The largest (h, w) batch a transform makes from this data set, padded to ``size_divisible``: its fixed
-    ``size`` (SSD, YOLO, ResizeTo), RetinaNet's largest shorter side at the data set's most elongated aspect ratio
-    (``min_sizes``/``min_size`` with ``max_size``), or, without a resize, the data set's ``image_size`` (else its
-    largest image among the first 16)."""
-    size = getattr(transform, "size", None)
-    ratios = dataset.aspect_ratios() if hasattr(dataset, "aspect_ratios") else [1.0]
-    short = max(getattr(transform, "min_sizes", None) or [getattr(transform, "min_size", 0)])
-    if size is not None:
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-    elif short:
-        shapes = [short_side_size(1000, round(1000 * r), short, transform.max_size) for r in (min(ratios), max(ratios))]
+    """The largest (h, w) batch a transform makes from this data set, padded to ``size_divisible``: the largest of
+    what the transform declares (``max_output_size``) for each aspect ratio of the data set (1000 px high), or,
+    from a transform that declares none (or follows the image's size, or no transform), the data set's
+    ``image_size`` (else its largest sample among the first 16). Every ratio, not only the two most elongated: with
+    a cap on the longer side (RetinaNet's 800/1333) the largest area comes from a ratio in between (4:3 → 800×1066,
+    more than a 2:1 image's 667×1333)."""
+    shapes = []
+    if hasattr(transform, "max_output_size"):
+        ratios = dataset.aspect_ratios() if hasattr(dataset, "aspect_ratios") else [1.0]
+        shapes = [transform.max_output_size((1000, round(1000 * r))) for r in sorted(set(ratios))]
+    if shapes and None not in shapes:
         hw = max(shapes, key=lambda s: s[0] * s[1])
     elif getattr(dataset, "image_size", None):
         hw = (dataset.image_size, dataset.image_size)
@@ -173,13 +173,10 @@ def largest_input(transform: object, dataset: Dataset, size_divisible: int = 1) 
 
 
 def input_settings(transform: object, key: str = "data.train_transform") -> str:
-    """The settings that set a transform's input size, for messages."""
-    if getattr(transform, "size", None) is not None:
-        return f"{key}.size"
-    if getattr(transform, "min_sizes", None) is not None:
-        return f"{key}.min_sizes / {key}.max_size"
-    if getattr(transform, "min_size", None) is not None:
-        return f"{key}.min_size / {key}.max_size"
+    """The settings that set a transform's input size (its ``size_settings``), for messages."""
+    settings = getattr(transform, "size_settings", ())
+    if settings:
+        return " / ".join(f"{key}.{name}" for name in settings)
     return "data.image_size (or a resizing transform)"
 
 

@@ -1,4 +1,4 @@
-"""The SSD and YOLO papers' augmentations (datamodules/transforms.py), their config wiring and the browse command.
+"""The SSD and YOLO papers' augmentations (datamodules/transforms/), their config wiring and the browse command.
 
 Every check recomputes what a step should do independently (IoU in float64 from the box corners, the expected
 pixels under a box, the flip/resize formulas), since a silently unapplied IoU constraint (ssd.pytorch's
@@ -25,9 +25,8 @@ from datamodules.transforms import (
     ShortSideResize,
     SSDAugmentation,
     YOLOAugmentation,
-    scale_saturation_value,
-    scale_saturation_value_hwc,
 )
+from datamodules.transforms.yolo import scale_saturation_value, scale_saturation_value_hwc
 from detectors.batch import collate_detection
 
 from ..conftest import compose

@@ -1,4 +1,4 @@
-"""The memory check before training (engine/memory.py, train.check_memory) and what bare `python train.py` runs."""
+"""The memory check before training (engine/memory.py, engine/preflight.py) and what bare `python train.py` runs."""
 
 import runpy
 import sys
@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 import train
-from engine import memory
+from engine import memory, preflight
 from tests.conftest import ROOT, TINY, compose
 
 GiB = 2**30
@@ -103,13 +103,13 @@ def test_auto_picks_the_largest_batch_that_fits_and_lr_scaling_sees_it(tmp_path,
     seen = {}
     real = memory.training_estimate
     monkeypatch.setattr(memory, "training_estimate", lambda *a, **k: seen.setdefault("e", real(*a, **k)))
-    train.check_memory(cfg, trainer, model, data)
+    preflight.check_memory(cfg, trainer, model, data)
     batch, estimate = cfg.data.batch_size, seen["e"]
     assert isinstance(batch, int) and 2 <= batch < len(data.train_set) and data.batch_size == batch
     budget = available * (1 - memory.AUTO_MARGIN)
     assert estimate.need(batch) <= budget < estimate.need(batch + 1)
     lr = cfg.model.optimizer.lr
-    assert train.scale_learning_rate(cfg, trainer)
+    assert preflight.scale_learning_rate(cfg, trainer)
     assert cfg.model.optimizer.lr == pytest.approx(lr * batch / 16)
 
 
@@ -118,11 +118,11 @@ def test_the_switch_and_what_auto_refuses(tmp_path, monkeypatch):
         raise AssertionError("memory_check=false must not probe")
 
     monkeypatch.setattr(memory, "training_estimate", no_probe)
-    train.check_memory(*parts("memory_check=false", tmp_path=tmp_path))  # off: no probe, no error
+    preflight.check_memory(*parts("memory_check=false", tmp_path=tmp_path))  # off: no probe, no error
     with pytest.raises(ValueError, match="batch_size=auto is chosen by the memory check: set memory_check=true"):
-        train.check_memory(*parts("memory_check=false", "data.batch_size=auto", tmp_path=tmp_path))
+        preflight.check_memory(*parts("memory_check=false", "data.batch_size=auto", tmp_path=tmp_path))
     with pytest.raises(ValueError, match="with 2 processes give a number"):
-        train.check_memory(*parts("trainer=ddp_sim", "data.batch_size=auto", tmp_path=tmp_path))
+        preflight.check_memory(*parts("trainer=ddp_sim", "data.batch_size=auto", tmp_path=tmp_path))
 
 
 def test_bare_train_py_runs_the_cpu_recipe_and_says_so(tmp_path, monkeypatch):
@@ -152,3 +152,41 @@ def test_bare_train_py_runs_the_cpu_recipe_and_says_so(tmp_path, monkeypatch):
         expected.pop("hydra")
     assert OmegaConf.load(run / ".hydra" / "config.yaml") == expected
     assert "no arguments: running experiment=retinanet_shapes" in (run / "train.log").read_text()
+
+
+class Photos:
+    """A data set as the memory check sees one: aspect ratios (w ÷ h) from its annotations, and samples."""
+
+    def __init__(self, ratios: list[float], shapes: list[tuple[int, int]]) -> None:
+        self.ratios, self.shapes = ratios, shapes
+
+    def aspect_ratios(self) -> list[float]:
+        return self.ratios
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int):
+        return torch.zeros((3, *self.shapes[index]), dtype=torch.uint8), {}
+
+
+def test_the_probed_input_is_what_the_transform_declares():
+    """The probe's input comes from the transform's ``max_output_size`` at each of the data set's aspect ratios
+    (the largest output), padded; a transform that declares none, or keeps the image's size, or no transform at
+    all, falls back to the data set's largest sample. The messages name the transform's ``size_settings``."""
+    from datamodules.transforms import ResizeTo, ShortSideAugmentation, ShortSideResize, SSDAugmentation
+
+    photos = Photos([0.5, 1.33, 2.0], [(90, 70), (50, 120)])
+    assert memory.largest_input(ResizeTo([48, 80]), photos, 32) == (64, 96)
+    # ratio 0.5: 1000×500 → shorter side 320 → 640×320; ratio 2: 1000×2000 → longer side capped 640 → 320×640
+    assert memory.largest_input(ShortSideAugmentation([256, 320], 640), photos) == (640, 320)
+    assert memory.largest_input(ShortSideResize(300, 400), Photos([1.25], [(8, 8)]), 32) == (320, 384)  # 300×375
+    # 800/1333: a 1.6 ratio in between makes 800×1280 (scale 0.8), more than either end's 667×1333
+    assert memory.largest_input(ShortSideResize(800, 1333), Photos([0.5, 1.6, 2.0], [(8, 8)])) == (800, 1280)
+    for keeps_size in (SSDAugmentation(size=None), None, lambda image, target: (image, target)):
+        assert memory.largest_input(keeps_size, photos) == (90, 120)  # the largest sample, side by side
+
+    assert memory.input_settings(ResizeTo(64), "data.val_transform") == "data.val_transform.size"
+    assert memory.input_settings(ShortSideAugmentation(), "k") == "k.min_sizes / k.max_size"
+    assert memory.input_settings(ShortSideResize()) == "data.train_transform.min_size / data.train_transform.max_size"
+    assert memory.input_settings(SSDAugmentation(size=None)) == "data.image_size (or a resizing transform)"
