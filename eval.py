@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torchvision.ops import box_convert
 
 import engine.config  # noqa: F401  (registers the config resolvers, e.g. ${len:...})
 from datamodules.coco import COCODataset, coco_result_entries, write_coco_results
@@ -33,7 +34,10 @@ from engine.checkpoint_loading import (
     resolve_preprocessing,
     training_data_config,
 )
+from engine.known_warnings import ignore_known_harmless
 from evaluation.visualization import plot_pr_curves
+
+ignore_known_harmless()  # trainer.validate runs Lightning's loop, as train.py's does
 
 log = logging.getLogger("eval")
 
@@ -115,9 +119,8 @@ def coco_ground_truth(records: list[dict[str, Any]], class_names: list[str]) -> 
         h, w = r["size"]
         images.append({"id": r["index"], "height": h, "width": w})
         t = r["target"]
-        xyxy = t["boxes"].double()
-        xywh = torch.cat((xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]), dim=1)
-        difficult = t.get("difficult", torch.zeros(len(xyxy), dtype=torch.bool))
+        xywh = box_convert(t["boxes"].double(), "xyxy", "xywh")
+        difficult = t.get("difficult", torch.zeros(len(xywh), dtype=torch.bool))
         for box, label, crowd, diff in zip(
             xywh.tolist(), t["labels"].tolist(), t["iscrowd"].tolist(), difficult.tolist()
         ):

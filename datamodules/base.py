@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -30,6 +31,13 @@ log = logging.getLogger(__name__)
 
 # (image uint8 (3, h, w), target dict) -> the same, e.g. datamodules.transforms.SSDAugmentation / ResizeTo
 SampleTransform = Callable[[Tensor, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a cluster's allocation sets), else the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class SkipBadImages(Dataset):
@@ -145,7 +153,9 @@ class DetectionDataModule(L.LightningDataModule):
     ``__getitem__``, so ``train_set[i]`` is exactly what the model receives (datamodules/browse.py shows it).
     ``size_divisible`` pads each batch's height and width up to a multiple (RetinaNet: 128);
     ``aspect_ratio_grouping`` batches training images by orientation, for data sets with ``aspect_ratios()``.
-    ``persistent_workers`` (None: whenever there are workers) keeps loader workers between epochs.
+    ``num_workers`` is at most :func:`usable_cpus` (more only wait for a CPU); ``pin_memory`` pins only where the
+    batches go to an accelerator. ``persistent_workers`` (None: whenever there are workers) keeps loader workers
+    between epochs.
     Under DDP, evaluation loaders split the images between ranks without repeating any (the metrics gather
     them once per evaluation), so mAP on N processes equals mAP on one.
     ``bad_images``: an image file that cannot be read (missing, empty, not an image; checked from each file's first
@@ -176,7 +186,9 @@ class DetectionDataModule(L.LightningDataModule):
         self.classes: list[str] = list(classes) if classes is not None else []
         # batch_size may be set after construction (train.py resolves data.batch_size=auto): val follows it unless given
         self.batch_size, self._val_batch_size = batch_size, val_batch_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.num_workers, self.pin_memory = min(num_workers, usable_cpus()), pin_memory
+        if self.num_workers < num_workers:
+            log.info("data.num_workers=%d: %d, the CPUs this process may use", num_workers, self.num_workers)
         self.persistent_workers = num_workers > 0 and persistent_workers is not False
         self.train_transform, self.val_transform = train_transform, val_transform
         if size_divisible < 1:
@@ -203,7 +215,7 @@ class DetectionDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         common: dict = dict(
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and self._to_accelerator(),
             persistent_workers=self.persistent_workers,
             collate_fn=partial(collate_detection, size_divisible=self.size_divisible),
         )
@@ -274,6 +286,13 @@ class DetectionDataModule(L.LightningDataModule):
         """(epoch, batches of it trained): where a checkpoint taken now stands in the training data."""
         loop = self.trainer.fit_loop
         return self.trainer.current_epoch, loop.epoch_loop.batch_idx + 1
+
+    def _to_accelerator(self) -> bool:
+        """Whether the batches go to an accelerator: the trainer's device, else (no trainer yet) whether one exists."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device.type != "cpu"
+        return torch.accelerator.is_available()
 
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)

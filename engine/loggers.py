@@ -93,7 +93,7 @@ def wandb_logger(
         sweep, num = job
         group = group or f"{name or project}-{sweep}"
         name = f"{name}-{num}" if name else None
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         name=name,
         save_dir=save_dir,
@@ -104,6 +104,10 @@ def wandb_logger(
         mode=mode,
         **kwargs,
     )
+    # Lightning hands wandb.init anonymous=None, which wandb warns "has no effect"; left out, it means the same
+    if logger._wandb_init.get("anonymous", "") is None:
+        del logger._wandb_init["anonymous"]
+    return logger
 
 
 def finish_loggers(loggers: Iterable[Logger], exit_code: int | None = None) -> None:

@@ -107,7 +107,7 @@ def test_the_cpu_recipes_take_photos_at_their_own_size(name, data):
     ],
 )
 def test_a_paper_recipe_runs_on_its_data_and_refuses_other_data(name, data):
-    from train import refuse_other_data
+    from engine.preflight import refuse_other_data
 
     cfg = compose(f"experiment={name}", "data.root=/data")
     assert cfg.recipe_data == data and cfg.data._target_.endswith(f"{data}.{data.upper()}DataModule")

@@ -123,10 +123,10 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_bf16_beside_trainable_batchnorm_is_warned_with_the_fix(precision, overrides, warned, caplog):
     from types import SimpleNamespace
 
-    import train
+    from engine.preflight import warn_bf16_with_trainable_batchnorm
 
     module = instantiate(compose(*TINY, *overrides).model)
-    message = train.warn_bf16_with_trainable_batchnorm(SimpleNamespace(precision=precision), module)
+    message = warn_bf16_with_trainable_batchnorm(SimpleNamespace(precision=precision), module)
     assert (message is not None) == warned
     if warned:
         assert "trainer.precision=bf16-mixed with 20 trainable BatchNorm layers" in message

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
 from engine.distributed import config_differences, flatten
-from train import resolve_ckpt_path, scale_learning_rate
+from engine.preflight import resolve_ckpt_path, scale_learning_rate
 
 from ..conftest import ROOT, TINY, compose
 from ..preloaded import run_python
