@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from evaluation.metrics import DetectionMetrics
+from evaluation.detection_metrics import DetectionMetrics
 
 
 @dataclass

@@ -92,7 +92,7 @@ def synthetic_batches(images: int, detections: int, num_classes: int, per_batch:
 
 
 def evaluation_memory(images: int = 5000, detections: int = 100, epochs: int = 5) -> list[float]:
-    from evaluation.metrics import DetectionMetrics
+    from evaluation.detection_metrics import DetectionMetrics
 
     names = [f"class{i}" for i in range(20)]
     batches = synthetic_batches(images, detections, len(names))

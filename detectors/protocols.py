@@ -37,7 +37,8 @@ class Backbone(Protocol):
     """Normalised images (B, 3, H, W) → feature maps, finest first; ``out_channels``: their channels, one int
     or one per map, as the head's ``in_channels`` takes them."""
 
-    out_channels: int | list[int]
+    @property  # read-only: an `int` (ResNetFPN) or `list[int]` (VGG16Atrous) attribute keeps it, a settable one not
+    def out_channels(self) -> int | list[int]: ...
 
     def __call__(self, images: Tensor) -> list[Tensor]: ...
 

@@ -85,7 +85,9 @@ def load_checkpoint(path: str | Path, trusted: bool = False, bare_state_dict: bo
 
 # parts that moved since checkpoints were first written: old checkpoints still build
 MOVED_TARGETS = {
-    "detectors.Detector": "engine.detection_module.DetectionModule",
+    "detectors.Detector": "engine.detection_module.DetectionModule.from_config_keys",
+    # the module itself: its config may hold CONFIG_ONLY_KEYS (num_prediction_layers), which it no longer takes
+    "engine.detection_module.DetectionModule": "engine.detection_module.DetectionModule.from_config_keys",
     "detectors.assigners.MaxIoUAssigner": "detectors.retinanet.MaxIoUAssigner",
     "detectors.losses.RetinaNetLoss": "detectors.retinanet.RetinaNetLoss",
     "detectors.postprocess.DensePostprocess": "detectors.retinanet.RetinaNetPostprocess",

@@ -85,7 +85,9 @@ class CheckpointOnSignal(Callback):
         self._held: list[tuple[Any, int, Any]] = []  # (Lightning's handler, signum, frame) to run at the step's end
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        environment = trainer._accelerator_connector.cluster_environment  # what Lightning's signal connector reads
+        # private, as Lightning's own signal connector reads it: the public `trainer.strategy.cluster_environment`
+        # exists on parallel strategies only, not on a one-GPU SLURM job's (docs/ARCHITECTURE.md §3)
+        environment = trainer._accelerator_connector.cluster_environment
         if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
             return
         signum = environment.requeue_signal

@@ -3,8 +3,8 @@
 The network (``self.net``) does the math; this module runs the steps, logs, guards against non-finite losses
 (together on every rank), builds the optimiser and the learning-rate schedule, keeps the validation metrics and
 writes the config that built it into each checkpoint, so the tools can rebuild the network
-(``engine.checkpoint_loading``). ``conf/model/<name>.yaml`` targets it: its keys are this constructor's
-arguments, the parts among them passed on to the network.
+(``engine.checkpoint_loading``). ``conf/model/<name>.yaml`` targets ``DetectionModule.from_config_keys``: its keys
+are this constructor's arguments, the parts among them passed on to the network, and ``CONFIG_ONLY_KEYS``.
 """
 
 from __future__ import annotations
@@ -18,16 +18,22 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor
 
 from datamodules.sampling import derived_seed
 from detectors.batch import DetectionBatch
 from detectors.detector import DenseDetector
-from evaluation.metrics import DetectionMetrics
+from detectors.priors import PriorGenerator, Priors
+from detectors.protocols import Assigner, Backbone, Head, HeadOutputs, Loss, Postprocess
+from evaluation.detection_metrics import DetectionMetrics
 
 log = logging.getLogger(__name__)
 NONFINITE_LOSS = ("error", "skip")
 NET_PREFIX = "net."  # the network's state-dict keys in this module's; checkpoints before it had none
+# model config keys that are not the module's arguments: its parts interpolate them (SSD's Table 3 sweep key,
+# `model.num_prediction_layers`, read by the backbone and the priors), so one override sets them all
+CONFIG_ONLY_KEYS = ("num_prediction_layers",)
 
 
 def warmup_multistep(
@@ -91,8 +97,7 @@ class DetectionModule(L.LightningModule):
         nonfinite_loss: ``error`` stops the run at a NaN/Inf loss naming step, term and images; ``skip`` leaves
             such a batch out (on every rank), counted as ``train/skipped_batches``.
         finetune_from: a train.py checkpoint that train.py loads before training (``engine.checkpoint_loading.
-            finetune_from``); num_prediction_layers: SSD's Table 3 sweep key, read by its parts from the config.
-            Both are here so the config records them.
+            finetune_from``), here so the config records it.
 
     Example:
         >>> module = DetectionModule.from_config(model_config)  # the resolved Hydra `model` config, a dict
@@ -101,12 +106,12 @@ class DetectionModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: Any,
-        head: Any,
-        priors: Any,
-        assigner: Any,
-        loss: Any,
-        postprocess: Any,
+        backbone: Backbone,
+        head: Head | Callable[..., Head],
+        priors: PriorGenerator,
+        assigner: Assigner,
+        loss: Loss,
+        postprocess: Postprocess,
         class_names: Sequence[str],
         pixel_mean: Sequence[float] = (0.485, 0.456, 0.406),
         pixel_std: Sequence[float] = (0.229, 0.224, 0.225),
@@ -116,7 +121,6 @@ class DetectionModule(L.LightningModule):
         class_metrics: bool = True,
         nonfinite_loss: str = "error",
         finetune_from: str | None = None,
-        num_prediction_layers: int | None = None,
     ) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_LOSS:
@@ -147,13 +151,19 @@ class DetectionModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_config = dict(scheduler or {})
         self.nonfinite_loss, self.skipped_batches = nonfinite_loss, 0
-        self.finetune_from, self.num_prediction_layers = finetune_from, num_prediction_layers
+        self.finetune_from = finetune_from
         self.val_metrics = DetectionMetrics(self.net.class_names, class_metrics=class_metrics)
         # the resolved Hydra configs of this module (from_config records it) and of its training data (train.py,
         # once data.batch_size=auto is settled), written into every checkpoint: the tools rebuild the network
         # from the first and feed it images as its validation did from the second
         self.model_config: dict[str, Any] | None = None
         self.data_config: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config_keys(cls, **keys: Any) -> DetectionModule:
+        """The module a model config's keys build (the ``_target_`` of ``conf/model/*.yaml``): the constructor's
+        arguments, ``CONFIG_ONLY_KEYS`` left out."""
+        return cls(**{name: value for name, value in keys.items() if name not in CONFIG_ONLY_KEYS})
 
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any], pretrained: bool = True) -> DetectionModule:
@@ -178,7 +188,7 @@ class DetectionModule(L.LightningModule):
         if self.model_config is not None:
             self.model_config["optimizer"] = copy.deepcopy(dict(optimizer_config))
 
-    def forward(self, images: Tensor) -> Any:
+    def forward(self, images: Tensor) -> tuple[HeadOutputs, Priors]:
         return self.net(images)
 
     # --- steps -------------------------------------------------------------------------------------------
@@ -201,8 +211,11 @@ class DetectionModule(L.LightningModule):
         """Whether the loss is NaN/Inf on any rank: all ranks must skip or stop together (one rank leaving out its
         backward pass would leave the others waiting in DDP's gradient all-reduce)."""
         bad = not bool(torch.isfinite(total.detach()))
-        trainer = self._trainer
-        return trainer.strategy.reduce_boolean_decision(bad, all=False) if trainer is not None else bad
+        try:
+            strategy = self.trainer.strategy
+        except RuntimeError:  # not attached to a trainer (a step run by hand: tests, bench/): no other rank
+            return bad
+        return strategy.reduce_boolean_decision(bad, all=False)
 
     def _handle_nonfinite(self, losses: dict[str, Tensor], batch: DetectionBatch) -> None:
         terms = ", ".join(f"{k}={v.item():g}" for k, v in losses.items())
@@ -247,7 +260,7 @@ class DetectionModule(L.LightningModule):
         return self.net.detect(batch)
 
     # --- optimisation ------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         if self.optimizer_factory is None:
             raise ValueError(
                 "model.optimizer is not set: give e.g. {_target_: torch.optim.SGD, _partial_: true, lr: 0.01}"

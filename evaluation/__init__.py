@@ -1,2 +1,3 @@
-"""Evaluation apart from the models: the COCO and VOC metrics (metrics.py) and the pictures of detections and
-precision-recall curves (visualization.py)."""
+"""Evaluation apart from the models: the validation metrics (detection_metrics.py: the COCO suite of coco.py and
+VOC AP of voc.py, over the flat states of flat_states.py) and the pictures of detections and precision-recall
+curves (visualization.py)."""

@@ -15,8 +15,9 @@ def fresh_python(code: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_the_metrics_import_first_without_a_cycle():
-    # evaluation.metrics reads detectors' boxes, the training module reads the metrics and the detectors
-    done = fresh_python("import evaluation.metrics")
+    # evaluation.detection_metrics (with coco, voc) reads detectors' boxes, the training module reads the metrics
+    # and the detectors
+    done = fresh_python("import evaluation.detection_metrics")
     assert done.returncode == 0, done.stderr[-2000:]
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from datamodules.coco import COCODataModule, COCODataset, COCOFormatError, write_coco_results
-from evaluation.metrics import DetectionMetrics
+from evaluation.detection_metrics import DetectionMetrics
 
 from ..conftest import ROOT, SHARED_DATA, compose
 from ..preloaded import run_python

@@ -1,10 +1,15 @@
 """The contracts between the parts (detectors/protocols.py), held by every paper's parts."""
 
+import inspect
+
 import pytest
 import torch
 from hydra.utils import instantiate
+from torch import nn
 
+from detectors import protocols
 from detectors.batch import collate_detection
+from detectors.priors import PriorGenerator
 
 from ..conftest import TINY, compose
 
@@ -39,3 +44,40 @@ def test_every_part_declares_what_chooses_the_training_path(name):
     sparse = {"retinanet": True, "ssd": False, "yolo": False}[name]
     assert net.head.sparse_box_training is sparse and net.sparse_box_training is sparse
     assert net.assigner.uses_predictions is (name == "yolo")  # the responsible predictor is the best-overlapping one
+
+
+def protocol_members(protocol: type) -> tuple[dict[str, inspect.Signature], set[str]]:
+    """A Protocol's methods (their signatures, ``self`` left out) and attributes, its bases' included."""
+    methods, attributes = {}, set()
+    for cls in reversed([c for c in protocol.__mro__ if c.__module__ == protocols.__name__]):
+        attributes |= set(cls.__dict__.get("__annotations__", {}))
+        for name, value in vars(cls).items():
+            if isinstance(value, property):
+                attributes.add(name)
+            elif callable(value) and (name == "__call__" or not name.startswith("_")):
+                methods[name] = inspect.signature(value)
+    return {k: v.replace(parameters=list(v.parameters.values())[1:]) for k, v in methods.items()}, attributes
+
+
+@pytest.mark.parametrize("name", sorted(PAPERS))
+def test_every_part_keeps_its_protocol(name):
+    """Each paper's built parts take what their Protocol's methods take (names, order, defaults) and have its
+    attributes: what ``DenseDetector`` and ``DetectionModule`` are typed with holds for the parts the configs build."""
+    net = instantiate(compose(*PAPERS[name]).model).net
+    sparse_head = protocols.SparseBoxHead if net.head.sparse_box_training else protocols.Head
+    parts = {
+        "backbone": protocols.Backbone,
+        "head": sparse_head,
+        "assigner": protocols.Assigner,
+        "loss": protocols.Loss,
+        "postprocess": protocols.Postprocess,
+    }
+    for part, protocol in parts.items():
+        obj = getattr(net, part)
+        methods, attributes = protocol_members(protocol)
+        assert all(hasattr(obj, a) for a in attributes), (part, attributes)
+        for method, signature in methods.items():
+            own = getattr(obj, "forward" if method == "__call__" and isinstance(obj, nn.Module) else method)
+            theirs = [(p.name, p.kind, p.default) for p in inspect.signature(own).parameters.values()]
+            assert theirs == [(p.name, p.kind, p.default) for p in signature.parameters.values()], (part, method)
+    assert isinstance(net.priors, PriorGenerator)  # the priors' contract is that base class

@@ -441,3 +441,35 @@ def test_inference_keeps_400_per_class_before_nms_and_200_per_image_after():
 def test_ssd_voc_recipes_train_on_difficult_objects_as_the_released_code(overrides, train_difficult):
     cfg = compose(*overrides)
     assert cfg.data.train_difficult is train_difficult
+
+
+def test_composed_ssd300_builds_the_papers_l2norm_matching_and_loss_constants():
+    """``conf/model/ssd.yaml``'s paper values reach the parts it builds: conv4_3's L2Norm scale 20 (§3.1), matching
+    above IoU 0.5 after each object's best box (§2.2), hard negatives 3:1 (§2.2) and α = 1 (eq. 1)."""
+    cfg = compose("model=ssd", "model.backbone.width=0.125")
+    model = cfg.model
+    assert (model.backbone.l2norm_scale, model.assigner.pos_iou) == (20, 0.5)
+    assert (model.loss.neg_pos_ratio, model.loss.alpha) == (3, 1)
+    net = instantiate(model).net
+    # L2Norm: every channel's scale starts at 20, so each location of conv4_3 leaves with norm 20
+    assert torch.equal(net.backbone.l2norm.weight.detach(), torch.full_like(net.backbone.l2norm.weight, 20.0))
+    conv4_3 = net.backbone(torch.rand(1, 3, 300, 300, generator=torch.Generator().manual_seed(0)))[0]
+    norms = conv4_3.detach().norm(dim=1).flatten()
+    assert norms.min() > 0  # no location all zero after the ReLU, where F.normalize would leave 0
+    torch.testing.assert_close(norms, torch.full_like(norms, 20.0))
+    # matching: the object's best box (IoU 1), a box at IoU 10/19 > 0.5 positive, one at 10/21 < 0.5 background
+    priors = Priors(torch.tensor([[0, 0, 10, 10], [0, 0, 10, 19], [0, 0, 10, 21]], dtype=torch.float32), [3])
+    assert net.assigner(priors, make_batch([[[0, 0, 10, 10]]], [[1]]), 2)["labels"][0].tolist() == [1, 1, 2]
+    # the loss: eq. 1 with α = 1 and 3:1 hard negatives, the paper's formula written as loops
+    g = torch.Generator().manual_seed(0)
+    b, n, k = 2, 30, 3
+    boxes = torch.rand(n, 2, generator=g) * 100
+    boxes = torch.cat((boxes, boxes + 10 + torch.rand(n, 2, generator=g) * 30), 1)
+    labels = torch.full((b, n), k)
+    labels[0, :2], labels[1, 5:8] = 0, 2  # 2 and 3 positives: 6 and 9 hard negatives of 28 and 27
+    gt = boxes[None].expand(b, -1, -1) + torch.randn(b, n, 4, generator=g).clamp(-2, 2)
+    logits, deltas = torch.randn(b, n, k + 1, generator=g), torch.randn(b, n, 4, generator=g)
+    ours = net.loss({"class_scores": logits, "box_deltas": deltas}, {"labels": labels, "boxes": gt}, Priors(boxes, [n]))
+    ref_cls, ref_box = reference_multibox_loss(logits, deltas, labels, gt, boxes, 3, 0, (0.1, 0.1, 0.2, 0.2))
+    torch.testing.assert_close(ours["loss_cls"], ref_cls, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["loss_box"], ref_box, rtol=1e-5, atol=1e-6)

@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from evaluation.metrics import DetectionMetrics
+from evaluation.detection_metrics import DetectionMetrics
 
-from .test_metrics import random_coco_set
+from .cases import random_coco_set
 
 NAMES = [f"c{k}" for k in range(7)]
 SPLIT = 7  # rank 0 updates with the first 7 images, rank 1 with the other 4

@@ -1,9 +1,7 @@
-"""Validation metrics: the COCO AP suite (our tensor implementation of pycocotools' COCOeval, or a COCOeval
-run of faster_coco_eval or pycocotools) and PASCAL VOC AP at IoU 0.5 (VOC07 11-point and area-under-curve),
-under the metric names of docs/ARCHITECTURE.md §1.
-
-Both metrics keep each batch as flat tensors (one row per box, a count per image), so an update costs a
-handful of tensor operations whatever the batch size, and the states gather across processes by "cat"."""
+"""The COCO AP suite (``val/map``, ``val/map_50``, ... of docs/ARCHITECTURE.md §1): our tensor implementation of
+pycocotools' ``COCOeval`` in its two stages (``coco_match_images``: ``evaluate``/``evaluateImg``;
+``coco_accumulate``: ``accumulate``) and its ``summarize`` (``coco_summary``), or a ``COCOeval`` run of
+faster_coco_eval or pycocotools, over the flat states of flat_states.py."""
 
 from __future__ import annotations
 
@@ -11,18 +9,17 @@ import contextlib
 import io
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchvision.ops import box_convert
 
-from detectors.batch import pad_per_image
-from detectors.boxes import batched_box_iou
+from .flat_states import cat_or_empty, flatten_images
 
 logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # it prints the whole COCO table each epoch
-
-COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
 
 
 # "tensors": coco_evaluate below, pycocotools' numbers bit for bit at several times faster_coco_eval's speed;
@@ -41,185 +38,6 @@ def _coco_tools(backend: str):
     return COCO, COCOeval
 
 
-def _flatten(items: Sequence[dict[str, Tensor]], keys: Sequence[str]) -> tuple[Tensor, ...]:
-    """The images' boxes of each key concatenated, and the number per image, on the boxes' device (a state list
-    of CPU counts beside GPU boxes would be split by the next ``.to(device)``: torchmetrics moves the elements
-    appended before, not the one appended after)."""
-    counts = torch.tensor([len(item[keys[0]]) for item in items], dtype=torch.long, device=items[0][keys[0]].device)
-    return (*(torch.cat([item[k] for item in items]) for k in keys), counts)
-
-
-def _cat(xs: list[Tensor], dtype: torch.dtype, width: int = 0) -> Tensor:
-    return torch.cat(xs) if len(xs) else torch.zeros((0, width) if width else 0, dtype=dtype)
-
-
-def voc_match(
-    boxes: Tensor,
-    scores: Tensor,
-    labels: Tensor,
-    det_counts: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    difficult: Tensor,
-    gt_counts: Tensor,
-    iou_thresh: float = 0.5,
-) -> tuple[Tensor, ...]:
-    """The devkit's greedy matching for a batch of images at once (flat detections and ground truth, a count per
-    image). Returns the detections sorted by image then decreasing score (ties: input order), with TP and FP
-    flags: each detection takes its same-class ground truth of highest IoU; above ``iou_thresh`` the first
-    detection (in that order) to take a non-difficult object is a TP, later ones FP; one taking a difficult
-    object is neither; below it is a FP."""
-    device = boxes.device
-    image = torch.repeat_interleave(torch.arange(len(det_counts), device=device), det_counts.to(device))
-    order = torch.argsort(scores, descending=True, stable=True)
-    order = order[torch.argsort(image[order], stable=True)]
-    boxes, scores, labels, image = boxes[order].float(), scores[order], labels[order], image[order]
-    gt = pad_per_image(gt_boxes.to(boxes), gt_counts, 0.0)[image]  # (D, M, 4): the objects of each detection's image
-    gt_label = pad_per_image(gt_labels.to(labels), gt_counts, -1)[image]  # -1 pads: never the detection's class
-    iou = batched_box_iou(boxes[:, None], gt).squeeze(1)
-    iou.masked_fill_(gt_label != labels[:, None], -1.0)
-    if iou.shape[1]:
-        best_iou, best_gt = iou.max(dim=1)
-    else:  # no object in any image of the batch
-        best_iou, best_gt = iou.new_full((len(boxes),), -1.0), torch.zeros(len(boxes), dtype=torch.long, device=device)
-    hit = best_iou > iou_thresh
-    on_difficult = pad_per_image(difficult.to(device=device, dtype=torch.bool), gt_counts, False)[image, best_gt] & hit
-    claim = hit & ~on_difficult
-    # the first claim (in sorted order) of each object is the TP, as the devkit's "detected" flags make it
-    key = image * iou.shape[1] + best_gt
-    position = torch.arange(len(boxes), device=device)
-    first = torch.full((len(gt_counts) * iou.shape[1] + 1,), len(boxes), dtype=torch.long, device=device)
-    first.scatter_reduce_(0, key[claim], position[claim], "amin")
-    tp = claim & (first[key] == position)
-    fp = ~hit | (claim & ~tp)
-    return scores, labels, tp, fp
-
-
-def voc_ap_per_class(scores: Tensor, labels: Tensor, tp: Tensor, fp: Tensor, num_gt: Tensor) -> tuple[Tensor, Tensor]:
-    """VOC07 11-point AP and area AP of every class at once (-1 where a class has no countable object), from
-    the detections of the whole set in update order; each class's detections are ranked by decreasing score,
-    ties kept in update order (a stable sort, as the devkit's MATLAB ``sort``)."""
-    num_classes, device = len(num_gt), scores.device
-    order = torch.argsort(scores, descending=True, stable=True)
-    order = order[torch.argsort(labels[order], stable=True)]  # grouped by class, then by decreasing score
-    labels, tp, fp = labels[order], tp[order].double(), fp[order].double()
-    n = len(labels)
-    counts = torch.bincount(labels, minlength=num_classes)
-    start = (torch.cumsum(counts, 0) - counts)[labels]  # index of each class's first detection
-    tp_cum, fp_cum = torch.cumsum(tp, 0), torch.cumsum(fp, 0)
-    tp_cum, fp_cum = tp_cum - (tp_cum - tp)[start], fp_cum - (fp_cum - fp)[start]  # cumulative within the class
-    recall = tp_cum / num_gt.to(device=device, dtype=torch.float64)[labels]
-    precision = tp_cum / (tp_cum + fp_cum).clamp(min=torch.finfo(torch.float64).eps)
-    # precision envelope (max over the class's later points), exactly: a reversed running max of integer keys
-    # that rank the precisions inside class blocks that never mix
-    sorted_precision, by_precision = torch.sort(precision)
-    rank = torch.empty_like(by_precision)
-    rank[by_precision] = torch.arange(n, device=device)
-    block = (num_classes - labels) * n  # later classes (met first in reverse) get the lower blocks
-    running = torch.flip(torch.cummax(torch.flip(rank + block, [0]), 0).values, [0])
-    envelope = sorted_precision[running - block]
-    # area: Σ (r_j − r_{j−1}) · envelope_j over the class's points, r_{−1} = 0
-    previous = torch.cat([recall.new_zeros(1), recall[:-1]])
-    previous[start[start == torch.arange(n, device=device)]] = 0.0  # also 0 before each class's first point
-    ap_area = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    ap_area.index_add_(0, labels, (recall - previous) * envelope)
-    # 11-point: the envelope at the first point reaching each recall level (0 when none does)
-    levels = torch.linspace(0, 1, 11, dtype=torch.float64, device=device)
-    position = torch.where(recall[:, None] >= levels, torch.arange(n, device=device)[:, None], n)
-    first = torch.full((num_classes, 11), n, dtype=torch.long, device=device)
-    first.scatter_reduce_(0, labels[:, None].expand(-1, 11), position, "amin")
-    ap07 = torch.cat([envelope, envelope.new_zeros(1)])[first].sum(1) / 11
-    absent = num_gt.to(device) == 0  # a class absent from the ground truth has no AP (left out of the mean)
-    return ap07.masked_fill(absent, -1.0), ap_area.masked_fill(absent, -1.0)
-
-
-class VOCAveragePrecision(Metric):
-    """Per-class AP at IoU > 0.5 with the VOC devkit's rules: detections sorted by score over the whole
-    set, each matched to its highest-IoU ground truth; a match to a ``difficult`` object counts neither
-    as TP nor FP, a second match to an object is a FP; difficult objects are not counted in recall."""
-
-    full_state_update = False
-
-    def __init__(self, num_classes: int, iou_thresh: float = 0.5) -> None:
-        # no torchmetrics sync: DetectionMetrics gathers both metrics' states in one collective
-        super().__init__(sync_on_compute=False, dist_sync_on_step=False)
-        self.num_classes, self.iou_thresh = num_classes, iou_thresh
-        for name in ("scores", "labels", "tp", "fp"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
-        self.add_state("num_gt", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
-        if not len(preds):
-            return
-        boxes, scores, labels, det_counts = _flatten(preds, ("boxes", "scores", "labels"))
-        targets = [
-            t if "difficult" in t else {**t, "difficult": torch.zeros_like(t["labels"], dtype=torch.bool)}
-            for t in targets
-        ]
-        gt_boxes, gt_labels, difficult, gt_counts = _flatten(targets, ("boxes", "labels", "difficult"))
-        difficult = difficult.bool()
-        self.num_gt += torch.bincount(gt_labels[~difficult], minlength=self.num_classes).to(self.num_gt)
-        scores, labels, tp, fp = voc_match(
-            boxes, scores, labels, det_counts, gt_boxes, gt_labels, difficult, gt_counts, self.iou_thresh
-        )
-        self.scores.append(scores)
-        self.labels.append(labels)
-        self.tp.append(tp)
-        self.fp.append(fp)
-
-    def flat_state(self) -> dict[str, Tensor]:
-        """The states as one tensor each (what ``evaluate`` takes; concatenate several, sum ``num_gt``, to merge)."""
-        return {
-            "scores": _cat(self.scores, torch.float32),
-            "labels": _cat(self.labels, torch.long),
-            "tp": _cat(self.tp, torch.bool),
-            "fp": _cat(self.fp, torch.bool),
-            "num_gt": self.num_gt,
-        }
-
-    def compute(self) -> dict[str, Tensor]:
-        return self.evaluate(self.flat_state())
-
-    @staticmethod
-    def evaluate(state: dict[str, Tensor]) -> dict[str, Tensor]:
-        ap07, ap_area = voc_ap_per_class(state["scores"], state["labels"], state["tp"], state["fp"], state["num_gt"])
-        ap07, ap_area = ap07.float().cpu(), ap_area.float().cpu()
-        present = ap07 >= 0
-        mean = lambda x: x[present].mean() if present.any() else torch.tensor(-1.0)  # noqa: E731
-        return {"voc07_map_50": mean(ap07), "voc_map_50": mean(ap_area), "voc_ap_per_class": ap_area}
-
-
-def f1_by_threshold(
-    scores: Tensor, labels: Tensor, tp: Tensor, fp: Tensor, num_gt: Tensor, thresholds: Tensor
-) -> Tensor:
-    """(K, T) F1 of each class when only detections of score ≥ each threshold are kept: 2·TP ÷ (TP + FP + GT), from
-    the VOC matching at IoU 0.5 (detections of "difficult" objects, neither TP nor FP, left out); NaN for a class
-    without objects."""
-    f1 = torch.full((len(num_gt), len(thresholds)), float("nan"), dtype=torch.float64)
-    for k in range(len(num_gt)):
-        if int(num_gt[k]) == 0:
-            continue
-        mine = (labels == k) & (tp | fp)
-        kept = scores[mine].double()[:, None] >= thresholds.double()[None, :]  # (detections, T)
-        true_kept = (kept & tp[mine][:, None]).sum(0).double()
-        f1[k] = 2 * true_kept / (kept.sum(0).double() + int(num_gt[k]))
-    return f1
-
-
-def best_f1_threshold(state: dict[str, Tensor], steps: int = 101) -> tuple[float, float]:
-    """(the score threshold of the highest F1 averaged over the classes with objects, that F1), on the grid
-    0, 0.01, …, 1 (as ultralytics reports confidence at best F1); (0.0, 0.0) without objects."""
-    thresholds = torch.linspace(0, 1, steps, dtype=torch.float64)
-    f1 = f1_by_threshold(*(state[k].cpu() for k in ("scores", "labels", "tp", "fp", "num_gt")), thresholds)
-    present = ~f1[:, 0].isnan()
-    if not present.any():
-        return 0.0, 0.0
-    mean = f1[present].mean(0)
-    best = len(mean) - 1 - int(mean.flip(0).argmax())  # of equal F1s the highest threshold: fewer boxes shown
-    return float(thresholds[best]), float(mean[best])
-
-
-# --- the COCO protocol on flat tensors --------------------------------------------------------------------
 # pycocotools' Params for "bbox", built with its own numpy expressions so the thresholds are the same doubles
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
@@ -238,8 +56,7 @@ def _segment_starts(keys: Tensor) -> Tensor:
 
 def _xywh(boxes: Tensor) -> Tensor:
     # float64 from the float values, w = x1 − x0: what a COCO json of these boxes holds
-    xyxy = boxes.double()
-    return torch.cat([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1)
+    return box_convert(boxes.double(), "xyxy", "xywh")
 
 
 def _coco_box_iou(det: Tensor, gt: Tensor, crowd: Tensor) -> Tensor:
@@ -302,7 +119,49 @@ def _by_group_then_score(groups: Tensor, scores: Tensor) -> Tensor:
     return torch.argsort((groups << 32) | ((1 << 32) - 1 - ascending), stable=True)
 
 
-def coco_evaluate(
+@dataclass
+class COCOMatches:
+    """What the match stage (``coco_match_images``) hands the accumulate stage (``coco_accumulate``), as COCOeval's
+    ``evalImgs`` does between its ``evaluate`` and ``accumulate``: the detections kept (each (image, class) pair's
+    first 100 by decreasing score, pairs in (image, class) order) and the matched (detection, area range, IoU
+    threshold) entries. K classes, A area ranges, D kept detections, E entries.
+
+    Args:
+        classes: (K,) the labels present in detections or ground truth, increasing.
+        det_rows: (D,) each kept detection's row in the flat input.
+        det_class: (D,) its class, an index into ``classes``.
+        det_scores: (D,) its score.
+        det_rank: (D,) its rank in its pair (0: the highest score).
+        det_outside: (D, A) whether its area is outside each range (COCOeval ignores it there unless matched).
+        regular_objects: (K, A) how many of each class's objects count in each range (not crowd, area inside).
+        match_det: (E,) the matched detection, an index into the kept detections.
+        match_area, match_threshold: (E,) the area range and IoU threshold of the match.
+        match_on_ignored: (E,) whether the object taken is an ignored one (COCOeval's ``dtIgnore`` of a match).
+
+    Example:
+        >>> boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0]])
+        >>> one, label = torch.tensor([1]), torch.tensor([0])
+        >>> matches = coco_match_images(boxes, torch.tensor([0.9]), label, one, boxes, label, label, one)
+        >>> # matched in the 4 area ranges at the 10 IoU thresholds; the 40×40 object is outside "small" and "large",
+        >>> # an ignored object there
+        >>> len(matches.match_det), int(matches.match_on_ignored.sum())
+        (40, 20)
+    """
+
+    classes: Tensor
+    det_rows: Tensor
+    det_class: Tensor
+    det_scores: Tensor
+    det_rank: Tensor
+    det_outside: Tensor
+    regular_objects: Tensor
+    match_det: Tensor
+    match_area: Tensor
+    match_threshold: Tensor
+    match_on_ignored: Tensor
+
+
+def coco_match_images(
     det_boxes: Tensor,
     det_scores: Tensor,
     det_labels: Tensor,
@@ -311,12 +170,12 @@ def coco_evaluate(
     gt_labels: Tensor,
     gt_crowd: Tensor,
     gt_counts: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """pycocotools' ``COCOeval`` ("bbox", default parameters; ``evaluate`` + ``accumulate``) on flat CPU
-    tensors: boxes xyxy, one count per image, image ids 0, 1, ... in row order; an object's area is its box
-    area. Returns ``precision`` (T, R, K, A, M) and ``recall`` (T, K, A, M) float64, equal to its
-    ``eval["precision"]`` and ``eval["recall"]`` bit for bit, for ``classes`` (K,), the labels present in
-    detections or ground truth."""
+) -> COCOMatches:
+    """The match stage: pycocotools' ``COCOeval.evaluate`` ("bbox", default parameters), i.e. its ``evaluateImg``
+    for every image, class and area range at every IoU threshold, on flat CPU tensors: boxes xyxy, one count per
+    image, image ids 0, 1, ... in row order; an object's area is its box area. Each (image, class) pair's
+    detections are ranked by decreasing score (ties in row order), the first 100 kept, and matched greedily to
+    the pair's objects (``_match_pairs``)."""
     classes = torch.cat([det_labels, gt_labels]).unique()
     num_classes, num_areas, num_thresholds = len(classes), len(AREA_RANGES), len(IOU_THRESHOLDS)
     det_xywh, gt_xywh = _xywh(det_boxes), _xywh(gt_boxes)
@@ -378,12 +237,35 @@ def coco_evaluate(
                 entries.append(torch.stack([rows[p, d], a, t], 1))
                 entry_ignored.append(on_ignored[p, d, a, t])
     det, area, threshold = torch.cat(entries).unbind(1)
-    entry_ignored = torch.cat(entry_ignored)
+    return COCOMatches(
+        classes=classes,
+        det_rows=order,
+        det_class=det_class,
+        det_scores=det_scores,
+        det_rank=rank,
+        det_outside=(det_area[:, None] < low) | (det_area[:, None] > high),
+        regular_objects=regular_objects,
+        match_det=det,
+        match_area=area,
+        match_threshold=threshold,
+        match_on_ignored=torch.cat(entry_ignored),
+    )
 
-    # accumulate: each class's detections over all images by decreasing score (ties: image, then rank). Only
-    # matched detections need per-threshold work: precision rises only at a true positive and recall moves
-    # only there, so the envelope at each recall threshold (the best precision at any recall ≥ it) is the
-    # best over true positives, and a false positive count is what the other rows leave (below)
+
+def coco_accumulate(matches: COCOMatches) -> tuple[Tensor, Tensor]:
+    """The accumulate stage: pycocotools' ``COCOeval.accumulate`` (default parameters) on the match stage's
+    entries. Returns ``precision`` (T, R, K, A, M) and ``recall`` (T, K, A, M) float64, equal to its
+    ``eval["precision"]`` and ``eval["recall"]`` bit for bit, over ``matches.classes``.
+
+    Each class's detections over all images by decreasing score (ties: image, then rank). Only matched detections
+    need per-threshold work: precision rises only at a true positive and recall moves only there, so the envelope
+    at each recall threshold (the best precision at any recall ≥ it) is the best over true positives, and a false
+    positive count is what the other rows leave (below)."""
+    det_class, det_scores, rank = matches.det_class, matches.det_scores, matches.det_rank
+    det_outside, regular_objects = matches.det_outside, matches.regular_objects
+    det, area, threshold = matches.match_det, matches.match_area, matches.match_threshold
+    entry_ignored = matches.match_on_ignored
+    num_classes, num_areas, num_thresholds = len(matches.classes), len(AREA_RANGES), len(IOU_THRESHOLDS)
     by_score = _by_group_then_score(det_class, det_scores)
     position = torch.empty_like(by_score)
     position[by_score] = torch.arange(len(by_score))
@@ -391,7 +273,6 @@ def coco_evaluate(
     sorted_entries = torch.argsort((area * num_thresholds + threshold) * len(by_score) + position[det])
     det, area, threshold = det[sorted_entries], area[sorted_entries], threshold[sorted_entries]
     entry_ignored = entry_ignored[sorted_entries]
-    det_outside = (det_area[:, None] < low) | (det_area[:, None] > high)  # (D, A): ignored unless matched
     num_recalls, num_limits = len(RECALL_THRESHOLDS), len(MAX_DETECTIONS)
     precision = torch.empty(num_thresholds, num_recalls, num_classes, num_areas, num_limits, dtype=torch.float64)
     recall = torch.empty(num_thresholds, num_classes, num_areas, num_limits, dtype=torch.float64)
@@ -444,7 +325,27 @@ def coco_evaluate(
     absent = (regular_objects == 0)[:, :, None]  # (K, A, 1): no object to recall, COCOeval's −1
     precision.masked_fill_(absent, -1.0)
     recall.masked_fill_(absent, -1.0)
-    return precision, recall, classes
+    return precision, recall
+
+
+def coco_evaluate(
+    det_boxes: Tensor,
+    det_scores: Tensor,
+    det_labels: Tensor,
+    det_counts: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_crowd: Tensor,
+    gt_counts: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """pycocotools' ``COCOeval`` ("bbox", default parameters; ``evaluate`` + ``accumulate``) on flat CPU
+    tensors: boxes xyxy, one count per image, image ids 0, 1, ... in row order; an object's area is its box
+    area. Returns ``precision`` (T, R, K, A, M) and ``recall`` (T, K, A, M) float64, equal to its
+    ``eval["precision"]`` and ``eval["recall"]`` bit for bit, for ``classes`` (K,), the labels present in
+    detections or ground truth."""
+    matches = coco_match_images(det_boxes, det_scores, det_labels, det_counts, gt_boxes, gt_labels, gt_crowd, gt_counts)
+    precision, recall = coco_accumulate(matches)
+    return precision, recall, matches.classes
 
 
 def coco_summary(precision: Tensor | np.ndarray, recall: Tensor | np.ndarray) -> Tensor:
@@ -477,7 +378,21 @@ class COCOAveragePrecision(Metric):
     from the states (``backend=``). Boxes xyxy, area = box area, as torchmetrics' ``MeanAveragePrecision``.
 
     Per-class AP is read from the one evaluation's precision array instead of re-evaluating each class: that
-    took 20× pycocotools' own time on a COCO-sized set."""
+    took 20× pycocotools' own time on a COCO-sized set.
+
+    Args:
+        backend: one of ``COCO_BACKENDS``; None: the first, "tensors".
+
+    Example:
+        >>> metric = COCOAveragePrecision()
+        >>> boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0]])
+        >>> metric.update(
+        ...     [{"boxes": boxes, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])}],
+        ...     [{"boxes": boxes, "labels": torch.tensor([0])}],
+        ... )
+        >>> [round(ap, 6) for ap in metric.compute()["stats"][:3].tolist()]  # AP, AP50, AP75
+        [1.0, 1.0, 1.0]
+    """
 
     full_state_update = False
     STATES = {
@@ -504,15 +419,17 @@ class COCOAveragePrecision(Metric):
     def update(self, preds: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]) -> None:
         if not len(preds):
             return
-        boxes, scores, labels, det_counts = _flatten(preds, ("boxes", "scores", "labels"))
+        boxes, scores, labels, det_counts = flatten_images(preds, ("boxes", "scores", "labels"))
         targets = [t if "iscrowd" in t else {**t, "iscrowd": torch.zeros_like(t["labels"])} for t in targets]
-        gt_boxes, gt_labels, crowd, gt_counts = _flatten(targets, ("boxes", "labels", "iscrowd"))
+        gt_boxes, gt_labels, crowd, gt_counts = flatten_images(targets, ("boxes", "labels", "iscrowd"))
         for name, value in zip(self.STATES, (boxes, scores, labels, det_counts, gt_boxes, gt_labels, crowd, gt_counts)):
             getattr(self, name).append(value)
 
     def flat_state(self) -> dict[str, Tensor]:
         """The states as one CPU tensor each (what ``evaluate`` takes; concatenate several to merge)."""
-        return {name: _cat(getattr(self, name), dtype, width).cpu() for name, (dtype, width) in self.STATES.items()}
+        return {
+            name: cat_or_empty(getattr(self, name), dtype, width).cpu() for name, (dtype, width) in self.STATES.items()
+        }
 
     def compute(self) -> dict[str, Tensor]:
         return self.evaluate(self.flat_state())
@@ -590,95 +507,3 @@ def _cocoeval(state: dict[str, Tensor], classes: Tensor, backend: str) -> tuple[
         torch.as_tensor(evaluator.eval["recall"]),
         torch.as_tensor(evaluator.stats[:12], dtype=torch.float64),
     )
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """torch's intra-op threads set to one inside. The ops are small (a batch; at most ~10⁶ elements), and on a
-    busy CPU (loader workers; under DDP every rank computes at once) each parallel op waits for a descheduled
-    thread. 5k-image bench, 2-core machine, 2 threads → 1: loaded, update 11.8 → 0.43 s, compute 5.3 → 0.9 s;
-    idle, update 0.43 → 0.46 s, compute 0.64 → 1.05 s."""
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class DetectionMetrics:
-    """COCO suite + VOC AP, keyed ``{prefix}/map``, ``{prefix}/map_50``, ..., ``{prefix}/voc07_map_50``,
-    ``{prefix}/voc_map_50`` and, with ``class_metrics``, per-class COCO AP as ``{prefix}/ap/<class name>``.
-
-    Under ``torch.distributed`` each process updates with its own images and ``compute`` gathers all states
-    of both metrics in one ``all_gather_object``, so every process returns the numbers of the whole set.
-    After ``compute``, ``pr_curves`` holds class name → (recall (101,), precision (101,)): COCOeval's curve at
-    IoU 0.5, all areas, 100 detections, for the classes with objects (kept through ``reset``), and
-    ``f1_score_thresh`` the score threshold of the best F1 averaged over classes (``{prefix}/best_f1``: that F1)."""
-
-    def __init__(self, class_names: Sequence[str], class_metrics: bool = True, backend: str | None = None) -> None:
-        self.class_names = list(class_names)
-        self.class_metrics = class_metrics
-        self.coco = COCOAveragePrecision(backend)
-        self.voc = VOCAveragePrecision(len(self.class_names))
-        self.pr_curves: dict[str, tuple[Tensor, Tensor]] = {}
-        self.f1_score_thresh: float | None = None  # after compute: the score threshold of the best mean F1
-
-    def to(self, device: torch.device) -> DetectionMetrics:
-        self.coco.to(device)
-        self.voc.to(device)
-        return self
-
-    def update(self, preds: list[dict[str, Tensor]], targets: list[dict[str, Tensor]]) -> None:
-        with _one_thread():
-            self.coco.update(preds, targets)
-            self.voc.update(preds, targets)
-
-    def _gathered_states(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        coco, voc = self.coco.flat_state(), self.voc.flat_state()
-        world = _world_size()
-        if world > 1:
-            # one collective for everything (torchmetrics would sync state by state, tensor by tensor); CPU
-            # tensors, as a pickled CUDA tensor would unpickle onto the sender's device
-            states = [None] * world
-            torch.distributed.all_gather_object(states, {"coco": coco, "voc": {k: v.cpu() for k, v in voc.items()}})
-            coco = {k: torch.cat([s["coco"][k] for s in states]) for k in coco}
-            voc = {
-                k: (sum if k == "num_gt" else torch.cat)([s["voc"][k] for s in states]).to(self.voc.device) for k in voc
-            }
-        return coco, voc
-
-    def compute(self, prefix: str) -> dict[str, float]:
-        coco_state, voc_state = self._gathered_states()
-        with _one_thread():
-            coco = self.coco.evaluate(coco_state)
-            voc = self.voc.evaluate(voc_state)
-        out = {f"{prefix}/{k}": float(v) for k, v in zip(COCO_KEYS, coco["stats"].tolist())}
-        out[f"{prefix}/voc07_map_50"] = float(voc["voc07_map_50"])
-        out[f"{prefix}/voc_map_50"] = float(voc["voc_map_50"])
-        self.f1_score_thresh, out[f"{prefix}/best_f1"] = best_f1_threshold(voc_state)
-        out[f"{prefix}/f1_score_thresh"] = self.f1_score_thresh
-        classes = coco["classes"].tolist()
-        if self.class_metrics:
-            for cls, ap in zip(classes, coco["map_per_class"].tolist()):
-                if 0 <= cls < len(self.class_names):
-                    out[f"{prefix}/ap/{self.class_names[cls]}"] = float(ap)
-        recall = torch.from_numpy(RECALL_THRESHOLDS).float()
-        curves = coco["precision"][0, :, :, 0, -1].float()  # IoU 0.5, all areas, 100 detections: (R, K)
-        self.pr_curves = {
-            self.class_names[cls]: (recall.clone(), curves[:, k].clone())
-            for k, cls in enumerate(classes)
-            if 0 <= cls < len(self.class_names) and bool((curves[:, k] >= 0).all())
-        }
-        return out
-
-    def reset(self) -> None:
-        self.coco.reset()
-        self.voc.reset()
