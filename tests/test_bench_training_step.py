@@ -43,12 +43,15 @@ def test_mixed_precision_channels_last_case_runs_both_sides_alike():
     assert case.theirs.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with case._precision():
         assert case.ours.backbone.body.conv1(case.batch.images.float()).dtype == torch.bfloat16
+    # the first step, from identical weights and inputs: only bf16 rounding (2⁻⁸ relative a product, summed over
+    # ~60 layers) tells the losses apart. Later steps follow each side's rounded update from random weights, a
+    # trajectory that depends on the CPU's bf16 kernels (AMX's diverged to a non-finite loss on torchvision's side)
+    ours, theirs = case.ours_step(), case.their_step()
+    assert torch.isfinite(ours) and torch.isfinite(theirs)
+    torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.05)
     # the floor counts the same convolutions on both sides (the losses have no matrix products)
     their_flops, our_flops = step_flops(case.their_step), step_flops(case.ours_step)
     assert our_flops > 1e9 and abs(our_flops - their_flops) <= 0.01 * their_flops
-    ours, theirs = case.ours_step(), case.their_step()
-    assert torch.isfinite(ours) and torch.isfinite(theirs)
-    torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.05)  # bf16 rounding on both sides
 
 
 def test_loader_rate_runs_the_projects_voc_loader(tmp_path):
