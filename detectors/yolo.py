@@ -206,6 +206,33 @@ def decode_boxes(box: Tensor, priors: Priors, image_size: tuple[int, int], grid_
     return torch.stack((cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), -1)
 
 
+def responsible_objects(boxes: Tensor, ok: Tensor, image_size: tuple[int, int], grid_size: int) -> Tensor:
+    """Paper §2: the cell holding an object's centre is responsible for it, one object a cell (one set of class
+    probabilities, §2.4): where several centres share a cell, the largest object takes it (ties: the first listed).
+
+    Example: S = 2 on a 100×100 image, objects A (0, 0, 40, 40) and B (10, 10, 30, 30), both centred in cell 0,
+    and C (60, 60, 90, 90) in cell 3: cell 0 takes A (the larger), B gets no cell, cell 3 takes C → [0, -1, -1, 2].
+
+    Args:
+        boxes: (batch, M, 4) xyxy pixels of ``image_size``; ok: (batch, M) the objects to place (valid, not crowd).
+    Returns: (batch, S·S) the index of the object each cell is responsible for, -1 where none (cells row-major).
+    """
+    s, (h, w) = grid_size, image_size
+    batch, m = ok.shape
+    cx = ((boxes[..., 0] + boxes[..., 2]) / 2).clamp(0, w - 1e-3)
+    cy = ((boxes[..., 1] + boxes[..., 3]) / 2).clamp(0, h - 1e-3)
+    cell = (cy * s / h).long().clamp(0, s - 1) * s + (cx * s / w).long().clamp(0, s - 1)  # (batch, M)
+    area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).double()
+    key = torch.where(ok, area * (m + 1) + (m - torch.arange(m, device=boxes.device)), -1.0)  # unique per image
+    best_key = torch.full((batch, s * s), -1.0, dtype=torch.float64, device=boxes.device)
+    best_key.scatter_reduce_(1, cell, key, reduce="amax")
+    winner = ok & (key == torch.gather(best_key, 1, cell))
+    # each cell's winning object, -1 where none: a scatter, no host read (a GPU sync)
+    index = torch.where(winner, torch.arange(m, device=boxes.device), -1)
+    cell_gt = torch.full((batch, s * s), -1, dtype=torch.long, device=boxes.device)
+    return cell_gt.scatter_reduce_(1, cell, index, reduce="amax")
+
+
 class ResponsiblePredictorAssigner:
     """Paper §2.2: the cell containing an object's centre is responsible for it, and of its B predictors the
     one whose current prediction has the highest IoU with the object is "responsible" (so predictors
@@ -242,23 +269,10 @@ class ResponsiblePredictorAssigner:
         if outputs is None:
             raise ValueError("ResponsiblePredictorAssigner needs the current predictions (outputs)")
         s = self.grid_size
-        batch, m = targets.labels.shape
+        batch = targets.labels.shape[0]
         h, w = targets.input_size
         boxes = targets.boxes
-        ok = targets.valid & ~targets.crowd
-        cx = ((boxes[..., 0] + boxes[..., 2]) / 2).clamp(0, w - 1e-3)
-        cy = ((boxes[..., 1] + boxes[..., 3]) / 2).clamp(0, h - 1e-3)
-        cell = (cy * s / h).long().clamp(0, s - 1) * s + (cx * s / w).long().clamp(0, s - 1)  # (batch, M)
-        # one object per cell: the largest, then the first listed
-        area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).double()
-        key = torch.where(ok, area * (m + 1) + (m - torch.arange(m, device=boxes.device)), -1.0)
-        best_key = torch.full((batch, s * s), -1.0, dtype=torch.float64, device=boxes.device)
-        best_key.scatter_reduce_(1, cell, key, reduce="amax")
-        winner = ok & (key == torch.gather(best_key, 1, cell))
-        # each cell's winning object (at most one: keys are unique), -1 where none; a scatter, no host read
-        index = torch.where(winner, torch.arange(m, device=boxes.device), -1)
-        cell_gt = torch.full((batch, s * s), -1, dtype=torch.long, device=boxes.device)
-        cell_gt.scatter_reduce_(1, cell, index, reduce="amax")
+        cell_gt = responsible_objects(boxes, targets.valid & ~targets.crowd, (h, w), s)
 
         has_obj = cell_gt >= 0  # (batch, S·S)
         gt_of_cell = torch.gather(boxes, 1, cell_gt.clamp(min=0)[..., None].expand(-1, -1, 4))

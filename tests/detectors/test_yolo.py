@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from detectors.batch import collate_detection
 from detectors.yolo import (
+    responsible_objects,
     GridCells,
     ResponsiblePredictorAssigner,
     YOLOv1Head,
@@ -304,3 +305,18 @@ def test_paper_recipe_composes_with_the_papers_schedule():
     steps_per_epoch = math.ceil(16551 / 64)  # VOC07+12 trainval images
     assert sched.milestones == [75 * steps_per_epoch, 105 * steps_per_epoch] and sched.gamma == 0.1
     assert opt.lr * sched.warmup_factor == pytest.approx(1e-3)  # warm-up from 10⁻³
+
+
+def test_responsible_objects_keeps_the_largest_object_of_a_cell():
+    """The docstring's example: A and B centred in cell 0 (A larger), C in cell 3; invalid objects never win."""
+    boxes = torch.tensor([[[0.0, 0, 40, 40], [10, 10, 30, 30], [60, 60, 90, 90], [0, 0, 99, 99]]])
+    ok = torch.tensor([[True, True, True, False]])  # the 4th, largest, is padding (or a crowd box)
+    assert responsible_objects(boxes, ok, (100, 100), 2).tolist() == [[0, -1, -1, 2]]
+    # equal areas: the first listed
+    twins = torch.tensor([[[0.0, 0, 20, 20], [0, 0, 20, 20]]])
+    assert responsible_objects(twins, torch.ones(1, 2, dtype=torch.bool), (100, 100), 2).tolist() == [[0, -1, -1, -1]]
+    # B moved to centre (30, 30): the same cell as A at S = 2, its own at S = 4 (25 px cells: cell 5)
+    boxes[0, 1] = torch.tensor([22.0, 22, 38, 38])
+    assert responsible_objects(boxes, ok, (100, 100), 2).tolist() == [[0, -1, -1, 2]]
+    fine = responsible_objects(boxes, ok, (100, 100), 4)[0]
+    assert fine.tolist() == [0, -1, -1, -1, -1, 1] + [-1] * 9 + [2]
