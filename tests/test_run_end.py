@@ -59,7 +59,7 @@ def test_three_images_train_with_the_batch_shrunk_and_the_run_ends_validated_and
     data = (f"data.root={root}", "data=voc", "data.train_sets=[train]", "data.val_sets=[val]")
     done, out = train(tmp_path, "ssd_cpu", *data, "trainer.max_steps=2")
     assert done.returncode == 0, out[-3000:]
-    assert "data.batch_size=16 is more than the 3 training image(s): training with batches of 3" in out
+    assert "data.batch_size=8 is more than the 3 training image(s): training with batches of 3" in out
     run = run_folder(tmp_path, "ssd_cpu")
     # the recipe validates every 256 steps; its 2 steps end between two validations: validated all the same
     metrics = json.loads((run / "metrics.json").read_text())
