@@ -93,6 +93,20 @@ def timed_validations(run_dir: Path) -> list[dict[str, float]]:
     return [r for r in read_metrics(run_dir) if "val/map_50" in r and "time/train_min" in r]
 
 
+def run_label(run_dir: Path) -> str:
+    """A run's name on a plot: its task and seed from the config train.py saved (``.hydra/config.yaml``), else the
+    folder above it (``runs/<task>/<date>_<time>``); runs kept elsewhere (``hydra.run.dir``) still name their task."""
+    config = run_dir / ".hydra" / "config.yaml"
+    if config.is_file():
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(config)
+        task, seed = cfg.get("task_name"), cfg.get("seed")
+        if task:
+            return f"{task}, seed {seed}" if seed is not None else str(task)
+    return run_dir.parent.name
+
+
 def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path:
     import matplotlib
 
@@ -105,7 +119,7 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
         if not val:
             raise ValueError(f"{run_dir}: no validation with time/train_min in its CSV log (a run of train.py?)")
         xs, ys = [r["time/train_min"] for r in val], [r["val/map_50"] for r in val]
-        ax.plot(xs, ys, marker="o", label=run_dir.parent.name)  # runs/<task>/<date>_<time>
+        ax.plot(xs, ys, marker="o", label=run_label(run_dir))
         ax.annotate(f"{ys[-1]:.3f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(-10, 6))
     ax.set(xlabel="training wall time (min)", ylabel="validation mAP@0.5", ylim=(0, 1), title=title or "")
     ax.legend(loc="lower right")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from bench.training_curve import plot_run, plot_runs, read_metrics, timed_validations
+from bench.training_curve import plot_run, plot_runs, read_metrics, run_label, timed_validations
 from detectors.batch import collate_detection
 
 from .conftest import ROOT, TINY, compose, fit_fixed_batch
@@ -96,6 +96,14 @@ def test_train_py_writes_checkpoints_metrics_and_resumes(tmp_path):
     newest = max((tmp_path / "retinanet_shapes").iterdir(), key=lambda p: p.name)
     resumed = torch.load(newest / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 24
+
+
+def test_a_run_is_named_by_its_task_and_seed_on_the_comparison_plot(tmp_path):
+    run = tmp_path / "anywhere" / "ssd_b8"  # hydra.run.dir elsewhere: the folder names nothing
+    (run / ".hydra").mkdir(parents=True)
+    assert run_label(run) == "anywhere"  # no saved config: the folder above, as runs/<task>/<date>
+    (run / ".hydra" / "config.yaml").write_text("task_name: ssd_cpu\nseed: 7\n")
+    assert run_label(run) == "ssd_cpu, seed 7"
 
 
 def test_help_lists_config_groups():
