@@ -95,7 +95,8 @@ class YOLOv1Network(nn.Module):
 
 class ResNetC5(nn.Module):
     """A torchvision ResNet's last stage (C5, stride 32) as YOLO's convolutional part, for users without a
-    Darknet-pretrained network and for CPU-sized runs (ImageNet weights by name or a local file)."""
+    Darknet-pretrained network and for CPU-sized runs (ImageNet weights by name or a local file).
+    ``last_stage=4`` ends at C4 (stride 16, half C5's channels): a grid twice as fine at the same input."""
 
     def __init__(
         self,
@@ -104,14 +105,16 @@ class ResNetC5(nn.Module):
         norm: str = "bn",
         trainable_layers: int = 5,
         fold_frozen_bn: bool = True,
+        last_stage: int = 5,
     ) -> None:
         super().__init__()
+        if last_stage not in (4, 5):
+            raise ValueError(f"model.backbone.last_stage={last_stage}: 5 (C5, stride 32) or 4 (C4, stride 16)")
         net = build_resnet(depth, weights, norm, fold_frozen_bn)
         freeze_resnet_stages(net, trainable_layers)
-        self.body = nn.Sequential(
-            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
-        )
-        self.out_channels = net.fc.in_features
+        stages = [net.layer1, net.layer2, net.layer3, net.layer4][: last_stage - 1]
+        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages)
+        self.out_channels = net.fc.in_features // 2 ** (5 - last_stage)  # each stage doubles its channels
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return [self.body(images)]

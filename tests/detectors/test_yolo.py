@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from detectors.batch import collate_detection
 from detectors.yolo import (
+    ResNetC5,
     responsible_objects,
     GridCells,
     ResponsiblePredictorAssigner,
@@ -320,3 +321,16 @@ def test_responsible_objects_keeps_the_largest_object_of_a_cell():
     assert responsible_objects(boxes, ok, (100, 100), 2).tolist() == [[0, -1, -1, 2]]
     fine = responsible_objects(boxes, ok, (100, 100), 4)[0]
     assert fine.tolist() == [0, -1, -1, -1, -1, 1] + [-1] * 9 + [2]
+
+
+def test_resnet_c4_gives_a_grid_twice_as_fine_with_its_channels():
+    """last_stage=4 ends at C4: stride 16, half C5's channels (ResNet-18: 256 of 512; ResNet-50: 1024 of 2048)."""
+    images = torch.zeros(1, 3, 160, 160)
+    for depth, c5 in ((18, 512), (50, 2048)):
+        c4_net = ResNetC5(depth, last_stage=4)
+        (c4,) = c4_net(images)
+        assert c4_net.out_channels == c5 // 2 and c4.shape == (1, c5 // 2, 10, 10)
+    (c5_map,) = ResNetC5(18)(images)
+    assert c5_map.shape == (1, 512, 5, 5)
+    with pytest.raises(ValueError, match="last_stage=3"):
+        ResNetC5(18, last_stage=3)
