@@ -292,7 +292,7 @@ class DetectionDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             return trainer.strategy.root_device.type != "cpu"
-        return torch.accelerator.is_available()
+        return torch.cuda.is_available() or torch.backends.mps.is_available()  # torch.accelerator: 2.6+
 
     def _world_size(self) -> int:
         trainer = getattr(self, "trainer", None)

@@ -38,7 +38,7 @@ def test_workers_are_capped_at_the_usable_cpus():
 def test_memory_is_pinned_only_for_an_accelerator(tmp_path, device):
     data = instantiate(compose(*TINY, "data.pin_memory=true").data)
     # no trainer yet (train.py counts the batches before fit): pinned where an accelerator exists, as torch pins
-    assert data.train_dataloader().pin_memory == torch.accelerator.is_available()
+    assert data.train_dataloader().pin_memory == (torch.cuda.is_available() or torch.backends.mps.is_available())
     data.trainer = quiet_trainer(tmp_path, device)
     assert data.train_dataloader().pin_memory == data.val_dataloader().pin_memory == (device == "cuda")
     unpinned = instantiate(compose(*TINY, "data.pin_memory=false").data)
