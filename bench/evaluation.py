@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_convert
 
 from evaluation.detection_metrics import DetectionMetrics
 
@@ -81,22 +82,21 @@ def coco_dicts(
     images, annotations, results = [], [], []
     for image_id, (det, target) in enumerate(zip(detections, targets)):
         images.append({"id": image_id, "width": 640, "height": 480})
-        for b, c, crowd in zip(target["boxes"].tolist(), target["labels"].tolist(), target["iscrowd"].tolist()):
-            w, h = b[2] - b[0], b[3] - b[1]
+        gt_xywh = box_convert(target["boxes"].double(), "xyxy", "xywh").tolist()
+        for b, c, crowd in zip(gt_xywh, target["labels"].tolist(), target["iscrowd"].tolist()):
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": c,
-                    "bbox": [b[0], b[1], w, h],
-                    "area": w * h,
+                    "bbox": b,
+                    "area": b[2] * b[3],
                     "iscrowd": crowd,
                 }
             )
-        for b, c, s in zip(det["boxes"].tolist(), det["labels"].tolist(), det["scores"].tolist()):
-            results.append(
-                {"image_id": image_id, "category_id": c, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": s}
-            )
+        det_xywh = box_convert(det["boxes"].double(), "xyxy", "xywh").tolist()
+        for b, c, s in zip(det_xywh, det["labels"].tolist(), det["scores"].tolist()):
+            results.append({"image_id": image_id, "category_id": c, "bbox": b, "score": s})
     categories = [{"id": c, "name": str(c)} for c in category_ids]
     return {"images": images, "annotations": annotations, "categories": categories}, results
 

@@ -26,6 +26,7 @@ import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.ops import box_convert
 
 from .base import DetectionDataModule, SampleTransform, fraction_split, warn_validation_only_classes
 from .images import clip_boxes, read_image
@@ -214,7 +215,7 @@ class COCODataset(Dataset):
             )
         anns = [a for a in self.coco.imgToAnns[info["id"]] if a["category_id"] in self.label_of_category]
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes = torch.cat((xywh[:, :2], xywh[:, :2] + xywh[:, 2:]), dim=1)  # [x, y, w, h] → xyxy
+        boxes = box_convert(xywh, "xywh", "xyxy")
         labels = torch.tensor([self.label_of_category[a["category_id"]] for a in anns], dtype=torch.long)
         crowd = torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.long)
         boxes, fields = clip_boxes(boxes, h, w, str(path), {"labels": labels, "iscrowd": crowd})
@@ -235,8 +236,7 @@ def coco_result_entries(
     results file to exactly the metrics' numbers."""
     out = []
     for i, (det, image_id) in enumerate(zip(detections, image_ids, strict=True)):
-        xyxy = det["boxes"].detach().cpu().double()
-        xywh = torch.cat((xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]), dim=1).tolist()
+        xywh = box_convert(det["boxes"].detach().cpu().double(), "xyxy", "xywh").tolist()
         fields = dict(extra[i]) if extra is not None else {}
         for box, score, label in zip(xywh, det["scores"].detach().cpu().tolist(), det["labels"].cpu().tolist()):
             category = category_ids[int(label)] if category_ids is not None else int(label) + 1
