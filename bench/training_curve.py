@@ -80,7 +80,7 @@ def plot_run(run_dir: Path, out: Path, title: str | None = None) -> Path:
     )
     ax_map.legend(loc="lower right")
     ax_map.grid(alpha=0.3)
-    fig.suptitle(title or run_dir.name)
+    fig.suptitle(title or run_label(run_dir))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -119,8 +119,8 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
         if not val:
             raise ValueError(f"{run_dir}: no validation with time/train_min in its CSV log (a run of train.py?)")
         xs, ys = [r["time/train_min"] for r in val], [r["val/map_50"] for r in val]
-        ax.plot(xs, ys, marker="o", label=run_label(run_dir))
-        ax.annotate(f"{ys[-1]:.3f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(-10, 6))
+        # the last value in the legend: labels beside the lines' ends overlap where runs end close together
+        ax.plot(xs, ys, marker="o", label=f"{run_label(run_dir)}: {ys[-1]:.3f}")
     ax.set(xlabel="training wall time (min)", ylabel="validation mAP@0.5", ylim=(0, 1), title=title or "")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)

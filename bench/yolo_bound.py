@@ -1,4 +1,4 @@
-"""YOLOv1's design bound on a data set: ``python -m bench.yolo_bound --root /data/BCCD --split test --grid 5 7``.
+"""YOLOv1's design bound on a data set: ``python -m bench.yolo_bound --root /data/BCCD --split test --grid 5 7 10``.
 
 One object a cell (paper §2, §2.4: the cell holding its centre is responsible, one set of class probabilities a
 cell; where centres share a cell the largest object takes it, ``detectors.yolo.responsible_objects``): an object
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict[int, float]:
     parser = argparse.ArgumentParser(prog="python -m bench.yolo_bound", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="a VOC-style folder (Annotations/, ImageSets/Main/)")
     parser.add_argument("--split", default="test", help="the split list, ImageSets/Main/<split>.txt")
-    parser.add_argument("--grid", type=int, nargs="+", default=[5, 7], help="grid sizes S (recipe 5, paper 7)")
+    parser.add_argument("--grid", type=int, nargs="+", default=[5, 7, 10], help="grid sizes S (paper 7, recipe 10)")
     parser.add_argument("--goal-share", type=float, default=0.9, help="print this share of each bound too")
     args = parser.parse_args(argv)
     folder = args.root
