@@ -184,7 +184,9 @@ class OwnStep:
     images: int
 
 
-def yolo_step(device: torch.device, batch_size: int, autocast: torch.dtype | None, channels_last: bool) -> OwnStep:
+def yolo_step(
+    device: torch.device, batch_size: int, autocast: torch.dtype | None, channels_last: bool, size: int = 448
+) -> OwnStep:
     from hydra.utils import instantiate
 
     from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -198,7 +200,7 @@ def yolo_step(device: torch.device, batch_size: int, autocast: torch.dtype | Non
     module = instantiate(model_config("model=yolo", f"data.classes=[{classes}]", "model.optimizer.lr=1e-4"))
     net = module.net.to(device).train()
     net.use_channels_last(channels_last)
-    batch = collate_detection(random_samples(batch_size, 448, 20, 5, 16.0, 400.0, 0), 1)
+    batch = collate_detection(random_samples(batch_size, size, 20, 5, size / 28, size * 25 / 28, 0), 1)  # 16–400 at 448
     batch = move_data_to_device(batch, device)
     optimizer = module.optimizer_factory(_trainable(net))
 
@@ -236,7 +238,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[tuple[str, str, Calla
                 partial(retinanet_case, device, 128, 1, channels_last=False),
             ),
             ("ssd", "SSD300 VGG16, batch 1", partial(ssd_case, device, batch_size=1, channels_last=False)),
-            ("yolo", "YOLOv1, 448×448, batch 1", partial(yolo_step, device, 1, None, False)),
+            ("yolo", "YOLOv1, 224×224, batch 1", partial(yolo_step, device, 1, None, False, 224)),
         ]
     bf16 = torch.bfloat16
     return [
@@ -530,10 +532,20 @@ def named_sync(site: str, function: str) -> str | None:
     return reason(site.rsplit(":", 1)[0] if ".py:" in site else site, function)
 
 
+# --quick: each network at a tiny size (the tests' too: tests/conftest.py), 64 px shapes: a step in well under
+# a second, so the train section checks its plumbing in seconds
+QUICK_NETWORKS = {
+    "retinanet": ("data.image_size=64", "model.backbone.out_channels=32", "model.priors.size_factor=0.125"),
+    "ssd": ("data.image_size=64", "model.backbone.width=0.125"),
+    "yolo": ("data.image_size=64", "model.head.hidden=32"),
+}
+
+
 def training_overrides(model: str, device: torch.device, quick: bool, minutes: float, workers: int) -> list[str]:
-    if quick:  # the CPU recipes on a few toy batches: the command, the callback and the report, not the speed
+    if quick:  # the CPU recipes made tiny, a few toy batches: the command, the callback and the report, not speed
         return [
             f"experiment={model}_shapes",
+            *QUICK_NETWORKS[model],
             "data.num_train=16",
             "data.num_val=8",
             "data.batch_size=4",

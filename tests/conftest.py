@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import engine.config  # noqa: E402,F401  (registers the config resolvers, e.g. ${len:...})
+from bench.gpu_check import QUICK_NETWORKS  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # a test's device parameter: every CPU run checks the test itself, `pytest -m cuda` (bench/gpu_check.py) its GPU case
@@ -56,23 +57,9 @@ def _composed(overrides: tuple[str, ...]):
         return hydra_compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
-TINY = (
-    "experiment=retinanet_shapes",
-    "data.image_size=64",
-    "data.num_train=64",
-    "data.num_val=16",
-    "data.batch_size=8",
-    "model.backbone.out_channels=32",
-    "model.priors.size_factor=0.125",
-)
-
-
-# each detector's tiny config: a step in well under a second on the CPU
-TINY_MODELS = {
-    "retinanet": TINY,
-    "ssd": ("experiment=ssd_shapes", "data.image_size=64", "model.backbone.width=0.125"),
-    "yolo": ("experiment=yolo_shapes", "data.image_size=64", "model.head.hidden=32"),
-}
+# each detector's tiny config: a step in well under a second on the CPU (the sizes `gpu_check --quick` trains too)
+TINY_MODELS = {model: (f"experiment={model}_shapes", *sizes) for model, sizes in QUICK_NETWORKS.items()}
+TINY = (*TINY_MODELS["retinanet"], "data.num_train=64", "data.num_val=16", "data.batch_size=8")
 
 
 def quiet_trainer(tmp_path, device: str = "cpu", **kwargs):

@@ -82,12 +82,16 @@ def test_every_designed_sync_is_a_function_of_its_file():
         assert count >= 1 and why
 
 
+NARROWER = {"retinanet": (), "ssd": ("model.backbone.width=0.25",), "yolo": ("model.head.hidden=256",)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(BUDGETS))
 def test_a_training_step_of_each_papers_network_keeps_its_host_sync_budget(model):
     """Issue 31: RetinaNet ≤ 3, SSD ≤ 3, YOLOv1 ≤ 2 host syncs a step (forward, loss, backward, optimiser), on a
-    batch holding a crowd box, each sync at a site the design names, no more often than it allows."""
-    count = count_training_step(model)
+    batch holding a crowd box, each sync at a site the design names, no more often than it allows. SSD's VGG at a
+    quarter of its channels and YOLOv1's FC layer 256 wide: widths change no sync, and took most of its time."""
+    count = count_training_step(model, overrides=NARROWER[model])
     assert count.total <= BUDGETS[model], dict(count.sites)
     assert not count.unexpected(), f"syncs the design does not name: {count.unexpected()}"
 
