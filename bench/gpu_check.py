@@ -259,7 +259,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[tuple[str, str, Calla
 def bench_rows(device: torch.device, quick: bool) -> list[dict[str, Any]]:
     from .training_step import alternating_times
 
-    repeats, warmup = (1, 1) if quick else (5, 2)
+    repeats, warmup = (1, 0) if quick else (5, 2)  # --quick: one step a side, its figures not timings
     rows = []
     for model, what, build in bench_cases(device, quick):
         case = build()

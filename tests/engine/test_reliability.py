@@ -362,10 +362,11 @@ def test_slurm_requeue_signal_then_kill_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_with_dropout_stopped_mid_epoch_resumes_exactly(tmp_path):
-    """2 ranks × 4 images a step, 32 images: 4 steps an epoch; stopped at step 6 (epoch 2 of 3), last.ckpt every
-    step. The sampler's position and, with YOLOv1's dropout, each rank's masks come back: they are drawn from
-    (seed, rank, step), as a checkpoint holds rank 0's random state alone."""
+def test_ddp_with_dropout_resumes_mid_epoch_exactly(tmp_path):
+    """2 ranks × 4 images a step, 32 images: 4 steps an epoch; the uninterrupted run also saves at step 6 (epoch 2
+    of 3), and a run resumed from that file ends as it does. The sampler's position and, with YOLOv1's dropout,
+    each rank's masks come back: they are drawn from (seed, rank, step), as a checkpoint holds rank 0's random
+    state alone. (Two DDP runs, not a stopped third: each DDP run starts a fresh interpreter for rank 1.)"""
     ssd_only = ("experiment=", "model.backbone.width=")
     yolo = (
         *(o for o in RUN if not o.startswith(ssd_only)),
@@ -374,14 +375,25 @@ def test_ddp_with_dropout_stopped_mid_epoch_resumes_exactly(tmp_path):
         "model.head.hidden=32",
         "trainer=ddp_sim",
         "data.num_train=32",
-        "callbacks.last_checkpoint.every_n_train_steps=1",
     )
-    train(tmp_path / "whole", run=yolo)
-    train(tmp_path / "stopped", "trainer.max_steps=6", run=yolo)
-    assert last_checkpoint(tmp_path / "stopped", "yolo_shapes")[1]["global_step"] == 6
-    train(tmp_path / "stopped", "ckpt_path=last", run=yolo)
+    at_step_6 = [  # a second ModelCheckpoint, every 6 steps, keeping each file: step_6.ckpt, step_12.ckpt
+        f"++callbacks.at_step_6.{key}={value}"
+        for key, value in (
+            ("_target_", "lightning.pytorch.callbacks.ModelCheckpoint"),
+            ("dirpath", tmp_path / "at_step_6"),
+            ("filename", "'step_{step}'"),
+            ("auto_insert_metric_name", "false"),
+            ("every_n_train_steps", 6),
+            ("save_top_k", -1),
+            ("monitor", "null"),
+        )
+    ]
+    train(tmp_path / "whole", *at_step_6, run=yolo)
+    mid = tmp_path / "at_step_6" / "step_6.ckpt"
+    assert torch.load(mid, map_location="cpu", weights_only=True)["global_step"] == 6
+    train(tmp_path / "resumed", f"ckpt_path={mid}", run=yolo)
     whole = last_checkpoint(tmp_path / "whole", "yolo_shapes")[1]
-    assert_same_training_state(last_checkpoint(tmp_path / "stopped", "yolo_shapes")[1], whole)
+    assert_same_training_state(last_checkpoint(tmp_path / "resumed", "yolo_shapes")[1], whole)
 
 
 @pytest.mark.slow
