@@ -143,10 +143,11 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 # --- 2. tests -------------------------------------------------------------------------------------------------
-def run_cuda_tests(out: Path, timeout_s: float) -> dict[str, Any]:
-    """``pytest -m cuda`` in a child process; its counts and failures from the JUnit XML it writes."""
+def run_cuda_tests(out: Path, timeout_s: float, paths: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``pytest -m cuda [paths]`` in a child process; its counts and failures from the JUnit XML it writes."""
     xml = out / "cuda_tests.xml"
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+    command += list(paths)
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     (out / "cuda_tests.log").write_text(proc.stdout + proc.stderr)
@@ -532,6 +533,8 @@ def named_sync(site: str, function: str) -> str | None:
     return reason(site.rsplit(":", 1)[0] if ".py:" in site else site, function)
 
 
+# --quick: the plumbing, so one file's CUDA tests (collecting the whole suite alone takes ~20 s on 2 cores)
+QUICK_CUDA_TESTS = ("tests/detectors/test_focal_loss.py",)
 # --quick: each network at a tiny size (the tests' too: tests/conftest.py), 64 px shapes: a step in well under
 # a second, so the train section checks its plumbing in seconds
 QUICK_NETWORKS = {
@@ -951,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --quick)")
-    parser.add_argument("--quick", action="store_true", help="toy sizes: every section's plumbing in about a minute")
+    parser.add_argument("--quick", action="store_true", help="toy sizes, one test file: the plumbing in a minute")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default runs/gpu_check/<time>)")
     parser.add_argument("--train-minutes", type=float, default=1.0, help="train.py's time budget per detector")
     parser.add_argument("--workers", default=None, help="loader worker counts, e.g. 2,4,8,16 (default: up to cores)")
@@ -1028,7 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if sections["environment"].results.get("missing_for_tests"):
         skip["tests"] = "pytest is not installed: pip install pytest"
-    run("tests", lambda: run_cuda_tests(out, timeout_s=300))
+    run("tests", lambda: run_cuda_tests(out, timeout_s=300, paths=QUICK_CUDA_TESTS if args.quick else ()))
     run("bench", lambda: {"rows": bench_rows(device, args.quick)})
 
     def trainings() -> dict[str, Any]:
