@@ -385,7 +385,6 @@ def test_ddp_with_dropout_resumes_mid_epoch_exactly(tmp_path):
             ("auto_insert_metric_name", "false"),
             ("every_n_train_steps", 6),
             ("save_top_k", -1),
-            ("monitor", "null"),
         )
     ]
     train(tmp_path / "whole", *at_step_6, run=yolo)
